@@ -1,0 +1,1 @@
+"""Pure-PyTorch references of every op: the ground truth the kernels are tested against."""

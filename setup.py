@@ -1,0 +1,51 @@
+"""Build condense_engine._C from csrc/ and map kernels/ to condense_engine.kernels.
+
+The CPU part of the extension always builds. The CUDA part (csrc/ops/cuda) builds when torch
+has CUDA and a toolkit is found, or when FORCE_CUDA=1 insists on it. Set CONDENSE_NO_EXT=1 to
+skip the extension entirely (the package then falls back to the torch reference ops).
+"""
+import glob
+import os
+
+from setuptools import find_packages, setup
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _sources(pattern):
+    return sorted(os.path.relpath(p, HERE) for p in glob.glob(os.path.join(HERE, pattern)))
+
+
+def _extensions():
+    if os.environ.get("CONDENSE_NO_EXT") == "1":
+        return [], {}
+    import torch
+    from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+
+    sources = _sources("csrc/*.cpp") + _sources("csrc/ops/*.cpp") + _sources("csrc/ops/cpu/*.cpp")
+    force_cuda = os.environ.get("FORCE_CUDA") == "1"
+    with_cuda = (torch.version.cuda is not None and CUDA_HOME is not None) or force_cuda
+    extra = {"cxx": ["-O3", "-std=c++17", "-fopenmp"]}
+    if with_cuda:
+        sources += _sources("csrc/ops/cuda/*.cu") + _sources("csrc/ops/cuda/*_bind.cpp")
+        extra["nvcc"] = ["-O3", "--use_fast_math", "-lineinfo"]
+        ext = CUDAExtension(
+            "condense_engine._C", sources, extra_compile_args=extra,
+            define_macros=[("WITH_CUDA", None)], extra_link_args=["-fopenmp"],
+        )
+    else:
+        ext = CppExtension("condense_engine._C", sources, extra_compile_args=extra,
+                           extra_link_args=["-fopenmp"])
+    return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
+
+
+ext_modules, cmdclass = _extensions()
+packages = find_packages(include=["condense_engine", "condense_engine.*"]) + ["condense_engine.kernels"]
+
+setup(
+    packages=packages,
+    package_dir={"condense_engine.kernels": "kernels"},
+    package_data={"condense_engine.datasets": ["embedded/*.npz"]},
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+)
