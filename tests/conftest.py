@@ -1,0 +1,29 @@
+"""Test-wide setup: Triton kernels run in the interpreter when no GPU is present.
+
+TRITON_INTERPRET must be set before triton decorates any kernel, so it is set here, before any
+test module imports condense_engine.kernels.
+"""
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+SHARED_DATA = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data")
+
+
+@pytest.fixture(autouse=True)
+def _seed_everything():
+    torch.manual_seed(0)
+    yield
+
+
+@pytest.fixture
+def shared_data():
+    """Path of ../shared/data (the verified MNIST/Fashion-MNIST files); skip when absent."""
+    path = os.path.abspath(SHARED_DATA)
+    if not os.path.isdir(os.path.join(path, "mnist")):
+        pytest.skip(f"real data not found at {path} (the ../shared checkout beside the repo)")
+    return path
