@@ -1,7 +1,7 @@
 """Atomic checkpoints, versioned file reading with clear errors, exact RNG resume, SIGTERM handling.
 
-A distillation driver saves `{"synset": ..., "method": ..., "rng": capture_rng_state(...)}` every
-N iterations through a `Checkpointer`; every write goes through `atomic_save`, so a crash or a
+A distillation driver saves `{"images": ..., "method": ..., "rng": capture_rng_state(...)}` every
+N iterations with `save_checkpoint`; every write goes through `atomic_save`, so a crash or a
 kill mid-write never leaves a half-written file under the target name. Files hold only tensors
 and plain Python values, so `torch.load(weights_only=True)` reads them.
 """
@@ -116,7 +116,7 @@ def save_checkpoint(state: dict, path) -> str:
 
 
 def load_checkpoint(path, map_location=None) -> dict:
-    """The state dict written by `save_checkpoint` / `Checkpointer.save`, with clear errors."""
+    """The state dict written by `save_checkpoint`, with clear errors."""
     return load_versioned(path, CHECKPOINT_KIND, FORMAT_VERSION, map_location)["state"]
 
 
