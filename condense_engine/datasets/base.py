@@ -4,6 +4,10 @@ from dataclasses import dataclass, field, replace
 import torch
 
 
+class DatasetError(ValueError):
+    """A data file or folder exists but does not hold what its format promises."""
+
+
 @dataclass
 class ImageDataset:
     """Images (N, C, H, W) with int64 labels (N,), class names and normalisation constants.
@@ -40,6 +44,13 @@ class ImageDataset:
     def __len__(self) -> int:
         return self.images.shape[0]
 
+    def __repr__(self) -> str:
+        shape = "×".join(str(s) for s in self.images.shape[1:])
+        dtype = str(self.images.dtype).removeprefix("torch.")
+        whitened = ", zca" if self.zca is not None else ""
+        return (f"ImageDataset({self.name!r}, split={self.split!r}, {len(self)} images "
+                f"{shape} {dtype}, {self.num_classes} classes{whitened})")
+
     @property
     def num_classes(self) -> int:
         return len(self.classes)
@@ -62,6 +73,17 @@ class ImageDataset:
         std = torch.tensor(self.std, device=images.device).view(shape)
         return (images.float() / 255.0 - mean) / std
 
+    def pixels01(self) -> torch.Tensor:
+        """Float32 images as [0, 1] pixels (undoing mean/std); not defined once ZCA-whitened."""
+        if self.zca is not None:
+            raise ValueError(f"{self.name} is ZCA-whitened; use dataset.zca.inverse(images)")
+        if self.images.dtype == torch.uint8:
+            return self.images.float() / 255.0
+        shape = (1, -1, 1, 1)
+        mean = torch.tensor(self.mean, device=self.images.device).view(shape)
+        std = torch.tensor(self.std, device=self.images.device).view(shape)
+        return self.images * std + mean
+
     def class_counts(self) -> torch.Tensor:
         return torch.bincount(self.labels, minlength=self.num_classes)
 
@@ -70,3 +92,27 @@ class ImageDataset:
 
     def to(self, device) -> "ImageDataset":
         return replace(self, images=self.images.to(device), labels=self.labels.to(device))
+
+
+def channel_stats(images: torch.Tensor) -> tuple[tuple, tuple]:
+    """Per-channel mean and std of [0, 1] pixels (uint8 is divided by 255), in float64 chunks.
+
+    Chunked so a large set never needs a float copy of itself; a constant channel gets std 1
+    so normalising by it stays finite.
+    """
+    channels = images.shape[1]
+    per_image = max(1, images[0].numel()) if len(images) else 1
+    chunk = max(1, (1 << 22) // per_image)
+    total = torch.zeros(channels, dtype=torch.float64, device=images.device)
+    squares = torch.zeros_like(total)
+    for part in images.split(chunk):
+        values = part.double()
+        if part.dtype == torch.uint8:
+            values /= 255.0
+        total += values.sum(dim=(0, 2, 3))
+        squares += (values * values).sum(dim=(0, 2, 3))
+    count = max(1, images.shape[0] * images.shape[2] * images.shape[3])
+    mean = total / count
+    std = (squares / count - mean * mean).clamp_min(0).sqrt()
+    std = torch.where(std > 0, std, torch.ones_like(std))
+    return tuple(mean.tolist()), tuple(std.tolist())

@@ -1,0 +1,57 @@
+"""File helpers shared by the readers: locating files, checksums and the decode cache."""
+import hashlib
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+
+def find_file(directories, names, what: str) -> Path:
+    """The first existing `directory/name`; otherwise FileNotFoundError listing every place tried."""
+    tried = []
+    for directory in directories:
+        for name in names:
+            candidate = Path(directory) / name
+            if candidate.is_file():
+                return candidate
+            tried.append(str(candidate))
+    raise FileNotFoundError(f"{what} not found; looked for: {', '.join(tried)}")
+
+
+def require_dir(path: Path, what: str) -> Path:
+    """`path` if it is a folder; otherwise FileNotFoundError saying what should be there."""
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path}: folder not found; expected {what}")
+    return path
+
+
+def file_digest(path: Path, algorithm: str = "md5") -> str:
+    """Hex digest of a file, read in 1 MiB blocks."""
+    digest = hashlib.new(algorithm)
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def cache_dir() -> Path:
+    """Where decoded arrays are cached: $CONDENSE_CACHE or ~/.cache/condense_engine."""
+    override = os.environ.get("CONDENSE_CACHE")
+    return Path(override) if override else Path.home() / ".cache" / "condense_engine"
+
+
+def save_npz_atomic(path: Path, **arrays) -> None:
+    """Write an uncompressed .npz so that readers see either the old file or the complete new one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "wb") as stream:
+            np.savez(stream, **arrays)
+            stream.flush()
+            os.fsync(stream.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        if os.path.exists(temporary):
+            os.unlink(temporary)
+        raise

@@ -1,0 +1,184 @@
+"""Image-file data sets: TinyImageNet (tiny-imagenet-200 tree) and generic ImageFolder trees.
+
+Files are decoded with PIL in a thread pool (the decoders release the GIL). TinyImageNet's
+decoded arrays are cached as an .npz so later loads skip the 100k JPEG decodes.
+"""
+import hashlib
+import os
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from condense_engine.datasets._files import cache_dir, require_dir, save_npz_atomic
+from condense_engine.datasets.base import DatasetError, ImageDataset, channel_stats
+from condense_engine.datasets.constants import NORMALIZATION
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
+_GRAY_MODES = {"1", "L", "LA", "I", "I;16", "F"}
+TINY_SIZE = (64, 64)
+
+
+def decode_images(paths: list, *, mode: str | None = None, size: tuple | None = None) -> list:
+    """Decode files to uint8 arrays (H, W) for grey or (H, W, 3) for colour, in parallel.
+
+    `mode` "RGB"/"L" forces one; None keeps grey sources grey and makes the rest RGB.
+    `size` (H, W) resizes bilinearly. An unreadable file raises DatasetError naming it.
+    """
+    workers = min(16, 2 * (os.cpu_count() or 1))
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        return list(pool.map(lambda path: _decode(path, mode, size), paths, chunksize=64))
+
+
+def _decode(path: Path, mode: str | None, size: tuple | None) -> np.ndarray:
+    try:
+        with Image.open(path) as image:
+            target = mode or ("L" if image.mode in _GRAY_MODES else "RGB")
+            converted = image.convert(target)
+        if size is not None and converted.size != (size[1], size[0]):
+            converted = converted.resize((size[1], size[0]), Image.Resampling.BILINEAR)
+        return np.asarray(converted, dtype=np.uint8)
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
+        raise DatasetError(f"{path}: unreadable image ({error}); expected an image file PIL can "
+                           f"decode") from error
+
+
+def stack_images(arrays: list, paths: list) -> torch.Tensor:
+    """Stack decoded arrays into uint8 (N, C, H, W); grey images join colour ones as 3 equal channels."""
+    if any(array.ndim == 3 for array in arrays):
+        arrays = [np.repeat(a[:, :, None], 3, axis=2) if a.ndim == 2 else a for a in arrays]
+    first = arrays[0].shape[:2]
+    for array, path in zip(arrays, paths):
+        if array.shape[:2] != first:
+            raise DatasetError(f"{path}: image is {array.shape[0]}×{array.shape[1]} (H×W) but "
+                               f"{paths[0]} is {first[0]}×{first[1]}; all images must share one "
+                               f"size, or pass size=(H, W) to resize them")
+    stacked = np.stack(arrays)
+    if stacked.ndim == 3:
+        stacked = stacked[:, :, :, None]
+    return torch.from_numpy(np.ascontiguousarray(stacked.transpose(0, 3, 1, 2)))
+
+
+def _image_files(folder: Path) -> list:
+    return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+
+
+def read_imagefolder(root: Path, split: str, size: tuple | None = None) -> ImageDataset:
+    """Load root/<split>/<class>/* (or root/<class>/* when there is no split folder)."""
+    require_dir(root, "an image folder: <root>/<split>/<class>/<images> or <root>/<class>/<images>")
+    base = root / split
+    if not base.is_dir():
+        split_folders = sorted(p.name for p in root.iterdir()
+                               if p.is_dir() and p.name in {"train", "test", "val", "valid"})
+        if split_folders:
+            raise FileNotFoundError(f"{base}: folder not found; {root} has split folders "
+                                    f"{split_folders}, expected one named {split!r}")
+        base = root
+    classes = sorted(p.name for p in base.iterdir() if p.is_dir())
+    if not classes:
+        raise FileNotFoundError(f"{base}: no class folders; expected {base}/<class>/<image files>")
+    paths, labels = [], []
+    for label, name in enumerate(classes):
+        files = _image_files(base / name)
+        if not files:
+            raise DatasetError(f"{base / name}: no image files ({', '.join(sorted(IMAGE_SUFFIXES))})"
+                               f"; expected at least one image per class folder")
+        paths += files
+        labels += [label] * len(files)
+    images = stack_images(decode_images(paths, size=size), paths)
+    mean, std = channel_stats(images)
+    return ImageDataset(images, torch.tensor(labels, dtype=torch.int64), classes, mean, std,
+                        name="imagefolder", split=split, meta={"root": str(base)})
+
+
+def tiny_imagenet_root(root: Path) -> Path:
+    """The tiny-imagenet-200 folder: `root` itself or its child of that name."""
+    for candidate in (root, root / "tiny-imagenet-200"):
+        if (candidate / "train").is_dir():
+            return candidate
+    raise FileNotFoundError(f"{root}: no tiny-imagenet-200 tree; expected train/<wnid>/images/*.JPEG "
+                            f"and val/val_annotations.txt under it (or under "
+                            f"{root / 'tiny-imagenet-200'})")
+
+
+def tiny_imagenet_listing(base: Path, split: str) -> tuple[list, list, list]:
+    """(paths, labels, classes) of a split; classes are the sorted train/ folder names."""
+    classes = sorted(p.name for p in (base / "train").iterdir() if p.is_dir())
+    if not classes:
+        raise DatasetError(f"{base / 'train'}: no class folders; expected train/<wnid>/images/")
+    paths, labels = [], []
+    if split == "train":
+        for label, wnid in enumerate(classes):
+            folder = require_dir(base / "train" / wnid / "images", f"the JPEGs of class {wnid}")
+            files = _image_files(folder)
+            if not files:
+                raise DatasetError(f"{folder}: no images; expected {wnid}_<n>.JPEG files")
+            paths += files
+            labels += [label] * len(files)
+        return paths, labels, classes
+    annotations = base / "val" / "val_annotations.txt"
+    if not annotations.is_file():
+        raise FileNotFoundError(f"{annotations}: file not found; expected the val labels "
+                                f"(<file>\\t<wnid>\\t<box> per line) next to val/images/")
+    index = {wnid: label for label, wnid in enumerate(classes)}
+    for number, line in enumerate(annotations.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        fields = line.split("\t")
+        if len(fields) < 2 or fields[1] not in index:
+            raise DatasetError(f"{annotations}:{number}: {line!r}; expected <file>\\t<wnid>... with a "
+                               f"wnid that is one of the {len(classes)} train/ folders")
+        path = base / "val" / "images" / fields[0]
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: file not found; listed in {annotations}:{number}")
+        paths.append(path)
+        labels.append(index[fields[1]])
+    if not paths:
+        raise DatasetError(f"{annotations}: no entries; expected one line per val image")
+    return paths, labels, classes
+
+
+def read_tiny_imagenet(root: Path, split: str, cache: bool = True) -> ImageDataset:
+    """Load TinyImageNet train or test (= val/) as uint8 (N, 3, 64, 64), cached after the first decode."""
+    base = tiny_imagenet_root(root)
+    paths, labels, classes = tiny_imagenet_listing(base, split)
+    key = hashlib.sha256(f"{base.resolve()}\0{split}\0{len(paths)}".encode()).hexdigest()[:24]
+    cache_file = cache_dir() / f"tinyimagenet-{split}-{key}.npz"
+    images = _read_cache(cache_file, len(paths), classes) if cache else None
+    if images is None:
+        arrays = decode_images(paths, mode="RGB")
+        for array, path in zip(arrays, paths):
+            if array.shape[:2] != TINY_SIZE:
+                raise DatasetError(f"{path}: image is {array.shape[0]}×{array.shape[1]}; expected "
+                                   f"{TINY_SIZE[0]}×{TINY_SIZE[1]}")
+        images = stack_images(arrays, paths)
+        if cache:
+            _write_cache(cache_file, images, classes)
+    mean, std = NORMALIZATION["tinyimagenet"]
+    return ImageDataset(images, torch.tensor(labels, dtype=torch.int64), classes, mean, std,
+                        name="tinyimagenet", split=split, meta={"root": str(base)})
+
+
+def _read_cache(path: Path, count: int, classes: list) -> torch.Tensor | None:
+    """Cached images when the file is intact and matches the listing; None means decode afresh."""
+    if not path.is_file():
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as cached:
+            images, cached_classes = cached["images"], cached["classes"].tolist()
+    except Exception as error:  # a damaged cache is rebuilt, never trusted
+        warnings.warn(f"ignoring unreadable cache {path} ({error}); decoding again")
+        return None
+    if images.shape != (count, 3, *TINY_SIZE) or images.dtype != np.uint8 or cached_classes != classes:
+        return None
+    return torch.from_numpy(images)
+
+
+def _write_cache(path: Path, images: torch.Tensor, classes: list) -> None:
+    try:
+        save_npz_atomic(path, images=images.numpy(), classes=np.array(classes))
+    except OSError as error:
+        warnings.warn(f"could not write the decode cache {path} ({error}); continuing without it")

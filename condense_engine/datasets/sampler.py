@@ -1,0 +1,109 @@
+"""ClassSampler: the real data set resident on the device, sampled per class with one gather.
+
+The images stay in their storage dtype (uint8 normally, so a CIFAR-10 train set costs 150 MB of
+device memory); a padded (classes, max_count) index matrix maps (class, position) to a row.
+Each draw picks n distinct positions per class uniformly at random (the distribution of the
+published `randperm(count)[:n]`) for all requested classes at once, then one
+`ops.gather_normalize` fetches and normalises the whole batch.
+"""
+from collections.abc import Sequence
+
+import torch
+
+from condense_engine.datasets.base import ImageDataset
+from condense_engine.ops import gather_normalize
+
+
+class ClassSampler:
+    """Class-balanced random batches of real images from `dataset`, kept on `device`.
+
+    Randomness comes only from `generator` (or the one passed to a call; with neither, torch's
+    global CPU generator). Positions are drawn on the generator's device, so a CPU generator with
+    one seed gives the same batches whatever device the sampler keeps the images on.
+    """
+
+    def __init__(self, dataset: ImageDataset, device=None, generator: torch.Generator | None = None):
+        self.device = torch.device(device) if device is not None else dataset.images.device
+        self.images = dataset.images.to(self.device)
+        self.num_classes = dataset.num_classes
+        self.generator = generator
+        self.mean = torch.tensor(dataset.mean, dtype=torch.float32, device=self.device)
+        self.std = torch.tensor(dataset.std, dtype=torch.float32, device=self.device)
+        labels = dataset.labels.cpu()
+        if len(labels) and (int(labels.min()) < 0 or int(labels.max()) >= self.num_classes):
+            raise ValueError(f"labels must lie in [0, {self.num_classes}), got "
+                             f"[{int(labels.min())}, {int(labels.max())}]")
+        self.classes = list(dataset.classes)
+        self._counts = torch.bincount(labels, minlength=self.num_classes)
+        order = torch.argsort(labels, stable=True)
+        sorted_labels = labels[order]
+        starts = torch.cumsum(self._counts, 0) - self._counts
+        position = torch.arange(len(labels)) - starts[sorted_labels]
+        index = torch.full((self.num_classes, max(1, int(self._counts.max()))), -1, dtype=torch.int64)
+        index[sorted_labels, position] = order
+        self.index = index.to(self.device)
+
+    @property
+    def counts(self) -> torch.Tensor:
+        """Images per class (CPU int64, shape (classes,))."""
+        return self._counts.clone()
+
+    def _class_list(self, classes) -> torch.Tensor:
+        if classes is None:
+            return torch.arange(self.num_classes)
+        chosen = torch.as_tensor(classes if not isinstance(classes, int) else [classes]).reshape(-1)
+        chosen = chosen.long().cpu()
+        if len(chosen) and (int(chosen.min()) < 0 or int(chosen.max()) >= self.num_classes):
+            raise ValueError(f"classes must lie in [0, {self.num_classes}), got {chosen.tolist()}")
+        return chosen
+
+    def draw_indices(self, n_per_class: int, classes: Sequence[int] | torch.Tensor | None = None,
+                     generator: torch.Generator | None = None) -> torch.Tensor:
+        """Row indices (len(classes)·n,) on the sampler device: n distinct rows per class, class by class."""
+        chosen = self._class_list(classes)
+        if n_per_class < 1:
+            raise ValueError(f"n_per_class must be at least 1, got {n_per_class}")
+        counts = self._counts[chosen]
+        short = (counts < n_per_class).nonzero()
+        if len(short):
+            worst = int(chosen[short[0, 0]])
+            raise ValueError(f"cannot draw {n_per_class} distinct images from class {worst} "
+                             f"({self.classes[worst]!r}): it has only {int(self._counts[worst])}")
+        generator = generator if generator is not None else self.generator
+        draw_device = generator.device if generator is not None else torch.device("cpu")
+        width = self.index.shape[1]
+        keys = torch.rand(len(chosen), width, generator=generator, dtype=torch.float64,
+                          device=draw_device)
+        padding = torch.arange(width, device=draw_device).unsqueeze(0) >= counts.to(draw_device).unsqueeze(1)
+        keys.masked_fill_(padding, 2.0)
+        positions = keys.topk(n_per_class, dim=1, largest=False, sorted=True).indices
+        rows = self.index[chosen.to(self.device)].gather(1, positions.to(self.device))
+        return rows.reshape(-1)
+
+    def sample(self, n_per_class: int, classes: Sequence[int] | torch.Tensor | None = None,
+               generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(images, labels): n distinct images of each requested class, ordered class by class.
+
+        Images are float32 in network space, shape (len(classes)·n, C, H, W), on the sampler
+        device; every call draws afresh. Raises ValueError if a class has fewer than n images.
+        """
+        chosen = self._class_list(classes)
+        rows = self.draw_indices(n_per_class, chosen, generator)
+        if self.images.dtype == torch.uint8:
+            images = gather_normalize(self.images, rows, self.mean, self.std)
+        else:
+            images = self.images.index_select(0, rows)
+        labels = chosen.to(self.device).repeat_interleave(n_per_class)
+        return images, labels
+
+    def sample_class(self, label: int, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """n distinct float32 network-space images of class `label`."""
+        return self.sample(n, [label], generator)[0]
+
+    def random_real(self, ipc: int, generator: torch.Generator | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """A class-balanced random real subset, `ipc` per class (synthetic-set init / baseline).
+
+        Returns float32 images (classes·ipc, C, H, W) and their labels, class by class.
+        """
+        return self.sample(ipc, None, generator)

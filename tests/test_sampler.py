@@ -1,0 +1,88 @@
+"""ClassSampler: one gather per batch, n distinct images per class, seeded determinism, errors."""
+import pytest
+import torch
+
+import condense_engine.datasets as ds
+
+COUNTS = [7, 3, 12, 5]
+
+
+def indexed_dataset(counts=COUNTS, dtype=torch.uint8):
+    """Each image is constant and equal to its row number, so a batch reveals which rows it holds."""
+    labels = torch.cat([torch.full((n,), c) for c, n in enumerate(counts)])
+    labels = labels[torch.randperm(len(labels), generator=torch.Generator().manual_seed(3))]
+    rows = torch.arange(len(labels), dtype=torch.uint8).view(-1, 1, 1, 1).expand(-1, 2, 4, 4)
+    dataset = ds.from_tensors(rows.contiguous(), labels, mean=(0.25, 0.5), std=(0.5, 2.0))
+    if dtype == torch.float32:
+        dataset = ds.from_tensors(dataset.normalized(), labels, mean=(0.25, 0.5), std=(0.5, 2.0),
+                                  normalized=True)
+    return dataset
+
+
+def rows_of(images, dataset):
+    """Recover the row numbers encoded in normalised images."""
+    mean, std = dataset.mean[0], dataset.std[0]
+    return torch.round((images[:, 0, 0, 0] * std + mean) * 255).long()
+
+
+def seeded(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+@pytest.mark.parametrize("storage", [torch.uint8, torch.float32])
+def test_sample_gives_n_distinct_images_of_each_class_in_order(storage):
+    dataset = indexed_dataset(dtype=storage)
+    sampler = ds.ClassSampler(dataset, generator=seeded(0))
+    images, labels = sampler.sample(3)
+    assert images.shape == (12, 2, 4, 4) and images.dtype == torch.float32
+    assert labels.tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2, 3, 3, 3]
+    rows = rows_of(images, dataset)
+    assert torch.equal(dataset.labels[rows], labels)
+    for c in range(4):
+        assert len(set(rows[labels == c].tolist())) == 3
+    assert torch.allclose(images, dataset.normalized(rows), atol=1e-6)
+
+
+def test_same_seed_same_batches_and_fresh_draws_per_call():
+    dataset = indexed_dataset()
+    first, second = ds.ClassSampler(dataset, generator=seeded(5)), ds.ClassSampler(dataset, generator=seeded(5))
+    draws = [first.sample(2)[0] for _ in range(3)]
+    assert all(torch.equal(a, second.sample(2)[0]) for a in draws)
+    assert not torch.equal(rows_of(draws[0], dataset), rows_of(draws[1], dataset))
+    other = ds.ClassSampler(dataset, generator=seeded(6)).sample(2)[0]
+    assert not torch.equal(other, draws[0])
+
+
+def test_every_image_of_a_class_is_reachable():
+    dataset = indexed_dataset()
+    sampler = ds.ClassSampler(dataset, generator=seeded(1))
+    seen = set()
+    for _ in range(40):
+        seen |= set(rows_of(sampler.sample_class(2, 3), dataset).tolist())
+    assert seen == set(torch.nonzero(dataset.labels == 2).flatten().tolist())
+    full = rows_of(sampler.sample_class(1, 3), dataset)
+    assert sorted(full.tolist()) == sorted(torch.nonzero(dataset.labels == 1).flatten().tolist())
+
+
+def test_class_subset_counts_and_random_real():
+    dataset = indexed_dataset()
+    sampler = ds.ClassSampler(dataset, device="cpu", generator=seeded(2))
+    assert sampler.counts.tolist() == COUNTS
+    images, labels = sampler.sample(2, classes=[2, 0])
+    assert labels.tolist() == [2, 2, 0, 0]
+    assert torch.equal(dataset.labels[rows_of(images, dataset)], labels)
+    real, real_labels = sampler.random_real(3, generator=seeded(9))
+    again, _ = ds.ClassSampler(dataset).random_real(3, generator=seeded(9))
+    assert real.shape == (12, 2, 4, 4) and torch.equal(real, again)
+    assert torch.bincount(real_labels).tolist() == [3, 3, 3, 3]
+
+
+def test_too_many_per_class_names_the_class():
+    sampler = ds.ClassSampler(indexed_dataset())
+    with pytest.raises(ValueError, match=r"cannot draw 4 distinct images from class 1 \('1'\): it has only 3"):
+        sampler.sample(4)
+    assert sampler.sample(4, classes=[0, 2])[0].shape[0] == 8
+    with pytest.raises(ValueError, match="classes must lie in"):
+        sampler.sample(1, classes=[4])
+    with pytest.raises(ValueError, match="at least 1"):
+        sampler.sample(0)
