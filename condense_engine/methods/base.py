@@ -1,0 +1,81 @@
+"""The method interface every condensation method implements, and the method registry.
+
+A method is a small class: it declares its option defaults (and per data set / IPC overrides)
+as data, `init()` prepares whatever it needs from the real data, and `step()` performs one
+distillation iteration on the synthetic set. `condense_engine.distill` owns the loop around it:
+progress, logging, evaluation, checkpoints, resume and the non-finite guard.
+"""
+import torch
+
+_REGISTRY: dict = {}
+
+
+def register(*names):
+    """Class decorator: make a method available to `distill(method=name)` under `names`."""
+    def wrap(cls):
+        for name in names:
+            _REGISTRY[name] = cls
+        cls.name = names[0]
+        return cls
+    return wrap
+
+
+def get_method(name: str):
+    """The method class registered as `name` (case-insensitive)."""
+    key = name.lower()
+    if key not in _REGISTRY:
+        raise ValueError(f"unknown method {name!r}; available: {', '.join(sorted(_REGISTRY))}")
+    return _REGISTRY[key]
+
+
+def method_names() -> list:
+    return sorted(_REGISTRY)
+
+
+def _dataset_key(name: str) -> str:
+    return name.lower().replace("-", "").replace("_", "")
+
+
+class Method:
+    """Base class: option resolution, optimiser state for checkpoints, nothing method-specific.
+
+    `defaults` maps option → value; `overrides` is a list of (dataset names, ipcs, options):
+    the options apply when the data set matches one of the names (None = any) and the IPC is
+    in ipcs (None = any). Explicit options passed by the user win over both.
+    """
+
+    name = "base"
+    defaults: dict = {}
+    overrides: list = []
+
+    def __init__(self, dataset_name: str, ipc: int, **options):
+        resolved = dict(self.defaults)
+        key = _dataset_key(dataset_name)
+        for names, ipcs, values in self.overrides:
+            if (names is None or key in {_dataset_key(n) for n in names}) and (ipcs is None or ipc in ipcs):
+                resolved.update(values)
+        unknown = set(options) - set(resolved)
+        if unknown:
+            raise ValueError(f"method {self.name!r} has no option(s) {sorted(unknown)}; "
+                             f"its options are {sorted(resolved)}")
+        resolved.update(options)
+        self.options = resolved
+        self.ipc = ipc
+        self.dataset_name = dataset_name
+
+    @property
+    def iterations(self) -> int:
+        return int(self.options["iterations"])
+
+    def init(self, synset, dataset, sampler, generator: torch.Generator, device: torch.device) -> None:
+        raise NotImplementedError
+
+    def step(self, synset, iteration: int) -> dict:
+        raise NotImplementedError
+
+    def state_dict(self) -> dict:
+        """Everything beyond the synthetic set and RNGs that an exact resume needs."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass

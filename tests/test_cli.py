@@ -1,0 +1,57 @@
+"""`condense` command smoke tests on the embedded default set (tiny schedules)."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from condense_engine.cli import main
+
+
+def test_help_runs_as_a_console_script():
+    result = subprocess.run([sys.executable, "-m", "condense_engine.cli", "--help"], capture_output=True, text=True)
+    assert result.returncode == 0
+    for command in ("distill", "evaluate", "show", "datasets"):
+        assert command in result.stdout
+
+
+def test_datasets_list(capsys):
+    assert main(["datasets", "list"]) == 0
+    out = capsys.readouterr().out
+    assert "mnist" in out and "default" in out and "tinyimagenet" in out
+
+
+def test_distill_evaluate_show_round_trip(tmp_path, capsys):
+    out = tmp_path / "run"
+    code = main(["distill", "--dataset", "default", "--ipc", "2", "--iterations", "2", "--set", "batch_real=4",
+                 "--set", "model='ConvNetW32'", "--out", str(out), "--quiet", "--evaluate", "--baseline",
+                 "--model", "ConvNetW32", "--epochs", "2", "--repeats", "1", "--device", "cpu"])
+    assert code == 0
+    for name in ("synset.pt", "grid.png", "log.jsonl", "checkpoint.pt", "report.json"):
+        assert (out / name).exists(), name
+    report = json.loads((out / "report.json").read_text())
+    for key in ("accuracy_mean", "accuracy_std", "random_baseline_mean", "seconds", "schedule"):
+        assert key in report
+    assert report["schedule"]["iterations"] == 2
+    assert "random real baseline" in capsys.readouterr().out
+
+    assert main(["show", str(out / "synset.pt"), "--out", str(tmp_path / "g.png")]) == 0
+    assert os.path.getsize(tmp_path / "g.png") > 0
+    assert main(["evaluate", str(out / "synset.pt"), "--model", "ConvNetW32", "--epochs", "1",
+                 "--repeats", "1", "--out", str(tmp_path / "e.json"), "--device", "cpu"]) == 0
+    assert "accuracy_mean" in json.loads((tmp_path / "e.json").read_text())
+
+
+def test_errors_are_one_line_and_exit_2(tmp_path, capsys):
+    assert main(["distill", "--dataset", "mnist", "--root", str(tmp_path / "nowhere"), "--quiet",
+                 "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "nowhere" in err and "error" in err
+    assert main(["distill", "--dataset", "default", "--ipc", "5000", "--out", str(tmp_path / "o"), "--quiet"]) == 2
+    assert "larger than class" in capsys.readouterr().err
+
+
+def test_bad_option_syntax():
+    with pytest.raises(SystemExit):
+        main(["distill", "--set", "novalue"])
