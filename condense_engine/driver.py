@@ -16,12 +16,9 @@ from condense_engine import __version__
 from condense_engine.checkpoint import (capture_rng_state, load_checkpoint, restore_rng_state, save_checkpoint,
                                         stop_flag_on_signal)
 from condense_engine.datasets import ClassSampler, ImageDataset, from_tensors, from_torch_dataset
+from condense_engine.errors import NonFiniteError, NonFiniteLossError
 from condense_engine.methods import get_method
 from condense_engine.synset import SyntheticSet
-
-class NonFiniteLossError(FloatingPointError):
-    """A method produced a non-finite loss or non-finite synthetic pixels."""
-
 
 def as_dataset(data) -> ImageDataset:
     """An ImageDataset from an ImageDataset, an (images, labels) pair or a torch Dataset."""
@@ -116,11 +113,17 @@ def distill(dataset, method: str = "dm", ipc: int = 10, iterations: int | None =
     try:
         with stop_flag_on_signal() as stop:
             for iteration in range(start, total):
-                stats = algorithm.step(synset, iteration)
-                if not all(math.isfinite(v) for v in stats.values()):
+                try:
+                    stats = algorithm.step(synset, iteration)
+                    what = None if torch.isfinite(synset.images).all() else "synthetic pixels"
+                    if not all(math.isfinite(v) for v in stats.values()):
+                        what = f"loss {stats}"
+                except NonFiniteError as err:
+                    what = f"values ({err})"
+                if what:
                     where = (f"the last good checkpoint (iteration {last_saved}) is kept at {checkpoint}"
                              if last_saved is not None else "no checkpoint was written")
-                    raise NonFiniteLossError(f"{algorithm.name}: non-finite value {stats} at iteration {iteration}; "
+                    raise NonFiniteLossError(f"{algorithm.name}: non-finite {what} at iteration {iteration}; "
                                              f"{where}. Try a smaller learning rate (lr_img).")
                 done = iteration + 1
                 record = dict(iteration=done, seconds=round(time.perf_counter() - began, 3), **stats)
@@ -132,9 +135,6 @@ def distill(dataset, method: str = "dm", ipc: int = 10, iterations: int | None =
                     bar.update(1)
                     bar.set_postfix({k: f"{v:.4g}" for k, v in stats.items()})
                 if checkpoint and (done % checkpoint_every == 0 or done == total or stop.is_set()):
-                    if not torch.isfinite(synset.images).all():
-                        raise NonFiniteLossError(f"{algorithm.name}: non-finite synthetic pixels at iteration "
-                                                 f"{done}; checkpoint not overwritten")
                     write_checkpoint(done)
                     last_saved = done
                 if stop.is_set():

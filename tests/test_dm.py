@@ -9,27 +9,14 @@ import torch
 
 import condense_engine as ce
 from condense_engine.checkpoint import load_checkpoint
-from condense_engine.datasets import from_tensors
-from condense_engine.driver import NonFiniteLossError
+from condense_engine.errors import NonFiniteLossError
 from condense_engine.methods.dm import DM
 from condense_engine.models import ConvNetBank
-
-
-def _toy(classes=3, per_class=24, size=12, channels=1):
-    """Class-dependent blobs so there is a distribution to match."""
-    g = torch.Generator().manual_seed(1)
-    labels = torch.arange(classes).repeat_interleave(per_class)
-    images = torch.rand(len(labels), channels, size, size, generator=g) * 80
-    for c in range(classes):
-        images[labels == c, :, c * 3:c * 3 + 4, :] += 150
-    return from_tensors(images.clamp(0, 255).to(torch.uint8), labels)
-
-
-FAST = dict(batch_real=8, model="ConvNetW32", dsa=True)
+from tests.toy_data import FAST, toy_dataset
 
 
 def test_dm_lowers_its_loss():
-    data = _toy()
+    data = toy_dataset()
     log = []
     syn = ce.distill(data, method="dm", ipc=2, iterations=30, seed=0, progress=False, lr_img=1.0,
                      **dict(FAST, dsa=False))
@@ -51,7 +38,7 @@ def test_dm_lowers_its_loss():
 
 
 def test_batched_loss_equals_published_per_class_loop():
-    data = _toy()
+    data = toy_dataset()
     method = DM(data.name, 2, **FAST)
     method.num_classes = 3
     bank = ConvNetBank(1, channel=1, width=32, im_size=(12, 12), generator=torch.Generator().manual_seed(3))
@@ -64,7 +51,7 @@ def test_batched_loss_equals_published_per_class_loop():
 
 
 def test_seed_determinism():
-    data = _toy()
+    data = toy_dataset()
     a = ce.distill(data, method="dm", ipc=2, iterations=3, seed=5, progress=False, **FAST)
     b = ce.distill(data, method="dm", ipc=2, iterations=3, seed=5, progress=False, **FAST)
     c = ce.distill(data, method="dm", ipc=2, iterations=3, seed=6, progress=False, **FAST)
@@ -73,7 +60,7 @@ def test_seed_determinism():
 
 
 def test_resume_after_interruption_is_bit_identical(tmp_path):
-    data = _toy()
+    data = toy_dataset()
     full = ce.distill(data, method="dm", ipc=2, iterations=6, seed=1, progress=False, **FAST)
     ckpt = str(tmp_path / "ckpt.pt")
     log = str(tmp_path / "log.jsonl")
@@ -112,7 +99,7 @@ def _run_until(data, ckpt, stop_after):
 
 
 def test_resume_rejects_another_run(tmp_path):
-    data = _toy()
+    data = toy_dataset()
     ckpt = str(tmp_path / "ckpt.pt")
     ce.distill(data, method="dm", ipc=2, iterations=2, seed=1, progress=False, checkpoint=ckpt, **FAST)
     with pytest.raises(ValueError, match="another run"):
@@ -121,7 +108,7 @@ def test_resume_rejects_another_run(tmp_path):
 
 
 def test_non_finite_loss_stops_and_keeps_last_checkpoint(tmp_path):
-    data = _toy()
+    data = toy_dataset()
     ckpt = str(tmp_path / "ckpt.pt")
     with pytest.raises(NonFiniteLossError, match="iteration"):
         ce.distill(data, method="dm", ipc=2, iterations=50, seed=0, progress=False, checkpoint=ckpt,
@@ -131,7 +118,7 @@ def test_non_finite_loss_stops_and_keeps_last_checkpoint(tmp_path):
 
 
 def test_bad_input():
-    data = _toy(per_class=4)
+    data = toy_dataset(per_class=4)
     with pytest.raises(ValueError, match="larger than class"):
         ce.distill(data, method="dm", ipc=5, iterations=1, progress=False)
     with pytest.raises(ValueError, match="unknown method"):
@@ -143,7 +130,7 @@ def test_bad_input():
 
 
 def test_log_is_json_lines(tmp_path):
-    data = _toy()
+    data = toy_dataset()
     log = tmp_path / "log.jsonl"
     ce.distill(data, method="dm", ipc=1, iterations=3, progress=False, log=str(log), **FAST)
     records = [json.loads(line) for line in log.read_text().splitlines()]

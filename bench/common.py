@@ -1,0 +1,156 @@
+"""Helpers shared by every benchmark: timing, peak memory, device peaks, result rows and files.
+
+A result row is `{"bench", "case", "impl" ("ours" | "eager" | "compile"), "ms", "tflops", "gbps",
+"peak_mem_mb", "pct_of_peak"}` plus an optional "note"; a results file is
+`bench/results/<name>.json` = `{"device", "torch", "triton", "cuda", "date", "rows": [...]}`.
+"""
+import datetime
+import json
+import os
+import platform
+import statistics
+import time
+
+import torch
+
+RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+
+# Dense peak throughput per device, from NVIDIA's H100 and H200 datasheets (SXM form factor
+# unless named; the sparsity-doubled figures are not used): TFLOP/s for bf16 and TF32 tensor
+# cores and for fp32 on CUDA cores, and HBM bandwidth in GB/s.
+DEVICE_PEAKS = {
+    "H200": dict(bf16_tflops=989.0, tf32_tflops=494.0, fp32_tflops=67.0, hbm_gbps=4800.0),
+    "H100 PCIe": dict(bf16_tflops=756.0, tf32_tflops=378.0, fp32_tflops=51.0, hbm_gbps=2000.0),
+    "H100 NVL": dict(bf16_tflops=835.0, tf32_tflops=418.0, fp32_tflops=60.0, hbm_gbps=3900.0),
+    "H100": dict(bf16_tflops=989.0, tf32_tflops=494.0, fp32_tflops=67.0, hbm_gbps=3350.0),
+}
+
+
+def device_name(device: torch.device | str) -> str:
+    """Human-readable name of the device the benchmark runs on."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+
+
+def device_peaks(device: torch.device | str) -> dict | None:
+    """The peak numbers of a known GPU, matched on its name (H200, H100 PCIe/NVL, H100 SXM)."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, peaks in DEVICE_PEAKS.items():
+        if all(word in name for word in key.split()):
+            return peaks
+    return None
+
+
+def compute_peak_tflops(peaks: dict, dtype: torch.dtype) -> float:
+    """The compute roof for inputs of `dtype`: bf16/fp16 → bf16 tensor cores, fp32 → TF32
+    tensor cores (the fastest path fp32 data can take)."""
+    return peaks["tf32_tflops"] if dtype == torch.float32 else peaks["bf16_tflops"]
+
+
+def time_ms(fn, device: torch.device | str, *, warmup: int = 3, reps: int = 10) -> float:
+    """Median wall time of `fn()` in milliseconds.
+
+    CUDA: triton.testing.do_bench (warm-up, cache flush between runs, CUDA-event timing, median).
+    CPU: median of `reps` perf_counter runs after `warmup` untimed ones.
+    """
+    if torch.device(device).type == "cuda":
+        import triton.testing
+
+        return float(triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median"))
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+def peak_memory_mb(fn, device: torch.device | str) -> float | None:
+    """Peak CUDA memory allocated while `fn()` runs, above what was allocated before it (MB):
+    the call's workspace, excluding its inputs. None on CPU."""
+    if torch.device(device).type != "cuda":
+        return None
+    torch.cuda.synchronize(device)
+    before = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    fn()
+    torch.cuda.synchronize(device)
+    return (torch.cuda.max_memory_allocated(device) - before) / 2**20
+
+
+def row(bench: str, case: str, impl: str, ms: float | None, *, flops: float | None = None,
+        bytes_moved: float | None = None, peak_mem_mb: float | None = None,
+        peaks: dict | None = None, dtype: torch.dtype = torch.float32,
+        note: str | None = None) -> dict:
+    """One result row. tflops and gbps come from the case's FLOP and byte counts and `ms`;
+    pct_of_peak is the share of the binding roof: max(TFLOP/s ÷ compute peak, GB/s ÷ HBM peak),
+    None when the device's peaks are unknown."""
+    if impl not in ("ours", "eager", "compile"):
+        raise ValueError(f"impl must be ours, eager or compile, got {impl!r}")
+    tflops = flops / (ms * 1e9) if flops is not None and ms else None
+    gbps = bytes_moved / (ms * 1e6) if bytes_moved is not None and ms else None
+    pct = None
+    if peaks is not None and ms:
+        shares = []
+        if tflops is not None:
+            shares.append(tflops / compute_peak_tflops(peaks, dtype))
+        if gbps is not None:
+            shares.append(gbps / peaks["hbm_gbps"])
+        pct = 100.0 * max(shares) if shares else None
+    result = dict(bench=bench, case=case, impl=impl, ms=ms, tflops=tflops, gbps=gbps,
+                  peak_mem_mb=peak_mem_mb, pct_of_peak=pct)
+    if note:
+        result["note"] = note
+    return result
+
+
+def environment(device: torch.device | str) -> dict:
+    """The header of a results file: device, library versions and the date (UTC)."""
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    return {"device": device_name(device), "torch": torch.__version__, "triton": triton_version,
+            "cuda": torch.version.cuda,
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+
+
+def write_results(name: str, rows: list[dict], device: torch.device | str,
+                  out: str | None = None) -> str:
+    """Write `{environment..., "rows": rows}` to `out` or bench/results/<name>.json; its path."""
+    path = out or os.path.join(RESULTS_DIR, f"{name}.json")
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump({**environment(device), "rows": rows}, f, indent=1)
+        f.write("\n")
+    return path
+
+
+def format_table(rows: list[dict]) -> str:
+    """The rows as an aligned text table (missing numbers shown as '-')."""
+    columns = ("case", "impl", "ms", "tflops", "gbps", "peak_mem_mb", "pct_of_peak", "note")
+
+    def cell(value):
+        if value is None:
+            return "-"
+        return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+    cells = [[cell(r.get(c)) for c in columns] for r in rows]
+    widths = [max([len(c)] + [len(line[i]) for line in cells]) for i, c in enumerate(columns)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths))]
+    lines += ["  ".join(v.ljust(w) for v, w in zip(line, widths)) for line in cells]
+    return "\n".join(lines)
+
+
+def print_table(rows: list[dict]) -> None:
+    """Print the rows as a table."""
+    print(format_table(rows), flush=True)

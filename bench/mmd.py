@@ -1,0 +1,164 @@
+"""Benchmark of ops.mmd: ours (the Triton kernels) against the Gram-matrix reference in eager mode
+and under torch.compile, on the same inputs, forward and forward+backward.
+
+    python -m bench.mmd [--quick] [--out PATH] [--dtype fp32|bf16] [--tf32] [--no-compile]
+                        [--cases NAME ...] [--kernels gaussian poly]
+
+Modes: "fwd" is the full MMD² (include_xx=True) without gradients; "fwd+bwd" is the training
+path of DM-style methods: include_xx=False, x (real features) constant, loss and dL/dy.
+
+FLOP counts are the model FLOPs of the Gram formulation, the same for every implementation:
+    fwd      C · 2d · (N² + M² + N·M)        the three Gram products
+    fwd+bwd  C · 2d · (M² + N·M) · 2         the y–y and x–y Gram products, and the backward's
+                                             (C, M, M+N) weights times the (M+N, d) features
+Ours skips half of each symmetric x–x / y–y product in the forward and recomputes the Gram
+tiles in the backward; neither is credited. The kernel function itself (O(N·M) element-wise)
+is not counted. Bytes are the least any implementation must move (e = bytes per element), so
+GB/s is an effective bandwidth:
+    fwd      C · (N + M) · d · e             read x and y
+    fwd+bwd  C · (2N + 3M) · d · e           read x and y twice, write dL/dy
+
+--quick runs tiny shapes on the CPU (Triton in its interpreter, torch.compile skipped) as a
+smoke test for CI; its times say nothing about speed.
+"""
+import argparse
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    # Must be set before condense_engine.kernels decorates its Triton kernels.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from bench import common  # noqa: E402
+from condense_engine import ops  # noqa: E402
+from condense_engine.reference import mmd as reference  # noqa: E402
+
+# (name, C, N, M, d)
+FULL_CASES = [
+    ("dm_c10_n256_m10_d2048", 10, 256, 10, 2048),
+    ("dm_c10_n256_m50_d2048", 10, 256, 50, 2048),
+    ("dm_c200_n256_m10_d2048", 200, 256, 10, 2048),
+    ("dm_c200_n256_m50_d2048", 200, 256, 50, 2048),
+    ("square_n4096_d2048", 1, 4096, 4096, 2048),
+    ("memory_bound_n8192_d128", 1, 8192, 8192, 128),
+]
+QUICK_CASES = [
+    ("quick_c2_n24_m8_d40", 2, 24, 8, 40),
+    ("quick_c1_n33_m5_d24", 1, 33, 5, 24),
+]
+KERNELS = {"gaussian": {}, "poly": dict(degree=3)}
+MODES = ("fwd", "fwd+bwd")
+
+
+def flop_count(mode: str, classes: int, n: int, m: int, dim: int) -> float:
+    """Model FLOPs of one call (see the module docstring)."""
+    if mode == "fwd":
+        return classes * 2.0 * dim * (n * n + m * m + n * m)
+    return classes * 2.0 * dim * (m * m + n * m) * 2
+
+
+def byte_count(mode: str, classes: int, n: int, m: int, dim: int, element_size: int) -> float:
+    """Least bytes one call must move (see the module docstring)."""
+    rows = n + m if mode == "fwd" else 2 * n + 3 * m
+    return float(classes * rows * dim * element_size)
+
+
+def loss_function(impl: str, kernel: str, mode: str):
+    """f(x, y) → loss for one implementation; None for torch.compile when it cannot run."""
+    options = dict(KERNELS[kernel], include_xx=mode == "fwd")
+    if impl == "ours":
+        return lambda x, y: ops.mmd(x, y, kernel, backend="triton", **options)
+
+    def eager(x, y):
+        return reference.mmd(x, y, kernel, **options)
+
+    return eager if impl == "eager" else torch.compile(eager)
+
+
+def step_function(loss_fn, mode: str, x: torch.Tensor, y: torch.Tensor):
+    """A no-argument callable running one timed step: the loss, plus dL/dy for fwd+bwd."""
+    if mode == "fwd":
+        def forward():
+            with torch.no_grad():
+                return loss_fn(x, y)
+        return forward
+
+    def forward_backward():
+        return torch.autograd.grad(loss_fn(x, y), (y,))
+    return forward_backward
+
+
+def measure(case, kernel: str, mode: str, impl: str, device: torch.device, dtype: torch.dtype,
+            peaks: dict | None, compile_note: str | None) -> dict:
+    """One result row (failures such as out-of-memory become a row with a note)."""
+    name, classes, n, m, dim = case
+    label = f"{name}/{kernel}/{mode}"
+    counts = dict(flops=flop_count(mode, classes, n, m, dim),
+                  bytes_moved=byte_count(mode, classes, n, m, dim, dtype.itemsize),
+                  peaks=peaks, dtype=dtype)
+    if impl == "compile" and compile_note:
+        return common.row("mmd", label, impl, None, note=compile_note, **counts)
+    generator = torch.Generator(device=device).manual_seed(0)
+    x = torch.randn(classes, n, dim, device=device, generator=generator).to(dtype)
+    y = (0.9 * torch.randn(classes, m, dim, device=device, generator=generator) + 0.1).to(dtype)
+    y.requires_grad_(mode == "fwd+bwd")
+    step = step_function(loss_function(impl, kernel, mode), mode, x, y)
+    try:
+        step()
+        ms = common.time_ms(step, device)
+        memory = common.peak_memory_mb(step, device)
+    except RuntimeError as error:  # out of memory included
+        return common.row("mmd", label, impl, None, note=f"failed: {str(error)[:120]}", **counts)
+    note = None
+    if impl == "ours" and device.type == "cpu":
+        note = "Triton interpreter (TRITON_INTERPRET=1): a smoke test, not a speed"
+    return common.row("mmd", label, impl, ms, peak_mem_mb=memory, note=note, **counts)
+
+
+def main(argv=None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="tiny shapes (CPU smoke test)")
+    parser.add_argument("--out", help="results file (default bench/results/mmd.json; "
+                                      "mmd_bf16.json with --dtype bf16, mmd_quick.json "
+                                      "with --quick)")
+    parser.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
+    parser.add_argument("--tf32", action="store_true",
+                        help="torch.set_float32_matmul_precision('high') for every impl")
+    parser.add_argument("--no-compile", action="store_true", help="skip torch.compile")
+    parser.add_argument("--cases", nargs="+", help="only these case names")
+    parser.add_argument("--kernels", nargs="+", choices=tuple(KERNELS), default=list(KERNELS))
+    args = parser.parse_args(argv)
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
+    if args.tf32:
+        torch.set_float32_matmul_precision("high")
+    cases = QUICK_CASES if args.quick else FULL_CASES
+    if args.cases:
+        cases = [case for case in cases if case[0] in args.cases]
+    compile_note = None
+    if args.no_compile:
+        compile_note = "skipped: --no-compile"
+    elif device.type == "cpu":
+        compile_note = ("skipped on CPU: compiling each shape takes longer than the smoke "
+                        "test's budget")
+    peaks = common.device_peaks(device)
+    rows = []
+    for case in cases:
+        for kernel in args.kernels:
+            for mode in MODES:
+                for impl in ("ours", "eager", "compile"):
+                    rows.append(measure(case, kernel, mode, impl, device, dtype, peaks,
+                                        compile_note))
+                    print(f"{rows[-1]['case']} {impl}: {rows[-1]['ms']} ms", flush=True)
+    name = "mmd_quick" if args.quick else ("mmd" if args.dtype == "fp32" else "mmd_bf16")
+    path = common.write_results(name, rows, device, args.out)
+    print()
+    common.print_table(rows)
+    print(f"\nwrote {path}")
+    return rows
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,9 @@
+"""Exceptions shared across the package."""
+
+
+class NonFiniteError(FloatingPointError, ValueError):
+    """NaN or infinite values where finite ones are required (an input, a loss, the pixels)."""
+
+
+class NonFiniteLossError(NonFiniteError):
+    """A distillation produced a non-finite loss or non-finite synthetic pixels and was stopped."""
