@@ -11,6 +11,10 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# Test shapes are tiny and pytest-xdist already runs one worker per core: more threads per
+# worker only oversubscribe the cores (measured: up to 100× slower steps on a busy 2-core box).
+torch.set_num_threads(1)
+
 SHARED_DATA = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data")
 
 

@@ -3,6 +3,8 @@
 See SPEC §1: every op takes `backend=`; `set_backend()` or CONDENSE_BACKEND force one.
 """
 from condense_engine.ops._backend import set_backend
+from condense_engine.ops.dsa import DSAParams, default_strategy, dsa
 from condense_engine.ops.gather import gather_normalize
+from condense_engine.ops.mmd import mmd
 
-__all__ = ["set_backend", "gather_normalize"]
+__all__ = ["set_backend", "gather_normalize", "dsa", "DSAParams", "default_strategy", "mmd"]
