@@ -1,0 +1,86 @@
+"""Trajectory matching: time and peak memory of one distillation iteration vs student steps.
+
+    python -m bench.trajectory            # CIFAR-10 shapes (ConvNet-3, 32×32, 10 classes) on the GPU
+    python -m bench.trajectory --quick    # tiny shapes on the CPU, a smoke run of the same code
+
+One iteration = `ops.trajectory_match` (forward steps + gradient) with DSA, for memory modes
+"unrolled" (published MTT), "exact" and "tesla", at IPC 10 (whole set per step, as published) and
+IPC 50 (batch_syn 500 = the whole set in DATM's config). FLOPs: a ConvNet forward is counted
+from its conv/linear layers (2·MACs per image); per student step the unrolled mode costs ≈ 9
+forwards (forward 1, backward 2, backward of the backward ≈ 6; reference/ecosystem.md), the
+exact and tesla modes ≈ 12 (the graph-free step, then a recomputed step and its double backward):
+about 4/3 of the unrolled work for memory that does not grow with the steps.
+"""
+import argparse
+
+import torch
+
+from bench.common import device_peaks, peak_memory_mb, print_table, row, time_ms, write_results
+from condense_engine.models import FunctionalConvNet
+from condense_engine.ops import trajectory_match
+from condense_engine.ops.trajectory import dsa_augment
+
+MODES = ("unrolled", "exact", "tesla")
+FORWARDS_PER_STEP = {"unrolled": 9.0, "exact": 12.0, "tesla": 12.0}
+
+
+def forward_flops(net: FunctionalConvNet, size: int) -> float:
+    """FLOPs of one image's forward pass through the ConvNet's conv and linear layers."""
+    config, flops, channels, side = net.config, 0.0, net.config["channel"], size
+    for _ in range(config["depth"]):
+        flops += 2.0 * channels * config["width"] * 9 * side * side
+        channels = config["width"]
+        if config["pool"] != "none":
+            side //= 2
+    return flops + 2.0 * net.feature_dim * net.num_classes
+
+
+def run(quick: bool, device: torch.device) -> list:
+    if quick:
+        classes, size, width, depth = 4, 8, 16, 2
+        cases, steps_list = [(2, 8)], (2, 4)
+    else:
+        classes, size, width, depth = 10, 32, 128, 3
+        cases, steps_list = [(10, 100), (50, 500)], (10, 20, 40, 80)
+    net = FunctionalConvNet(3, classes, width=width, depth=depth, im_size=(size, size))
+    generator = torch.Generator().manual_seed(0)
+    start = net.init_params(0, device=device)
+    target = start + 0.01 * torch.randn(start.shape, generator=generator).to(device)
+    lr = torch.tensor(0.01, device=device)
+    augment = dsa_augment("color_crop_cutout_flip_scale_rotate")
+    peaks = device_peaks(device)
+    rows = []
+    for ipc, batch_syn in cases:
+        images = torch.randn(classes * ipc, 3, size, size, generator=generator).to(device)
+        labels = torch.arange(classes, device=device).repeat_interleave(ipc)
+        batch = min(batch_syn, len(images))
+        for steps in steps_list:
+            for memory in MODES:
+                def iteration():
+                    trajectory_match(images, labels, lr, start, target, net, steps=steps, batch_size=batch,
+                                     memory=memory, augment=augment, seed=0)
+                ms = time_ms(iteration, device, warmup=1, reps=3)
+                memory_mb = peak_memory_mb(iteration, device)
+                flops = FORWARDS_PER_STEP[memory] * steps * batch * forward_flops(net, size)
+                rows.append(row("trajectory", f"ipc{ipc}_batch{batch}_steps{steps}_{memory}", "ours", ms,
+                                flops=flops, peak_mem_mb=memory_mb, peaks=peaks,
+                                note=f"{classes} classes {size}px ConvNet w{width} d{depth}, DSA"))
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="tiny CPU shapes (smoke test, < 60 s)")
+    parser.add_argument("--out", default=None, help="results JSON (default bench/results/trajectory.json)")
+    args = parser.parse_args()
+    device = torch.device("cpu" if args.quick or not torch.cuda.is_available() else "cuda")
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    rows = run(args.quick, device)
+    print_table(rows)
+    if not args.quick or args.out:
+        print(f"wrote {write_results('trajectory', rows, device, args.out)}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,305 @@
+"""Expert trajectories for trajectory matching (MTT/TESLA/DATM; methods.md §6.1, §8.1).
+
+An expert is a ConvNet trained on the whole real set with plain SGD (lr 0.01, no momentum, no
+weight decay, no lr decay, batch 256) and per-sample DSA, its flat parameter vector snapshotted
+at initialisation and after every epoch: a trajectory of shape (epochs + 1, P).
+
+A buffer is a folder: one file per expert (`expert_0000.pt`, ...) plus `index.pt` listing the
+finished experts and the buffer's metadata (data set, ZCA or not, model and its architecture,
+augmentation, image size, classes, optimiser settings, seed, library version). Each file is
+written atomically and the index is rewritten after every expert, so a crash loses at most the
+expert being trained, and running the same command again continues where it stopped (every
+expert's randomness depends only on (seed, expert number), so the result is the same).
+`load_experts` reads the index only; trajectories are memory-mapped when first accessed.
+"""
+import argparse
+import os
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from condense_engine import __version__
+from condense_engine.checkpoint import atomic_save, check_format, load_versioned
+from condense_engine.models import FunctionalConvNet, convnet_config
+from condense_engine.ops.dsa import DSAParams, default_strategy, dsa
+
+FORMAT_VERSION = 1
+EXPERT_KIND = "condense-engine/expert"
+INDEX_KIND = "condense-engine/expert-index"
+INDEX_FILE = "index.pt"
+# Metadata that describes the library, not the experts: ignored when deciding whether an
+# existing buffer folder may be continued.
+_PROVENANCE_KEYS = ("library_version",)
+
+
+def expert_file_name(number: int) -> str:
+    return f"expert_{number:04d}.pt"
+
+
+def _dataset_key(name: str) -> str:
+    return name.lower().replace("-", "").replace("_", "")
+
+
+def _expert_generator(seed: int, number: int) -> torch.Generator:
+    """A CPU generator that depends only on (seed, expert number): experts are reproducible alone."""
+    state = np.random.SeedSequence([int(seed), int(number)]).generate_state(2, dtype=np.uint32)
+    return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
+
+
+def buffer_meta(dataset, model: str, *, epochs: int, lr: float, momentum: float, weight_decay: float,
+                batch_size: int, strategy: str | None, seed: int) -> dict:
+    """The metadata stored with every buffer (plain values only, so files load weights_only)."""
+    student = student_network(dict(model=model, model_config=convnet_config(model),
+                                   channels=dataset.channels, num_classes=dataset.num_classes,
+                                   image_size=list(dataset.image_size)))
+    return dict(dataset=dataset.name, zca=dataset.zca is not None, model=model,
+                model_config=convnet_config(model), channels=dataset.channels,
+                image_size=list(dataset.image_size), num_classes=dataset.num_classes,
+                num_params=student.num_params, augmentation=strategy, epochs=int(epochs), lr=float(lr),
+                momentum=float(momentum), weight_decay=float(weight_decay), batch_size=int(batch_size),
+                seed=int(seed), library_version=__version__)
+
+
+def student_network(meta: dict) -> FunctionalConvNet:
+    """The FunctionalConvNet whose flat parameters a buffer with this metadata holds."""
+    return FunctionalConvNet(meta["channels"], meta["num_classes"], im_size=tuple(meta["image_size"]),
+                             **meta["model_config"])
+
+
+class ExpertBuffer:
+    """Expert trajectories with their metadata; `buffer[i]` is expert i's (epochs + 1, P) tensor.
+
+    Folder-backed buffers (from `load_experts`) open an expert's file on first access,
+    memory-mapped, so only the snapshots actually read are paged in.
+    """
+
+    def __init__(self, meta: dict, *, trajectories: list | None = None, folder: str | None = None,
+                 files: list | None = None):
+        self.meta = meta
+        self.folder = folder
+        self._files = list(files or [])
+        self._trajectories = dict(enumerate(trajectories)) if trajectories is not None else {}
+        self._count = len(trajectories) if trajectories is not None else len(self._files)
+
+    def __len__(self) -> int:
+        return self._count
+
+    def __repr__(self) -> str:
+        where = f", folder={self.folder!r}" if self.folder else ""
+        return (f"ExpertBuffer({self._count} experts, {self.meta['epochs']} epochs, "
+                f"{self.meta['model']} on {self.meta['dataset']}{' (zca)' if self.meta['zca'] else ''}{where})")
+
+    @property
+    def num_epochs(self) -> int:
+        return int(self.meta["epochs"])
+
+    def network(self) -> FunctionalConvNet:
+        return student_network(self.meta)
+
+    def __getitem__(self, number: int) -> torch.Tensor:
+        if not -self._count <= number < self._count:
+            raise IndexError(f"expert {number} out of range: the buffer holds {self._count}")
+        number %= self._count
+        if number not in self._trajectories:
+            self._trajectories[number] = self._read(number)
+        return self._trajectories[number]
+
+    def _read(self, number: int) -> torch.Tensor:
+        path = os.path.join(self.folder, self._files[number])
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"expert file {path} listed in {os.path.join(self.folder, INDEX_FILE)} "
+                                    "is missing")
+        try:
+            content = torch.load(path, mmap=True, weights_only=True, map_location="cpu")
+        except Exception as error:
+            raise ValueError(f"expert file {path} is corrupt or truncated ({str(error).splitlines()[0]}); "
+                             "delete it and its entry will be retrained by running `condense experts` "
+                             "again with the same settings") from error
+        content = check_format(content, EXPERT_KIND, FORMAT_VERSION, path)
+        trajectory = content.get("trajectory")
+        expected = (self.num_epochs + 1, self.meta["num_params"])
+        if not isinstance(trajectory, torch.Tensor) or tuple(trajectory.shape) != expected:
+            found = tuple(trajectory.shape) if isinstance(trajectory, torch.Tensor) else type(trajectory).__name__
+            raise ValueError(f"expert file {path} holds a trajectory of shape {found}, expected {expected}")
+        if _without_provenance(content["meta"]) != _without_provenance(self.meta):
+            raise ValueError(f"expert file {path} was trained with other settings than its buffer index says")
+        return trajectory
+
+
+def _without_provenance(meta: dict) -> dict:
+    return {k: v for k, v in meta.items() if k not in _PROVENANCE_KEYS}
+
+
+def _read_index(folder: str) -> dict:
+    return load_versioned(os.path.join(folder, INDEX_FILE), INDEX_KIND, FORMAT_VERSION)
+
+
+def load_experts(path) -> ExpertBuffer:
+    """Open a buffer folder (or its index.pt): metadata now, trajectories lazily on access."""
+    path = os.fspath(path)
+    folder = os.path.dirname(path) if os.path.basename(path) == INDEX_FILE else path
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"no expert buffer at {path}: expected a folder written by "
+                                "`condense experts` / train_experts(out=...)")
+    if not os.path.exists(os.path.join(folder, INDEX_FILE)):
+        raise FileNotFoundError(f"{folder} has no {INDEX_FILE}: it is not an expert buffer "
+                                "(train one with `condense experts --out {folder}`)")
+    index = _read_index(folder)
+    if not index["experts"]:
+        raise ValueError(f"the expert buffer {folder} holds no finished expert yet")
+    return ExpertBuffer(index["meta"], folder=folder, files=index["experts"])
+
+
+def check_compatible(meta: dict, dataset, model, zca: bool) -> None:
+    """ValueError unless a buffer with this metadata fits `dataset`, `model` and ZCA use `zca`.
+
+    `model` is a ConvNet* name or a FunctionalConvNet. Trajectories only make sense for the
+    data and network they were trained on: the same data set, whitening, architecture, image
+    size and number of classes.
+    """
+    source = f"the expert buffer (trained on {meta['dataset']}{' with ZCA' if meta['zca'] else ''}, {meta['model']})"
+    if _dataset_key(meta["dataset"]) != _dataset_key(dataset.name):
+        raise ValueError(f"{source} does not fit data set {dataset.name!r}: it was trained on {meta['dataset']!r}")
+    if bool(meta["zca"]) != bool(zca):
+        if meta["zca"]:
+            raise ValueError(f"{source} was trained on ZCA-whitened images but the data here are not whitened; "
+                             "load the data with zca=True, or use a buffer trained without ZCA")
+        raise ValueError(f"{source} was trained without ZCA but the data here are ZCA-whitened; "
+                         "load the data without zca, or train a buffer on the whitened data")
+    if list(meta["image_size"]) != list(dataset.image_size) or meta["channels"] != dataset.channels:
+        raise ValueError(f"{source} expects {meta['channels']}×{'×'.join(map(str, meta['image_size']))} images, "
+                         f"the data set has {dataset.channels}×{'×'.join(map(str, dataset.image_size))}")
+    if meta["num_classes"] != dataset.num_classes:
+        raise ValueError(f"{source} has {meta['num_classes']} classes, the data set has {dataset.num_classes}")
+    if isinstance(model, FunctionalConvNet):
+        expected = dict(meta["model_config"], channel=meta["channels"], im_size=tuple(meta["image_size"]))
+        found = {k: model.config[k] for k in expected}
+        if found != expected or model.num_classes != meta["num_classes"]:
+            raise ValueError(f"{source} was trained with architecture {expected}, the student has {found}")
+    elif model != meta["model"] and convnet_config(model) != meta["model_config"]:
+        raise ValueError(f"{source} was trained with model {meta['model']!r}, not {model!r}")
+
+
+def train_expert(dataset, student: FunctionalConvNet, meta: dict, number: int, device) -> tuple:
+    """Train expert `number`; returns (trajectory (epochs + 1, P) on the CPU, mean loss per epoch)."""
+    generator = _expert_generator(meta["seed"], number)
+    init_seed = int(torch.randint(0, 2**62, (), generator=generator))
+    net = student.to_module(student.init_params(init_seed)).to(device)
+    optimizer = torch.optim.SGD(net.parameters(), lr=meta["lr"], momentum=meta["momentum"],
+                                weight_decay=meta["weight_decay"])
+    strategy, size = meta["augmentation"], tuple(meta["image_size"])
+    count = len(dataset)
+    snapshots = [student.flatten(net).cpu()]
+    epoch_losses = []
+    for _ in range(meta["epochs"]):
+        total = torch.zeros((), device=device)
+        for batch in torch.randperm(count, generator=generator).split(meta["batch_size"]):
+            batch = batch.to(device)
+            images = dataset.normalized(batch)
+            if strategy:
+                params = DSAParams.sample(len(batch), strategy, size=size, siamese=False, generator=generator,
+                                          device=device)
+                images = dsa(images, params)
+            loss = F.cross_entropy(net(images), dataset.labels[batch])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            total += loss.detach() * len(batch)
+        epoch_losses.append(float(total) / count)
+        snapshots.append(student.flatten(net).cpu())
+    return torch.stack(snapshots), epoch_losses
+
+
+def train_experts(dataset, num_experts: int, epochs: int, *, model: str = "ConvNet", lr: float = 0.01,
+                  momentum: float = 0.0, weight_decay: float = 0.0, batch_size: int = 256, dsa: bool = True,
+                  dsa_strategy: str | None = None, device=None, seed: int = 0, out=None,
+                  progress: bool = False) -> ExpertBuffer:
+    """Train `num_experts` experts for `epochs` epochs each (MTT's buffer.py recipe by default).
+
+    The data are used as given: a ZCA-whitened ImageDataset yields a ZCA buffer (recorded in
+    the metadata). With `out`, each expert is saved as soon as it is done and an existing
+    buffer there with the same settings is continued; without it the buffer stays in memory.
+    """
+    if isinstance(num_experts, bool) or not isinstance(num_experts, int) or num_experts < 1:
+        raise ValueError(f"num_experts must be a positive int, got {num_experts!r}")
+    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
+        raise ValueError(f"epochs must be a positive int, got {epochs!r}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    strategy = (dsa_strategy or default_strategy(dataset.name)) if dsa else None
+    meta = buffer_meta(dataset, model, epochs=epochs, lr=lr, momentum=momentum, weight_decay=weight_decay,
+                       batch_size=batch_size, strategy=strategy, seed=seed)
+    student = student_network(meta)
+    files = _resume_files(out, meta) if out is not None else []
+    trajectories = []
+    resident = dataset.to(device)
+    for number in range(len(files) if out is not None else 0, num_experts):
+        began = time.perf_counter()
+        trajectory, losses = train_expert(resident, student, meta, number, device)
+        if out is None:
+            trajectories.append(trajectory)
+        else:
+            name = expert_file_name(number)
+            atomic_save({"format": EXPERT_KIND, "format_version": FORMAT_VERSION, "meta": meta, "number": number,
+                         "epoch_losses": losses, "trajectory": trajectory}, os.path.join(out, name))
+            files.append(name)
+            atomic_save({"format": INDEX_KIND, "format_version": FORMAT_VERSION, "meta": meta, "experts": files},
+                        os.path.join(out, INDEX_FILE))
+        if progress:
+            print(f"expert {number + 1}/{num_experts}: final train loss {losses[-1]:.4f} "
+                  f"({time.perf_counter() - began:.1f} s)", flush=True)
+    if out is None:
+        return ExpertBuffer(meta, trajectories=trajectories)
+    return load_experts(out)
+
+
+def _resume_files(folder, meta: dict) -> list:
+    """The finished experts of an existing buffer in `folder` with the same settings (else [])."""
+    folder = os.fspath(folder)
+    if not os.path.exists(os.path.join(folder, INDEX_FILE)):
+        return []
+    index = _read_index(folder)
+    if _without_provenance(index["meta"]) != _without_provenance(meta):
+        changed = sorted(k for k in set(meta) | set(index["meta"])
+                         if k not in _PROVENANCE_KEYS and index["meta"].get(k) != meta.get(k))
+        raise ValueError(f"{folder} already holds an expert buffer trained with other settings "
+                         f"(differing: {', '.join(changed)}); choose another folder")
+    return list(index["experts"])
+
+
+def add_experts_command(subparsers) -> argparse.ArgumentParser:
+    """Add `condense experts` (train an expert-trajectory buffer) to the CLI's subparsers."""
+    p = subparsers.add_parser(
+        "experts", help="train expert trajectories for trajectory matching (mtt, tesla, datm)",
+        description="Train ConvNet experts on the whole training split with SGD and DSA, saving every "
+        "epoch's parameters (MTT's buffer.py). Re-running with the same --out continues an interrupted run.")
+    p.add_argument("--dataset", required=True, help="data set name (see `condense datasets list`)")
+    p.add_argument("--root", default=None, help="folder (or file) holding the data set's files")
+    p.add_argument("--num-experts", type=int, default=100, help="experts to train (100)")
+    p.add_argument("--epochs", type=int, default=50, help="epochs per expert (50; DATM uses 100)")
+    p.add_argument("--model", default="ConvNet", help="ConvNet variant (ConvNet; ConvNetD4 for 64 px)")
+    p.add_argument("--lr", type=float, default=0.01, help="expert SGD learning rate (0.01)")
+    p.add_argument("--momentum", type=float, default=0.0)
+    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--zca", action="store_true", help="ZCA-whiten the data first (a ZCA buffer)")
+    p.add_argument("--no-dsa", action="store_true", help="train without DSA augmentation")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True, help="buffer folder to write")
+    return p
+
+
+def run_experts_command(args) -> int:
+    """Run `condense experts`: train (or continue) the buffer and print where it is."""
+    from condense_engine import datasets
+
+    train = datasets.load(args.dataset, root=args.root, split="train", zca=True if args.zca else None)
+    buffer = train_experts(train, args.num_experts, args.epochs, model=args.model, lr=args.lr,
+                           momentum=args.momentum, weight_decay=args.weight_decay, batch_size=args.batch_size,
+                           dsa=not args.no_dsa, device=args.device, seed=args.seed, out=args.out, progress=True)
+    print(f"{buffer}", flush=True)
+    return 0

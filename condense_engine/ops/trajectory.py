@@ -1,0 +1,110 @@
+"""ops.trajectory_match: the trajectory-matching loss and its gradients (SPEC §7).
+
+See `condense_engine.reference.trajectory` for the three memory modes ("unrolled", "exact",
+"tesla") and the exact definition of each gradient. This layer validates the inputs (a
+ValueError names the argument) and dispatches; only the PyTorch implementation exists, because
+the work is convolutions and their double backward, which cuDNN/cuBLAS already run.
+"""
+import torch
+
+from condense_engine.ops._backend import choose
+from condense_engine.ops.dsa import DSAParams, dsa
+from condense_engine.reference import trajectory as reference
+from condense_engine.reference.trajectory import TrajectoryResult, schedule
+
+MEMORY_MODES = ("unrolled", "exact", "tesla")
+
+__all__ = ["MEMORY_MODES", "TrajectoryResult", "dsa_augment", "schedule", "trajectory_match"]
+
+
+def dsa_augment(strategy: str):
+    """An `augment` callable for trajectory_match: non-Siamese DSA (per-sample parameters) as MTT
+    applies it to every student minibatch, with the parameters drawn from the step's seed."""
+    def augment(x: torch.Tensor, step_seed: int) -> torch.Tensor:
+        params = DSAParams.sample(x.shape[0], strategy, size=tuple(x.shape[2:]), siamese=False,
+                                  seed=int(step_seed), device=x.device)
+        return dsa(x, params)
+    return augment
+
+
+def trajectory_match(images, labels, lr, start, target, model, *, steps, batch_size, memory="unrolled",
+                     augment=None, seed=0, backend=None) -> TrajectoryResult:
+    """Run `steps` student SGD steps from `start` on the synthetic set; match `target`.
+
+    images: float (N, C, H, W) synthetic images; labels: int64 class indices (N,) or float soft
+    targets (N, K) (probabilities; their gradient is returned when they require grad); lr: the
+    student learning rate, a 0-dim float tensor (or a float); start/target: flat parameter vectors
+    of `model` (anything with `forward(x, flat_params)`). Minibatches of `batch_size` (capped at N)
+    follow a permutation order drawn from `seed`; `augment(x, step_seed)` is applied per step.
+    Returns loss = ‖θ_steps − target‖² / ‖start − target‖² with grad_images, grad_lr (and
+    grad_labels). `memory` picks "unrolled", "exact" or "tesla" (see the reference module).
+    """
+    if not isinstance(images, torch.Tensor) or images.dim() != 4 or not images.is_floating_point():
+        raise ValueError(f"images must be a float (N, C, H, W) tensor, got {_describe(images)}")
+    count = images.shape[0]
+    if count < 1:
+        raise ValueError("images must hold at least one image")
+    _check_labels(labels, count, images)
+    if not isinstance(start, torch.Tensor) or start.dim() != 1 or not start.is_floating_point():
+        raise ValueError(f"start must be a float flat parameter vector (P,), got {_describe(start)}")
+    if not isinstance(target, torch.Tensor) or target.shape != start.shape or target.dtype != start.dtype:
+        raise ValueError(f"target must match start ({start.dtype} {tuple(start.shape)}), got {_describe(target)}")
+    expected = getattr(model, "num_params", None)
+    if not callable(getattr(model, "forward", None)):
+        raise ValueError(f"model must expose forward(x, flat_params), got {type(model).__name__}")
+    if expected is not None and start.numel() != expected:
+        raise ValueError(f"start has {start.numel()} values but model has {expected} parameters")
+    for name, tensor in (("start", start), ("target", target)):
+        if tensor.device != images.device:
+            raise ValueError(f"{name} is on {tensor.device} but images are on {images.device}")
+    if images.dtype != start.dtype:
+        raise ValueError(f"images ({images.dtype}) and start ({start.dtype}) must share a dtype")
+    lr = _check_lr(lr, start)
+    for name, value in (("steps", steps), ("batch_size", batch_size)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    if memory not in MEMORY_MODES:
+        raise ValueError(f"memory must be one of {MEMORY_MODES}, got {memory!r}")
+    if augment is not None and not callable(augment):
+        raise ValueError(f"augment must be None or a callable (x, step_seed), "
+                         f"got {type(augment).__name__}")
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ValueError(f"seed must be an int, got {seed!r}")
+    if not bool((start != target).any()):
+        raise ValueError("start and target are identical: the normalised loss ‖θ − target‖²/‖start − target‖² "
+                         "is undefined")
+    choose("trajectory_match", backend, images.device, ("torch",))
+    return reference.trajectory_match(images, labels, lr, start, target, model, steps=steps,
+                                      batch_size=min(batch_size, count), memory=memory, augment=augment,
+                                      seed=seed)
+
+
+def _check_labels(labels, count: int, images: torch.Tensor) -> None:
+    if not isinstance(labels, torch.Tensor):
+        raise ValueError(f"labels must be a tensor, got {type(labels).__name__}")
+    hard = labels.dim() == 1 and labels.dtype == torch.int64
+    soft = labels.dim() == 2 and labels.is_floating_point()
+    if not (hard or soft) or labels.shape[0] != count:
+        raise ValueError(f"labels must be int64 class indices ({count},) or float soft targets "
+                         f"({count}, K), got {_describe(labels)}")
+    if soft and labels.dtype != images.dtype:
+        raise ValueError(f"soft labels ({labels.dtype}) and images ({images.dtype}) must share a dtype")
+    if labels.device != images.device:
+        raise ValueError(f"labels are on {labels.device} but images are on {images.device}")
+
+
+def _check_lr(lr, start: torch.Tensor) -> torch.Tensor:
+    """The lr as a 0-dim tensor in start's dtype and device; ValueError unless finite scalar."""
+    if isinstance(lr, (int, float)) and not isinstance(lr, bool):
+        lr = torch.tensor(float(lr))
+    if not isinstance(lr, torch.Tensor) or lr.dim() != 0 or not lr.is_floating_point():
+        raise ValueError(f"lr must be a 0-dim float tensor or a float, got {_describe(lr)}")
+    if not torch.isfinite(lr.detach()).item():
+        raise ValueError(f"lr must be finite, got {lr.item()}")
+    return lr.detach().to(device=start.device, dtype=start.dtype)
+
+
+def _describe(value) -> str:
+    if isinstance(value, torch.Tensor):
+        return f"{value.dtype} tensor of shape {tuple(value.shape)}"
+    return type(value).__name__

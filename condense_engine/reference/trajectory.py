@@ -1,0 +1,146 @@
+"""Pure-PyTorch trajectory matching (SPEC §7): the student's unrolled SGD steps and their gradient.
+
+The student starts at an expert snapshot θ_0 and takes N plain SGD steps on synthetic minibatches,
+θ_{k+1} = θ_k − α·g_k with g_k = ∇_θ CE(f(aug_k(x[B_k]); θ_k), y[B_k]). The loss is
+L = ‖θ_N − θ*‖² / ‖θ_0 − θ*‖². Three ways to get dL/dx, dL/dα (and dL/dy for soft labels):
+
+- "unrolled": autograd through the whole unrolled graph (published MTT); memory grows with N.
+- "exact": reverse-mode by hand. The forward keeps only θ_0 … θ_{N−1}; the reverse sweep carries
+  the adjoint a_k = dL/dθ_k backwards, recomputing one step's graph at a time:
+      a_N = 2(θ_N − θ*)/D,   a_k = a_{k+1} − α·H_k a_{k+1}   (H_k = ∇²_θ CE at step k),
+      dL/dα += −g_k·a_{k+1},  dL/dx[B_k] += −α·(∂g_k/∂x)ᵀ a_{k+1}   (likewise dL/dy).
+  One double-backward per step gives H_k a_{k+1} and the input vector-Jacobian products together,
+  so activation memory is that of one step, whatever N is; the result equals "unrolled".
+- "tesla": TESLA's constant-memory scheme (Cui et al., ICML 2023) as its code computes it. With
+  G = Σ_k g_k, θ_N = θ_0 − α·G, and each g_k is differentiated only through its own batch,
+  holding θ_k fixed: dL/dx[B_k] = (2/D)·(α(θ* − θ_0) + α²G)·∂g_k/∂x, i.e. every step uses the
+  final adjoint a_N (the exact recursion without the −α·H_k a_{k+1} terms). This drops how
+  earlier batches move the parameters that later gradients are taken at; it equals "unrolled"
+  for N = 1 and differs for N > 1. dL/dα = −2 G·(θ_N − θ*)/D, with G held constant.
+
+The minibatch order (a random permutation, consumed in chunks of `batch_size` and redrawn when
+used up, as in MTT) and one augmentation seed per step are drawn from `seed` before any step runs,
+so every mode sees identical batches and identical augmentations.
+"""
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class TrajectoryResult:
+    """The matching loss and its gradients w.r.t. the images, the student lr and soft labels."""
+
+    loss: torch.Tensor
+    grad_images: torch.Tensor
+    grad_lr: torch.Tensor
+    grad_labels: torch.Tensor | None = None
+
+
+def schedule(num_images: int, steps: int, batch_size: int, seed: int) -> tuple[list, list]:
+    """(index chunks, augmentation seeds): one minibatch of row indices and one seed per step.
+
+    Drawn on the CPU from `seed` alone, so the schedule is the same on every device and in every
+    memory mode.
+    """
+    generator = torch.Generator().manual_seed(int(seed))
+    step_seeds = torch.randint(0, 2**31 - 1, (steps,), generator=generator).tolist()
+    chunks: list = []
+    batches = []
+    for _ in range(steps):
+        if not chunks:
+            chunks = list(torch.randperm(num_images, generator=generator).split(batch_size))
+        batches.append(chunks.pop(0))
+    return batches, step_seeds
+
+
+def _student_loss(model, images, labels, params, augment, step_seed):
+    """Cross-entropy of the student on one (augmented) minibatch; soft labels are probabilities."""
+    if augment is not None:
+        images = augment(images, step_seed)
+    return F.cross_entropy(model.forward(images, params), labels)
+
+
+def _step_gradient(model, images, labels, params, augment, step_seed, create_graph):
+    """g = ∇_θ CE at `params` (a leaf requiring grad), optionally keeping its graph."""
+    loss = _student_loss(model, images, labels, params, augment, step_seed)
+    return torch.autograd.grad(loss, params, create_graph=create_graph)[0]
+
+
+def trajectory_match(images, labels, lr, start, target, model, *, steps, batch_size,
+                     memory="unrolled", augment=None, seed=0) -> TrajectoryResult:
+    """Trajectory-matching loss and gradients (inputs already validated by ops.trajectory_match)."""
+    batches, step_seeds = schedule(images.shape[0], steps, batch_size, seed)
+    device = images.device
+    batches = [batch.to(device) for batch in batches]
+    want_labels = labels.is_floating_point() and labels.requires_grad
+    start, target = start.detach(), target.detach()
+    initial_distance = (start - target).pow(2).sum()
+    inputs = (images.detach(), labels.detach(), lr.detach(), start, target, initial_distance, model,
+              batches, step_seeds, augment, want_labels)
+    if memory == "unrolled":
+        return _unrolled(*inputs)
+    return _adjoint(*inputs, exact=memory == "exact")
+
+
+def _unrolled(images, labels, lr, start, target, initial_distance, model, batches, step_seeds, augment,
+              want_labels):
+    """Autograd through every step (the published MTT computation)."""
+    with torch.enable_grad():
+        images = images.requires_grad_(True)
+        lr = lr.requires_grad_(True)
+        labels = labels.requires_grad_(want_labels)
+        params = start.clone().requires_grad_(True)
+        for batch, step_seed in zip(batches, step_seeds):
+            grad = _step_gradient(model, images[batch], labels[batch], params, augment, step_seed, True)
+            params = params - lr * grad
+        loss = (params - target).pow(2).sum() / initial_distance
+        inputs = [images, lr] + ([labels] if want_labels else [])
+        grads = torch.autograd.grad(loss, inputs)
+    return TrajectoryResult(loss.detach(), grads[0], grads[1], grads[2] if want_labels else None)
+
+
+def _adjoint(images, labels, lr, start, target, initial_distance, model, batches, step_seeds, augment,
+             want_labels, exact):
+    """The "exact" (`exact=True`) and "tesla" modes: a graph-free forward, then one step's graph at a time."""
+    visited = []             # θ_0 … θ_{N−1}: the only per-step state kept
+    gradient_sum = torch.zeros_like(start)
+    params = start
+    with torch.enable_grad():
+        for batch, step_seed in zip(batches, step_seeds):
+            visited.append(params)
+            leaf = params.detach().requires_grad_(True)
+            grad = _step_gradient(model, images[batch], labels[batch], leaf, augment, step_seed, False)
+            gradient_sum += grad
+            params = params - lr * grad
+    loss = (params - target).pow(2).sum() / initial_distance
+    adjoint = 2.0 * (params - target) / initial_distance      # a_N = dL/dθ_N
+    grad_lr = torch.zeros_like(lr) if exact else -(gradient_sum * adjoint).sum()
+    grad_images = torch.zeros_like(images)
+    grad_labels = torch.zeros_like(labels) if want_labels else None
+    for k in reversed(range(len(batches))):
+        batch = batches[k]
+        step_grad, products = _vector_products(model, images[batch], labels[batch], visited[k], augment,
+                                               step_seeds[k], adjoint, want_labels, exact)
+        grad_images.index_add_(0, batch, -lr * products[0])
+        if want_labels:
+            grad_labels.index_add_(0, batch, -lr * products[1])
+        if exact:
+            grad_lr = grad_lr - (step_grad * adjoint).sum()
+            adjoint = adjoint - lr * products[-1]          # a_k = a_{k+1} − α·H_k a_{k+1}
+    return TrajectoryResult(loss, grad_images, grad_lr, grad_labels)
+
+
+def _vector_products(model, images, labels, params, augment, step_seed, adjoint, want_labels, with_hessian):
+    """Recompute one step's gradient g at `params` and return (g, products) where products are
+    (∂g/∂x)ᵀa, then (∂g/∂y)ᵀa when `want_labels`, then H·a when `with_hessian`, from one double
+    backward. The step's graph is freed on return, so only one step's activations ever live."""
+    with torch.enable_grad():
+        leaf = params.detach().requires_grad_(True)
+        images = images.requires_grad_(True)
+        labels = labels.requires_grad_(want_labels)
+        grad = _step_gradient(model, images, labels, leaf, augment, step_seed, True)
+        inputs = [images] + ([labels] if want_labels else []) + ([leaf] if with_hessian else [])
+        products = torch.autograd.grad(grad, inputs, grad_outputs=adjoint)
+    return grad.detach(), products

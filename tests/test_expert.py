@@ -1,0 +1,131 @@
+"""Expert buffers: training records every epoch, files round-trip and load lazily, an interrupted
+run continues to the same result, damaged files and mismatched buffers give clear errors."""
+import argparse
+import os
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+
+from condense_engine.datasets import from_tensors
+from condense_engine.expert import (INDEX_FILE, add_experts_command, check_compatible, expert_file_name,
+                                    load_experts, run_experts_command, train_experts)
+from condense_engine.models import FunctionalConvNet
+
+SETTINGS = dict(model="ConvNetD1", batch_size=16, device="cpu")
+
+
+
+
+def _toy(name="toy", classes=4, per_class=8, size=8):
+    generator = torch.Generator().manual_seed(0)
+    labels = torch.arange(classes).repeat(per_class)
+    images = torch.randint(0, 256, (classes * per_class, 3, size, size), dtype=torch.uint8, generator=generator)
+    return from_tensors(images, labels, name=name)
+
+
+def test_train_save_load_round_trip(tmp_path):
+    data = _toy()
+    buffer = train_experts(data, 2, 3, out=tmp_path, seed=1, **SETTINGS)
+    assert sorted(os.listdir(tmp_path)) == [expert_file_name(0), expert_file_name(1), INDEX_FILE]
+    loaded = load_experts(tmp_path)
+    student = FunctionalConvNet(3, 4, depth=1, im_size=(8, 8))
+    assert len(loaded) == 2 and loaded.num_epochs == 3
+    assert loaded[0].shape == (4, student.num_params)          # epoch 0 (init) … epoch 3
+    assert not torch.equal(loaded[0][0], loaded[0][1])          # training moved the weights
+    assert not torch.equal(loaded[0][0], loaded[1][0])          # experts start from different inits
+    meta = loaded.meta
+    assert meta["dataset"] == "toy" and meta["zca"] is False and meta["model"] == "ConvNetD1"
+    assert meta["image_size"] == [8, 8] and meta["num_classes"] == 4 and meta["epochs"] == 3
+    assert meta["lr"] == 0.01 and meta["momentum"] == 0.0 and meta["seed"] == 1
+    assert meta["augmentation"] == "color_crop_cutout_flip_scale_rotate" and "library_version" in meta
+    assert loaded.network().num_params == student.num_params
+    in_memory = train_experts(data, 2, 3, seed=1, **SETTINGS)
+    assert all(torch.equal(in_memory[i], loaded[i]) for i in range(2))
+    assert torch.equal(buffer[1], loaded[1])
+
+
+def test_the_training_loss_falls_along_the_trajectory():
+    data = _toy()
+    without_dsa = train_experts(data, 1, 4, dsa=False, seed=3, **SETTINGS)
+    assert without_dsa.meta["augmentation"] is None
+    student = without_dsa.network()
+    trajectory = without_dsa[0]
+    images, labels = data.normalized(), data.labels
+    losses = [torch.nn.functional.cross_entropy(student.forward(images, params), labels) for params in trajectory]
+    assert losses[-1] < losses[0]
+
+
+def test_loading_is_lazy_and_a_truncated_expert_gives_a_clear_error(tmp_path):
+    train_experts(_toy(), 2, 2, out=tmp_path, **SETTINGS)
+    damaged = tmp_path / expert_file_name(1)
+    damaged.write_bytes(damaged.read_bytes()[:200])
+    buffer = load_experts(tmp_path)        # the index alone: the damaged file is not read yet
+    assert len(buffer) == 2
+    assert buffer[0].shape[0] == 3
+    with pytest.raises(ValueError, match=f"{expert_file_name(1)} is corrupt or truncated"):
+        buffer[1]
+
+
+def test_interrupted_training_continues_to_the_same_buffer(tmp_path):
+    data = _toy()
+    train_experts(data, 1, 2, out=tmp_path, **SETTINGS)
+    first = (tmp_path / expert_file_name(0)).stat().st_mtime_ns
+    continued = train_experts(data, 2, 2, out=tmp_path, **SETTINGS)
+    assert (tmp_path / expert_file_name(0)).stat().st_mtime_ns == first      # not retrained
+    uninterrupted = train_experts(data, 2, 2, **SETTINGS)
+    assert torch.equal(continued[1], uninterrupted[1])
+    with pytest.raises(ValueError, match="other settings.*lr"):
+        train_experts(data, 3, 2, out=tmp_path, lr=0.1, **SETTINGS)
+
+
+def test_missing_buffer_and_missing_index_are_reported(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no expert buffer"):
+        load_experts(tmp_path / "nowhere")
+    with pytest.raises(FileNotFoundError, match=INDEX_FILE):
+        load_experts(tmp_path)
+
+
+def test_check_compatible_names_what_differs():
+    data = _toy()
+    meta = train_experts(data, 1, 1, **SETTINGS).meta
+    check_compatible(meta, data, "ConvNetD1", zca=False)
+    check_compatible(meta, data, FunctionalConvNet(3, 4, depth=1, im_size=(8, 8)), zca=False)
+    with pytest.raises(ValueError, match="trained without ZCA"):
+        check_compatible(meta, data, "ConvNetD1", zca=True)
+    with pytest.raises(ValueError, match="ZCA-whitened images but the data here are not"):
+        check_compatible(dict(meta, zca=True), data, "ConvNetD1", zca=False)
+    with pytest.raises(ValueError, match="'cifar10'"):
+        check_compatible(meta, replace(data, name="cifar10"), "ConvNetD1", zca=False)
+    with pytest.raises(ValueError, match="model 'ConvNetD1', not 'ConvNet'"):
+        check_compatible(meta, data, "ConvNet", zca=False)
+    with pytest.raises(ValueError, match="architecture"):
+        check_compatible(meta, data, FunctionalConvNet(3, 4, width=8, depth=1, im_size=(8, 8)), zca=False)
+    with pytest.raises(ValueError, match="3×16×16"):
+        check_compatible(meta, _toy(size=16), "ConvNetD1", zca=False)
+    with pytest.raises(ValueError, match="4 classes, the data set has 5"):
+        check_compatible(meta, _toy(classes=5), "ConvNetD1", zca=False)
+
+
+def test_invalid_arguments_are_refused():
+    with pytest.raises(ValueError, match="num_experts"):
+        train_experts(_toy(), 0, 2, **SETTINGS)
+    with pytest.raises(ValueError, match="epochs"):
+        train_experts(_toy(), 1, 0, **SETTINGS)
+
+
+def test_experts_command_trains_a_buffer(tmp_path, capsys):
+    data = _toy()
+    npz = tmp_path / "toy.npz"
+    np.savez(npz, images=data.images.numpy(), labels=data.labels.numpy())
+    parser = argparse.ArgumentParser()
+    add_experts_command(parser.add_subparsers(dest="command"))
+    out = tmp_path / "buffer"
+    args = parser.parse_args(["experts", "--dataset", "npz", "--root", str(npz), "--num-experts", "1",
+                              "--epochs", "1", "--model", "ConvNetD1", "--batch-size", "16", "--device", "cpu",
+                              "--out", str(out)])
+    assert run_experts_command(args) == 0
+    buffer = load_experts(out)
+    assert len(buffer) == 1 and buffer.meta["epochs"] == 1 and buffer.meta["batch_size"] == 16
+    assert "expert 1/1" in capsys.readouterr().out
