@@ -4,6 +4,7 @@
     condense distill --dataset default --method dm --ipc 10 --out out/dm --evaluate --baseline
     condense evaluate out/dm/synset.pt --dataset mnist --root data/mnist --repeats 5
     condense show out/dm/synset.pt --out grid.png
+    condense experts --dataset mnist --root data/mnist --num-experts 10 --out runs/experts
 """
 import argparse
 import ast
@@ -11,6 +12,8 @@ import json
 import os
 import sys
 import time
+
+from condense_engine.expert import add_experts_command, run_experts_command
 
 
 def _option(text: str):
@@ -71,6 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="write the report as JSON here")
     _add_eval_args(p, epochs=1000, repeats=5)
+
+    add_experts_command(sub)
 
     p = sub.add_parser("show", help="write a PNG grid of a saved synthetic set (one row per class)")
     p.add_argument("synset")
@@ -183,7 +188,8 @@ def cmd_datasets(args) -> int:
     return 0 if report.get("ok", True) else 1
 
 
-COMMANDS = {"distill": cmd_distill, "evaluate": cmd_evaluate, "show": cmd_show, "datasets": cmd_datasets}
+COMMANDS = {"distill": cmd_distill, "evaluate": cmd_evaluate, "show": cmd_show, "datasets": cmd_datasets,
+            "experts": run_experts_command}
 
 
 def main(argv=None) -> int:

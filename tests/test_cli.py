@@ -55,3 +55,13 @@ def test_errors_are_one_line_and_exit_2(tmp_path, capsys):
 def test_bad_option_syntax():
     with pytest.raises(SystemExit):
         main(["distill", "--set", "novalue"])
+
+
+def test_experts_command_trains_a_buffer(tmp_path):
+    out = tmp_path / "experts"
+    assert main(["experts", "--dataset", "default", "--num-experts", "1", "--epochs", "1", "--model", "ConvNetD1",
+                 "--device", "cpu", "--out", str(out)]) == 0
+    from condense_engine.expert import load_experts
+
+    buffer = load_experts(str(out))
+    assert len(buffer) == 1

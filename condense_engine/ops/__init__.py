@@ -6,6 +6,7 @@ from condense_engine.ops._backend import set_backend
 from condense_engine.ops.dsa import DSAParams, default_strategy, dsa
 from condense_engine.ops.gather import gather_normalize
 from condense_engine.ops.mmd import mmd
-from condense_engine.ops.trajectory import trajectory_match  # noqa: F401
+from condense_engine.ops.trajectory import trajectory_match
 
-__all__ = ["set_backend", "gather_normalize", "dsa", "DSAParams", "default_strategy", "mmd"]
+__all__ = ["set_backend", "gather_normalize", "dsa", "DSAParams", "default_strategy", "mmd",
+           "trajectory_match"]
