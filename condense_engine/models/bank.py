@@ -5,6 +5,10 @@ The first conv is a plain conv with k·width outputs on the shared input; later 
 with groups=k, and the per-channel norms become one norm over k·width channels (instance norm:
 GroupNorm(k·w, k·w); group norm: GroupNorm(4k, k·w); batch norm: BatchNorm2d(k·w)), which keeps
 the nets independent. Layer norm normalises each net's (C, H, W) slice separately.
+
+With instance or group norm and average pooling (or none), each block's norm → act → pool runs
+as one `ops.embed_epilogue` call: the fused Triton kernel on CUDA, and on other devices the
+torch reference, which computes exactly what the modules do.
 """
 import math
 from collections.abc import Iterator, Sequence
@@ -16,6 +20,11 @@ from torch import nn
 from condense_engine.models.convnet import ConvNet, block_shapes, convnet_block, first_padding
 from condense_engine.models.layers import (ACTIVATIONS, GROUPNORM_GROUPS, NORMS, check_choice,
                                            make_norm)
+from condense_engine.ops import embed as epilogue_op
+
+# Blocks whose norm → act → pool the fused epilogue covers (every activation is supported).
+FUSED_NORMS = ("instancenorm", "groupnorm")
+FUSED_POOLS = ("avgpool", "none")
 
 
 class StackedLayerNorm(nn.Module):
@@ -77,12 +86,13 @@ class ConvNetBank(nn.Module):
     `embed(x)` maps (n, C, H, W) to (k, n, d) and equals stacking the k nets' `ConvNet.embed(x)`.
     Weights follow PyTorch's default init per net (U(±1/sqrt(fan_in)) for conv weights and biases,
     ones/zeros for norms), drawn from `generator` so a seeded generator gives the same bank.
+    `epilogue_backend` forces the fused epilogue's backend (None: automatic; see embed).
     """
 
     def __init__(self, k: int, channel: int, width: int = 128, depth: int = 3,
                  norm: str = "instancenorm", act: str = "relu", pool: str = "avgpool",
                  im_size: tuple[int, int] = (32, 32), generator: torch.Generator | None = None,
-                 device=None, dtype=None):
+                 device=None, dtype=None, epilogue_backend: str | None = None):
         super().__init__()
         if k < 1:
             raise ValueError(f"k must be at least 1, got {k}")
@@ -92,6 +102,8 @@ class ConvNetBank(nn.Module):
         self.config = dict(channel=channel, width=width, depth=depth, norm=norm, act=act,
                            pool=pool, im_size=tuple(im_size))
         shapes = block_shapes(channel, width, depth, pool, tuple(im_size))
+        self.fused_epilogue = norm in FUSED_NORMS and pool in FUSED_POOLS
+        self.epilogue_backend = epilogue_backend
         device = torch.get_default_device() if device is None else device
         blocks = []
         for d in range(depth):
@@ -152,8 +164,20 @@ class ConvNetBank(nn.Module):
                         yield per_net(stacked, self.k, index), net_tensors[name]
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
-        """Features of every net for the batch x (n, C, H, W), shape (k, n, d)."""
-        features = self.features(x)
+        """Features of every net for the batch x (n, C, H, W), shape (k, n, d).
+
+        Blocks with instance/group norm and average or no pooling run conv, then the fused
+        norm → act → pool epilogue; the others run their modules in order.
+        """
+        if not self.fused_epilogue:
+            features = self.features(x)
+        else:
+            features = x
+            for block in self.features:
+                features = epilogue_op.embed_epilogue(
+                    block.conv(features), block.norm.weight, block.norm.bias,
+                    groups=block.norm.num_groups, eps=block.norm.eps, act=self.config["act"],
+                    pool=self.config["pool"], backend=self.epilogue_backend)
         return features.reshape(x.shape[0], self.k, self.feature_dim).transpose(0, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -4,9 +4,10 @@ See SPEC §1: every op takes `backend=`; `set_backend()` or CONDENSE_BACKEND for
 """
 from condense_engine.ops._backend import set_backend
 from condense_engine.ops.dsa import DSAParams, default_strategy, dsa
+from condense_engine.ops.embed import embed_epilogue
 from condense_engine.ops.gather import gather_normalize
 from condense_engine.ops.mmd import mmd
 from condense_engine.ops.trajectory import trajectory_match
 
 __all__ = ["set_backend", "gather_normalize", "dsa", "DSAParams", "default_strategy", "mmd",
-           "trajectory_match"]
+           "trajectory_match", "embed_epilogue"]

@@ -1,0 +1,220 @@
+"""Benchmark of the DM iteration's embedding work: k random ConvNets (instance norm, ReLU, average
+pool) applied to one iteration's real and synthetic images.
+
+    python -m bench.embed [--quick] [--out PATH] [--dtype fp32|bf16] [--no-compile]
+                          [--cases NAME ...]
+
+One step = forward of the real images without gradients, then forward and backward of the
+synthetic images to the images (the nets are frozen, as in DM), with DM's mean-embedding loss
+Σ_k ‖mean real − mean syn‖² between them. Implementations, on the same weights and inputs:
+  ours     ConvNetBank: all k nets in one pass (grouped convs) with the fused Triton
+           norm → ReLU → pool epilogue (ops.embed_epilogue)
+  eager    a Python loop over k separate ConvNets
+  compile  torch.compile of that loop
+plus an ablation row (impl "ours", note "ablation") of the bank with the torch epilogue, which
+separates the gain of batching the nets from the gain of the fused epilogue.
+
+FLOPs count the convolutions only (norm, activation and pooling are < 2 %), per image and net
+F = Σ_layers 2 · H_out · W_out · C_out · C_in · 9, so a step costs
+    k · F · (n_real + 2 · n_syn)
+since the backward to the input of a frozen net costs one more forward's worth (no weight
+gradients). TFLOP/s is that count over the step time; pct_of_peak compares it with the TF32
+tensor-core peak for fp32 (cuDNN runs fp32 convolutions in TF32 by default) or bf16's.
+
+The "epilogue" cases time ops.embed_epilogue alone on one layer's conv output (n, C, H, W)
+against the torch modules (eager and compiled), forward and forward+backward; their GB/s count
+the least traffic any implementation needs (e = bytes per element, N = n·C·H·W):
+    fwd      1.25 · N · e        read x, write the pooled output
+    fwd+bwd  3.5 · N · e         the forward, then read x and the pooled gradient, write dx
+
+--quick runs tiny shapes on the CPU (Triton in its interpreter, torch.compile skipped) as a
+smoke test for CI; its times say nothing about speed.
+"""
+import argparse
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    # Must be set before condense_engine.kernels decorates its Triton kernels.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from bench import common  # noqa: E402
+from condense_engine import ops  # noqa: E402
+from condense_engine.models import ConvNetBank  # noqa: E402
+from condense_engine.reference import embed as reference  # noqa: E402
+
+# (name, k, width, depth, image side, n_real, n_syn): CIFAR-10 DM at IPC 50 (10 classes × 256
+# real + 50 synthetic) and TinyImageNet-sized images.
+FULL_NETWORK_CASES = [
+    (f"dm_cifar10_ipc50_k{k}", k, 128, 3, 32, 2560, 500) for k in (1, 4, 8)
+] + [
+    (f"tiny64_n2048_k{k}", k, 128, 3, 64, 1792, 256) for k in (1, 4, 8)
+]
+QUICK_NETWORK_CASES = [("quick_k3_w8_s8", 3, 8, 2, 8, 6, 4), ("quick_k1_w8_s10", 1, 8, 2, 10, 5, 3)]
+# (name, n, C, H, W): one layer's conv output; the first layer of DM's synthetic half at k = 4.
+FULL_EPILOGUE_CASES = [("epilogue_n500_c512_s32", 500, 512, 32, 32),
+                       ("epilogue_n500_c512_s8", 500, 512, 8, 8)]
+QUICK_EPILOGUE_CASES = [("quick_epilogue_n3_c8_s7", 3, 8, 7, 7)]
+MODES = ("fwd", "fwd+bwd")
+
+
+def conv_flops_per_image(channel: int, width: int, depth: int, side: int) -> float:
+    """F: the convolution FLOPs of one ConvNet (3×3, padding 1, 2×2 pools) on one image."""
+    total, in_channels = 0.0, channel
+    for _ in range(depth):
+        total += 2.0 * side * side * width * in_channels * 9
+        in_channels, side = width, side // 2
+    return total
+
+
+def dm_loss(real_features: torch.Tensor, syn_features: torch.Tensor) -> torch.Tensor:
+    """DM's loss on (k, n, d) features: squared distance of the mean embeddings, summed over k."""
+    return (real_features.mean(1) - syn_features.mean(1)).float().square().sum()
+
+
+def embedding_function(impl: str, bank: ConvNetBank, nets):
+    """x → (k, n, d) features for one implementation."""
+    if impl == "ours":
+        return bank.embed
+
+    def loop(x):
+        return torch.stack([net.embed(x) for net in nets])
+
+    return loop if impl == "eager" else torch.compile(loop)
+
+
+def measure_network(case, impl: str, device, dtype, peaks, compile_note, ablation=False):
+    """One row for a network case: the time, TFLOP/s and peak memory of one DM step."""
+    name, k, width, depth, side, n_real, n_syn = case
+    flops = k * conv_flops_per_image(3, width, depth, side) * (n_real + 2 * n_syn)
+    counts = dict(flops=flops, peaks=peaks, dtype=dtype)
+    note = "ablation: ConvNetBank with the torch epilogue" if ablation else None
+    if impl == "compile" and compile_note:
+        return common.row("embed", name, impl, None, note=compile_note, **counts)
+    generator = torch.Generator(device=device).manual_seed(0)
+    bank = ConvNetBank(k, 3, width=width, depth=depth, im_size=(side, side),
+                       generator=torch.Generator().manual_seed(0), device=device, dtype=dtype,
+                       epilogue_backend="torch" if ablation else
+                       ("triton" if device.type == "cpu" else None))
+    bank.requires_grad_(False)
+    nets = [bank.net(i).requires_grad_(False) for i in range(k)] if impl != "ours" else None
+    real = torch.randn(n_real, 3, side, side, device=device, generator=generator).to(dtype)
+    syn = torch.randn(n_syn, 3, side, side, device=device, generator=generator).to(dtype)
+    syn.requires_grad_(True)
+    embed = embedding_function(impl, bank, nets)
+
+    def step():
+        with torch.no_grad():
+            real_features = embed(real)
+        return torch.autograd.grad(dm_loss(real_features, embed(syn)), (syn,))
+
+    try:
+        step()
+        ms = common.time_ms(step, device)
+        memory = common.peak_memory_mb(step, device)
+    except RuntimeError as error:  # out of memory included
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        return common.row("embed", name, impl, None, note=f"failed: {str(error)[:120]}",
+                          **counts)
+    if impl == "ours" and device.type == "cpu" and not ablation:
+        note = "Triton interpreter (TRITON_INTERPRET=1): a smoke test, not a speed"
+    return common.row("embed", name, impl, ms, peak_mem_mb=memory, note=note, **counts)
+
+
+def measure_epilogue(case, mode: str, impl: str, device, dtype, peaks, compile_note):
+    """One row for an epilogue case: ops.embed_epilogue (instance norm, ReLU, average pool)."""
+    name, n, channels, height, width = case
+    elements = n * channels * height * width
+    counts = dict(bytes_moved=(1.25 if mode == "fwd" else 3.5) * elements * dtype.itemsize,
+                  peaks=peaks, dtype=dtype)
+    label = f"{name}/{mode}"
+    if impl == "compile" and compile_note:
+        return common.row("embed", label, impl, None, note=compile_note, **counts)
+    generator = torch.Generator(device=device).manual_seed(0)
+    x = torch.randn(n, channels, height, width, device=device, generator=generator).to(dtype)
+    weight = (1.0 + 0.1 * torch.randn(channels, device=device, generator=generator)).to(dtype)
+    bias = (0.1 * torch.randn(channels, device=device, generator=generator)).to(dtype)
+    x.requires_grad_(mode == "fwd+bwd")
+    if impl == "ours":
+        def epilogue(t):
+            return ops.embed_epilogue(t, weight, bias, groups=channels, backend="triton")
+    else:
+        def epilogue(t):
+            return reference.embed_epilogue(t, weight, bias, groups=channels)
+        if impl == "compile":
+            epilogue = torch.compile(epilogue)
+
+    def step():
+        if mode == "fwd":
+            with torch.no_grad():
+                return epilogue(x)
+        out = epilogue(x)
+        return torch.autograd.grad(out, (x,), torch.ones_like(out))
+
+    try:
+        step()
+        ms = common.time_ms(step, device)
+        memory = common.peak_memory_mb(step, device)
+    except RuntimeError as error:
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        return common.row("embed", label, impl, None, note=f"failed: {str(error)[:120]}",
+                          **counts)
+    note = None
+    if impl == "ours" and device.type == "cpu":
+        note = "Triton interpreter (TRITON_INTERPRET=1): a smoke test, not a speed"
+    return common.row("embed", label, impl, ms, peak_mem_mb=memory, note=note, **counts)
+
+
+def main(argv=None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="tiny shapes (CPU smoke test)")
+    parser.add_argument("--out", help="results file (default bench/results/embed.json; "
+                                      "embed_bf16.json with --dtype bf16, embed_quick.json "
+                                      "with --quick)")
+    parser.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32",
+                        help="dtype of the weights and images of every implementation")
+    parser.add_argument("--no-compile", action="store_true", help="skip torch.compile")
+    parser.add_argument("--cases", nargs="+", help="only these case names")
+    args = parser.parse_args(argv)
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
+    network_cases = QUICK_NETWORK_CASES if args.quick else FULL_NETWORK_CASES
+    epilogue_cases = QUICK_EPILOGUE_CASES if args.quick else FULL_EPILOGUE_CASES
+    if args.cases:
+        network_cases = [case for case in network_cases if case[0] in args.cases]
+        epilogue_cases = [case for case in epilogue_cases if case[0] in args.cases]
+    compile_note = None
+    if args.no_compile:
+        compile_note = "skipped: --no-compile"
+    elif device.type == "cpu":
+        compile_note = ("skipped on CPU: compiling each shape takes longer than the smoke "
+                        "test's budget")
+    peaks = common.device_peaks(device)
+    rows = []
+    for case in network_cases:
+        for impl in ("ours", "eager", "compile"):
+            rows.append(measure_network(case, impl, device, dtype, peaks, compile_note))
+            print(f"{rows[-1]['case']} {impl}: {rows[-1]['ms']} ms", flush=True)
+        rows.append(measure_network(case, "ours", device, dtype, peaks, compile_note,
+                                    ablation=True))
+        print(f"{rows[-1]['case']} ours (ablation): {rows[-1]['ms']} ms", flush=True)
+    for case in epilogue_cases:
+        for mode in MODES:
+            for impl in ("ours", "eager", "compile"):
+                rows.append(measure_epilogue(case, mode, impl, device, dtype, peaks,
+                                             compile_note))
+                print(f"{rows[-1]['case']} {impl}: {rows[-1]['ms']} ms", flush=True)
+    name = "embed_quick" if args.quick else ("embed" if args.dtype == "fp32" else "embed_bf16")
+    path = common.write_results(name, rows, device, args.out)
+    print()
+    common.print_table(rows)
+    print(f"\nwrote {path}")
+    return rows
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,71 @@
+"""ops.embed_epilogue: a ConvNet block's GroupNorm → activation → 2×2 average pool, fused.
+
+Backends: "torch" (the modules' functional composition, bit-identical to a ConvNet block) and
+"triton" (one kernel reading the conv output twice and writing only the pooled result; the
+backward recomputes the normalised values from the saved mean and rstd). Automatic choice:
+triton on CUDA tensors, torch otherwise.
+"""
+import math
+
+import torch
+
+from condense_engine.models.layers import LEAKY_SLOPE
+from condense_engine.ops._backend import choose
+from condense_engine.reference import embed as reference
+
+POOLS = ("avgpool", "none")
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def embed_epilogue(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, *, groups: int,
+                   eps: float = 1e-5, act: str = "relu", pool: str = "avgpool",
+                   backend: str | None = None) -> torch.Tensor:
+    """act(GroupNorm(groups, C)(x)·weight + bias), then 2×2 stride-2 average pooling.
+
+    x: (n, C, H, W) fp32/bf16/fp16; weight, bias: (C,) floating point (their dtype may differ
+    from x's; the result has x's dtype). groups must divide C: groups == C is instance norm, as
+    in the ConvNets of condensation methods. act: "relu", "leakyrelu" (slope 0.01), "sigmoid"
+    or "swish". pool: "avgpool" (odd H or W drop the last row or column, like AvgPool2d) or
+    "none". Differentiable w.r.t. x, weight and bias on every backend.
+    """
+    _check_inputs(x, weight, bias, groups, eps, act, pool)
+    chosen = choose("embed_epilogue", backend, x.device, ("torch", "triton"))
+    if chosen == "torch":
+        return reference.embed_epilogue(x, weight, bias, groups=groups, eps=eps, act=act,
+                                        pool=pool)
+    from condense_engine.kernels import embed as fused
+
+    return fused.embed_epilogue(x, weight, bias, groups=groups, eps=eps, act=act,
+                                slope=LEAKY_SLOPE, pool=pool == "avgpool")
+
+
+def _check_inputs(x, weight, bias, groups, eps, act, pool) -> None:
+    """ValueErrors naming the argument that has a bad type, shape, dtype, device or value."""
+    if not isinstance(x, torch.Tensor) or x.dim() != 4:
+        raise ValueError(f"x must be an (n, C, H, W) tensor, got "
+                         f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
+    if x.dtype not in DTYPES:
+        raise ValueError(f"x must be float32, bfloat16 or float16, got {x.dtype}")
+    if x.numel() == 0:
+        raise ValueError(f"x must not be empty, got shape {tuple(x.shape)}")
+    channels = x.shape[1]
+    for name, t in (("weight", weight), ("bias", bias)):
+        if not isinstance(t, torch.Tensor) or t.shape != (channels,):
+            raise ValueError(f"{name} must be a ({channels},) tensor (one value per channel of "
+                             f"x), got {tuple(t.shape) if isinstance(t, torch.Tensor) else t!r}")
+        if not t.is_floating_point():
+            raise ValueError(f"{name} must be floating point, got {t.dtype}")
+        if t.device != x.device:
+            raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
+    if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1 \
+            or channels % groups:
+        raise ValueError(f"groups must be a positive integer dividing C={channels}, "
+                         f"got {groups!r}")
+    if not (isinstance(eps, (int, float)) and math.isfinite(eps) and eps >= 0):
+        raise ValueError(f"eps must be a finite number ≥ 0, got {eps!r}")
+    if act not in reference.ACTIVATIONS:
+        raise ValueError(f"act must be one of {tuple(reference.ACTIVATIONS)}, got {act!r}")
+    if pool not in POOLS:
+        raise ValueError(f"pool must be one of {POOLS}, got {pool!r}")
+    if pool == "avgpool" and min(x.shape[2:]) < 2:
+        raise ValueError(f"pool='avgpool' needs H, W ≥ 2, got x of shape {tuple(x.shape)}")

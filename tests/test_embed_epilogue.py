@@ -1,0 +1,217 @@
+"""ops.embed_epilogue: the Triton kernels (interpreter on CPU) against the torch modules'
+composition, forward and gradients; input validation; and ConvNetBank's use of the epilogue."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+from condense_engine import ops
+from condense_engine.models import ConvNet, ConvNetBank
+from condense_engine.models.layers import make_activation
+from condense_engine.reference import embed as reference
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _inputs(n, channels, height, width, dtype=torch.float32):
+    """Conv-like input (offset and scaled per channel, so the mean matters) and affine params."""
+    offsets = torch.linspace(-3.0, 3.0, channels, device=DEVICE).view(1, -1, 1, 1)
+    x = (2.0 * torch.randn(n, channels, height, width, device=DEVICE) + offsets)
+    weight = 1.0 + 0.5 * torch.randn(channels, device=DEVICE)
+    bias = 0.5 * torch.randn(channels, device=DEVICE)
+    return [t.to(dtype).requires_grad_() for t in (x, weight, bias)]
+
+
+def _value_and_grads(x, weight, bias, upstream, backend, **options):
+    out = ops.embed_epilogue(x, weight, bias, backend=backend, **options)
+    return (out,) + torch.autograd.grad(out, (x, weight, bias), upstream.to(out.dtype))
+
+
+def _assert_triton_matches_reference(x, weight, bias, rtol=1e-5, atol=1e-5, **options):
+    with torch.no_grad():
+        out_shape = ops.embed_epilogue(x, weight, bias, backend="torch", **options).shape
+    upstream = torch.randn(out_shape, device=DEVICE)
+    reference = _value_and_grads(x, weight, bias, upstream, "torch", **options)
+    ours = _value_and_grads(x, weight, bias, upstream, "triton", **options)
+    for name, got, want in zip(("out", "grad_x", "grad_weight", "grad_bias"), ours, reference):
+        assert got.dtype == want.dtype and got.shape == want.shape, name
+        scale = want.float().abs().max().item()
+        torch.testing.assert_close(got.float(), want.float(), rtol=rtol, atol=atol * scale,
+                                   msg=lambda m, name=name: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("shape,groups", [
+    ((2, 6, 8, 8), 6),     # instance norm
+    ((2, 8, 6, 4), 2),     # group norm, 4 channels per group
+    ((3, 4, 7, 5), 4),     # odd H and W: the last row and column are dropped by the pool
+    ((1, 6, 5, 6), 3),     # n = 1, odd H
+    ((2, 4, 3, 3), 1),     # one group over all channels (layer-norm-like), 1×1 pooled output
+])
+def test_triton_matches_reference(shape, groups):
+    x, weight, bias = _inputs(*shape)
+    _assert_triton_matches_reference(x, weight, bias, groups=groups)
+
+
+@pytest.mark.parametrize("act", ["relu", "leakyrelu", "sigmoid", "swish"])
+@pytest.mark.parametrize("pool", ["avgpool", "none"])
+def test_triton_activations_and_pools(act, pool):
+    x, weight, bias = _inputs(2, 4, 5, 6)
+    _assert_triton_matches_reference(x, weight, bias, groups=2, act=act, pool=pool)
+
+
+def test_triton_plane_larger_than_one_block():
+    """A 40×40 plane spans two 1024-element blocks: the loops over blocks accumulate."""
+    x, weight, bias = _inputs(1, 2, 40, 40)
+    _assert_triton_matches_reference(x, weight, bias, groups=2, eps=1e-3)
+
+
+@pytest.mark.parametrize("groups", [4, 2])
+def test_triton_bf16_inputs(groups):
+    x, weight, bias = _inputs(2, 4, 6, 6, dtype=torch.bfloat16)
+    _assert_triton_matches_reference(x, weight, bias, groups=groups, rtol=5e-2, atol=3e-2)
+
+
+def test_triton_large_mean_keeps_the_variance():
+    """A mean 10⁴ times the spread: sums of x would cancel in fp32; the shifted sums do not."""
+    x, weight, bias = (t.detach() for t in _inputs(2, 3, 6, 6))
+    big = x * 1e-2 + 100.0
+    expected = reference.embed_epilogue(big.double(), weight.double(), bias.double(), groups=3,
+                                        pool="none")
+    ours = ops.embed_epilogue(big, weight, bias, groups=3, pool="none", backend="triton")
+    assert expected.std() > 0.1
+    torch.testing.assert_close(ours.double(), expected, rtol=1e-3, atol=1e-3)
+
+
+def test_reference_equals_the_torch_modules():
+    x, weight, bias = (t.detach() for t in _inputs(2, 6, 7, 7))
+    norm = nn.GroupNorm(3, 6).to(DEVICE)
+    with torch.no_grad():
+        norm.weight.copy_(weight)
+        norm.bias.copy_(bias)
+    for act in ("relu", "swish"):
+        modules = nn.Sequential(norm, make_activation(act), nn.AvgPool2d(2, 2))
+        out = ops.embed_epilogue(x, weight, bias, groups=3, act=act, backend="torch")
+        assert torch.equal(out, modules(x))
+
+
+def test_weight_gradient_only():
+    """x without grad: the weight and bias gradients still come out right."""
+    x, weight, bias = _inputs(2, 4, 4, 4)
+    x = x.detach()
+    results = []
+    for backend in ("torch", "triton"):
+        out = ops.embed_epilogue(x, weight, bias, groups=4, act="swish", backend=backend)
+        results.append(torch.autograd.grad(out.square().sum(), (weight, bias)))
+    for got, want in zip(*results[::-1]):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def _valid():
+    return dict(x=torch.randn(2, 4, 6, 6), weight=torch.ones(4), bias=torch.zeros(4), groups=2)
+
+
+@pytest.mark.parametrize("change,match", [
+    (dict(x=torch.randn(4, 6, 6)), "x must be an"),
+    (dict(x=torch.randn(2, 4, 6, 6, dtype=torch.float64)), "x must be float32"),
+    (dict(x=torch.randn(0, 4, 6, 6)), "x must not be empty"),
+    (dict(weight=torch.ones(3)), "weight must be a"),
+    (dict(bias=torch.zeros(4, 1)), "bias must be a"),
+    (dict(weight=torch.ones(4, dtype=torch.int64)), "weight must be floating"),
+    (dict(groups=3), "groups"),
+    (dict(groups=0), "groups"),
+    (dict(groups=2.0), "groups"),
+    (dict(eps=-1e-5), "eps"),
+    (dict(eps=float("nan")), "eps"),
+    (dict(act="gelu"), "act must be"),
+    (dict(pool="maxpool"), "pool must be"),
+    (dict(x=torch.randn(2, 4, 1, 6)), "H, W ≥ 2"),
+])
+def test_bad_input(change, match):
+    args = _valid()
+    args.update(change)
+    with pytest.raises(ValueError, match=match):
+        ops.embed_epilogue(**args, backend="torch")
+
+
+def test_triton_without_interpreter_or_gpu_is_refused(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(RuntimeError, match="triton"):
+        ops.embed_epilogue(torch.randn(1, 2, 4, 4), torch.ones(2), torch.zeros(2), groups=2,
+                           backend="triton")
+
+
+@pytest.mark.parametrize("norm,act,pool", [("instancenorm", "relu", "avgpool"),
+                                           ("groupnorm", "leakyrelu", "none")])
+def test_bank_with_triton_epilogue_equals_plain_bank(norm, act, pool):
+    nets = [ConvNet(3, 10, width=8, depth=2, norm=norm, act=act, pool=pool, im_size=(6, 6))
+            for _ in range(2)]
+    plain = ConvNetBank.from_nets(nets).to(DEVICE)
+    fused = ConvNetBank.from_nets(nets).to(DEVICE)
+    fused.epilogue_backend = "triton"
+    x = torch.randn(3, 3, 6, 6, device=DEVICE, requires_grad=True)
+    upstream = torch.randn(2, 3, plain.feature_dim, device=DEVICE)
+    expected = plain.features(x).reshape(3, 2, -1).transpose(0, 1)
+    ours = fused.embed(x)
+    torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-5)
+    grads = torch.autograd.grad(ours, (x,) + tuple(fused.parameters()), upstream)
+    expected_grads = torch.autograd.grad(expected, (x,) + tuple(plain.parameters()), upstream)
+    # One scale for all: a conv bias before instance norm has a zero gradient up to rounding.
+    scale = max(want.abs().max().item() for want in expected_grads)
+    for got, want in zip(grads, expected_grads):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5 * scale)
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="the CPU path's bit-identity")
+@pytest.mark.parametrize("norm,act,pool", [
+    ("instancenorm", "relu", "avgpool"), ("groupnorm", "swish", "none"),
+    ("instancenorm", "sigmoid", "avgpool"), ("groupnorm", "leakyrelu", "avgpool")])
+def test_bank_on_cpu_is_bit_identical_to_its_modules(norm, act, pool):
+    bank = ConvNetBank(3, 3, width=8, depth=2, norm=norm, act=act, pool=pool, im_size=(8, 8),
+                       generator=torch.Generator().manual_seed(0))
+    x = torch.randn(4, 3, 8, 8)
+    assert bank.fused_epilogue
+    assert torch.equal(bank.embed(x), bank.features(x).reshape(4, 3, -1).transpose(0, 1))
+
+
+COMPILE_FOR_HOPPER = r"""
+import triton
+from triton.backends.compiler import GPUTarget
+from condense_engine.kernels import embed as fused
+
+DATA = {"x_ptr", "out_ptr", "grad_out_ptr", "grad_x_ptr"}
+
+
+def compile_kernel(fn, dtype, constexprs):
+    signature = {}
+    for name in fn.arg_names:
+        if name in constexprs:
+            signature[name] = "constexpr"
+        elif name.endswith("_ptr"):
+            signature[name] = f"*{dtype}" if name in DATA else "*fp32"
+        else:
+            signature[name] = "fp32" if name in ("eps", "slope") else "i32"
+    source = triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=constexprs)
+    triton.compile(source, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4))
+
+
+for act, dtype, pool, rows in ((0, "fp32", True, 1), (1, "bf16", False, 32),
+                               (2, "bf16", True, 2), (3, "fp32", True, 8)):
+    compile_kernel(fused._epilogue_forward_kernel, dtype,
+                   dict(ROWS=rows, BLOCK_IN=1024 // rows, BLOCK_OUT=16, ACT=act, POOL=pool))
+    compile_kernel(fused._epilogue_backward_kernel, dtype,
+                   dict(ROWS=rows, BLOCK_IN=1024 // rows, ACT=act, POOL=pool))
+print("compiled")
+"""
+
+
+def test_kernels_compile_for_hopper():
+    """The GPU build (not the interpreter) of every activation, both dtypes and pool modes:
+    catches code-generation errors wherever Triton's NVIDIA backend and ptxas are present."""
+    pytest.importorskip("triton.backends.nvidia.compiler")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "-c", COMPILE_FOR_HOPPER], env=env,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0 and "compiled" in result.stdout, result.stderr[-3000:]
