@@ -342,6 +342,7 @@ def test_sample_device_and_to():
 
 @pytest.mark.parametrize("name,expected", [
     ("mnist", "color_crop_cutout_scale_rotate"), ("SVHN", "color_crop_cutout_scale_rotate"),
+    ("mnist-default", "color_crop_cutout_scale_rotate"),
     ("fashion_mnist", "color_crop_cutout_flip_scale_rotate"),
     ("cifar10", "color_crop_cutout_flip_scale_rotate"),
 ])
@@ -389,11 +390,6 @@ def test_bad_sample_arguments(kwargs, match):
     kwargs = {"n": 2, **kwargs}
     with pytest.raises(ValueError, match=match):
         DSAParams.sample(**kwargs)
-
-
-def test_unavailable_backend_named():
-    with pytest.raises(RuntimeError, match="triton"):
-        ops.dsa(torch.rand(2, 3, 7, 9), _full_params(2), backend="triton")
 
 
 # ---------------------------------------------------------------- native backend vs reference

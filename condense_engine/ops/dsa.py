@@ -57,9 +57,9 @@ _STREAMS = {"group": 0, "brightness": 1, "saturation": 2, "contrast": 3, "transl
 
 
 def default_strategy(dataset_name: str) -> str:
-    """The DC README's strategy for a data set: no flip for digits (MNIST, SVHN)."""
+    """The DC README's strategy for a data set: no flip for digits (MNIST and its subsets, SVHN)."""
     name = dataset_name.lower().replace("-", "").replace("_", "")
-    return DIGITS_STRATEGY if name in ("mnist", "svhn") else DEFAULT_STRATEGY
+    return DIGITS_STRATEGY if name.startswith(("mnist", "svhn")) else DEFAULT_STRATEGY
 
 
 def _splitmix64(z: np.ndarray) -> np.ndarray:
@@ -259,10 +259,29 @@ def dsa(x: torch.Tensor, params: DSAParams, *, backend: str | None = None) -> to
     params.validate(x.shape[0], x.shape[2:])
     if params.device is not None and params.device != x.device:
         params = params.to(x.device)
-    supported = ("torch", "native") if x.device.type in NATIVE_DEVICES else ("torch",)
-    if choose("dsa", backend, x.device, supported) == "native":
+    supported = ("torch",)
+    if x.device.type in NATIVE_DEVICES:
+        supported += ("native",)
+    if x.dtype in TRITON_DTYPES:
+        supported += ("triton",)
+    chosen = choose("dsa", backend, x.device, supported)
+    if chosen == "native":
         return native_dsa(x, params)
+    if chosen == "triton":
+        return triton_dsa(x, params)
     return reference.dsa(x, params)
+
+
+#: Input dtypes of the Triton kernels (fp32 maths); float64 stays with native or torch.
+TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def triton_dsa(x: torch.Tensor, params: DSAParams) -> torch.Tensor:
+    """kernels/augment.py's fused chain with autograd (imported only here, so triton stays
+    optional); no input checks."""
+    from condense_engine.kernels import augment
+
+    return augment.dsa(x, *native_arguments(params, x))
 
 
 #: Device types whose native kernels have passed tests/test_dsa.py. The CUDA kernels build, but

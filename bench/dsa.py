@@ -1,0 +1,196 @@
+"""Benchmark of ops.dsa: ours (the fused Triton kernels, and the native op where it is built for
+the device) against the published-style eager chain (bench/baselines/dsa_published.py) and our
+reference chain under torch.compile, on the same inputs and parameters, forward and
+forward+backward.
+
+    python -m bench.dsa [--quick] [--out PATH] [--dtype fp32|bf16] [--no-compile]
+                        [--cases NAME ...] [--strategies all color rotate]
+
+Strategies: "all" applies every group (mode "M", the fused kernels' dearest case: 16 bilinear
+taps per pixel); "color" and "rotate" are single groups as mode "S" picks them (colour is the
+reference's most kernel-heavy group, rotate needs the CPU-built grid in the published code).
+Parameters are per image (siamese=False), drawn once per case from a fixed seed.
+
+Rows: case "<shape>/<strategy>/<mode>" holds ours = Triton (what ops.dsa picks on a GPU), eager =
+the published-style chain, compile = torch.compile of the reference; the native op's row is
+the case "<shape>/<strategy>/<mode>/native" (impl "ours"), since a report keeps one row per
+implementation and case.
+
+Bytes are the least any implementation must move (e = bytes per element, N = n·C·H·W), so GB/s
+is an effective bandwidth, comparable with the HBM peak in pct_of_peak:
+    fwd      2·N·e      read x, write the output
+    fwd+bwd  4·N·e      the forward, then read the output gradient and write dL/dx
+Not credited: the colour pre-reduction's extra read of x (ours), the backward's fp32 scatter
+buffer (ours: zero-fill, atomic adds, one read in the epilogue), the published chain's
+intermediates and its CPU→device grid copy (n·H·W·2·4 bytes per resampling group). No FLOPs
+are counted: the op is memory-bound.
+
+--quick runs tiny shapes on the CPU (Triton in its interpreter, the native CPU op, the
+published-style chain; torch.compile skipped) as a smoke test for CI; its times say nothing
+about speed.
+"""
+import argparse
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    # Must be set before condense_engine.kernels decorates its Triton kernels.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from bench import common  # noqa: E402
+from bench.baselines.dsa_published import published_dsa  # noqa: E402
+from condense_engine import ops  # noqa: E402
+from condense_engine._extension import has_native  # noqa: E402
+from condense_engine.ops.dsa import GROUPS, NATIVE_DEVICES, DSAParams, native_dsa  # noqa: E402
+from condense_engine.reference import dsa as reference  # noqa: E402
+
+# (name, n, C, H, W)
+FULL_CASES = [
+    ("cifar_n256_3x32x32", 256, 3, 32, 32),
+    ("cifar_n25600_3x32x32", 25600, 3, 32, 32),
+    ("tiny_n256_3x64x64", 256, 3, 64, 64),
+    ("tiny_n25600_3x64x64", 25600, 3, 64, 64),
+]
+QUICK_CASES = [
+    ("quick_n2_3x12x12", 2, 3, 12, 12),
+    ("quick_n3_1x9x7", 3, 1, 9, 7),
+]
+STRATEGIES = {"all": "_".join(GROUPS), "color": "color", "rotate": "rotate"}
+MODES = ("fwd", "fwd+bwd")
+# (impl, variant) in the order they are measured; the variant names the row's note.
+IMPLS = (("ours", "triton"), ("eager", "published"), ("compile", "reference"),
+         ("ours", "native"))
+NOTES = {
+    "triton": "triton (kernels/augment.py)",
+    "native": "native op (csrc/ops)",
+    "published": "published style: per-op tensors, affine_grid on the CPU + grid copy",
+    "reference": "torch.compile of condense_engine/reference/dsa.py",
+}
+
+
+def byte_count(mode: str, n: int, channels: int, height: int, width: int,
+               element_size: int) -> float:
+    """Least bytes one call must move (see the module docstring)."""
+    passes = 2 if mode == "fwd" else 4
+    return float(passes * n * channels * height * width * element_size)
+
+
+def augment_function(variant: str, params: DSAParams):
+    """f(x) → augmented x for one implementation, with `params` bound."""
+    if variant == "triton":
+        return lambda x: ops.dsa(x, params, backend="triton")
+    if variant == "native":
+        return lambda x: native_dsa(x, params)
+    if variant == "published":
+        on_cpu = params.to("cpu")
+        return lambda x: published_dsa(x, on_cpu)
+    return torch.compile(lambda x: reference.dsa(x, params), dynamic=False)
+
+
+def step_function(augment, mode: str, x: torch.Tensor, upstream: torch.Tensor):
+    """A no-argument callable running one timed step: the forward, plus dL/dx for fwd+bwd."""
+    if mode == "fwd":
+        def forward():
+            with torch.no_grad():
+                return augment(x)
+        return forward
+
+    def forward_backward():
+        return torch.autograd.grad(augment(x), (x,), upstream)
+    return forward_backward
+
+
+def skip_reason(impl: str, variant: str, device: torch.device, compile_note: str | None):
+    """Why this implementation is not measured here, or None."""
+    if impl == "compile":
+        return compile_note
+    if variant == "native":
+        return has_native("dsa", device.type)
+    return None
+
+
+def native_note(device: torch.device) -> str:
+    """The native row's note: which kernel, and whether ops.dsa trusts it yet."""
+    verified = "" if device.type in NATIVE_DEVICES else ", not yet verified by tests"
+    return f"{NOTES['native']}, {device.type}{verified}"
+
+
+def measure(case, strategy: str, mode: str, impl: str, variant: str, device: torch.device,
+            dtype: torch.dtype, peaks: dict | None, compile_note: str | None,
+            timing: dict) -> dict:
+    """One result row (failures such as out-of-memory become a row with a note)."""
+    name, n, channels, height, width = case
+    label = f"{name}/{strategy}/{mode}" + ("/native" if variant == "native" else "")
+    counts = dict(bytes_moved=byte_count(mode, n, channels, height, width, dtype.itemsize),
+                  peaks=peaks, dtype=dtype)
+    reason = skip_reason(impl, variant, device, compile_note)
+    if reason:
+        return common.row("dsa", label, impl, None, note=f"{variant} skipped: {reason}",
+                          **counts)
+    note = native_note(device) if variant == "native" else NOTES[variant]
+    if variant == "triton" and device.type == "cpu":
+        note += "; Triton interpreter (TRITON_INTERPRET=1): a smoke test, not a speed"
+    generator = torch.Generator(device=device).manual_seed(0)
+    x = torch.randn(n, channels, height, width, device=device, generator=generator).to(dtype)
+    upstream = torch.randn(x.shape, device=device, generator=generator).to(dtype)
+    x.requires_grad_(mode == "fwd+bwd")
+    params = DSAParams.sample(n, STRATEGIES[strategy], size=(height, width), mode="M",
+                              siamese=False, seed=0, device=device)
+    step = step_function(augment_function(variant, params), mode, x, upstream)
+    try:
+        step()
+        ms = common.time_ms(step, device, **timing)
+        memory = common.peak_memory_mb(step, device)
+    except RuntimeError as error:  # out of memory included
+        return common.row("dsa", label, impl, None, note=f"{variant} failed: {str(error)[:120]}",
+                          **counts)
+    return common.row("dsa", label, impl, ms, peak_mem_mb=memory, note=note, **counts)
+
+
+def main(argv=None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="tiny shapes (CPU smoke test)")
+    parser.add_argument("--out", help="results file (default bench/results/dsa.json; "
+                                      "dsa_bf16.json with --dtype bf16, dsa_quick.json "
+                                      "with --quick)")
+    parser.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
+    parser.add_argument("--no-compile", action="store_true", help="skip torch.compile")
+    parser.add_argument("--cases", nargs="+", help="only these case names")
+    parser.add_argument("--strategies", nargs="+", choices=tuple(STRATEGIES),
+                        default=list(STRATEGIES))
+    args = parser.parse_args(argv)
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
+    cases = QUICK_CASES if args.quick else FULL_CASES
+    if args.cases:
+        cases = [case for case in cases if case[0] in args.cases]
+    compile_note = None
+    if args.no_compile:
+        compile_note = "--no-compile"
+    elif device.type == "cpu":
+        compile_note = ("on CPU, compiling each shape takes longer than the smoke test's "
+                        "budget")
+    # The interpreter needs seconds per call: a few repetitions are enough for a smoke test.
+    timing = dict(warmup=1, reps=2) if args.quick else {}
+    peaks = common.device_peaks(device)
+    rows = []
+    for case in cases:
+        for strategy in args.strategies:
+            for mode in MODES:
+                for impl, variant in IMPLS:
+                    rows.append(measure(case, strategy, mode, impl, variant, device, dtype,
+                                        peaks, compile_note, timing))
+                    print(f"{rows[-1]['case']} {impl} ({variant}): {rows[-1]['ms']} ms",
+                          flush=True)
+    name = "dsa_quick" if args.quick else ("dsa" if args.dtype == "fp32" else "dsa_bf16")
+    path = common.write_results(name, rows, device, args.out)
+    print()
+    common.print_table(rows)
+    print(f"\nwrote {path}")
+    return rows
+
+
+if __name__ == "__main__":
+    main()
