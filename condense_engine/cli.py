@@ -13,6 +13,7 @@ import os
 import sys
 import time
 
+from condense_engine.bench_cli import add_bench_command, run_bench_command
 from condense_engine.expert import add_experts_command, run_experts_command
 
 
@@ -76,6 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_eval_args(p, epochs=1000, repeats=5)
 
     add_experts_command(sub)
+    add_bench_command(sub)
 
     p = sub.add_parser("show", help="write a PNG grid of a saved synthetic set (one row per class)")
     p.add_argument("synset")
@@ -189,7 +191,7 @@ def cmd_datasets(args) -> int:
 
 
 COMMANDS = {"distill": cmd_distill, "evaluate": cmd_evaluate, "show": cmd_show, "datasets": cmd_datasets,
-            "experts": run_experts_command}
+            "experts": run_experts_command, "bench": run_bench_command}
 
 
 def main(argv=None) -> int:

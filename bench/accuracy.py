@@ -1,0 +1,285 @@
+"""Accuracy of condensed sets under the evaluation protocol, next to the published numbers.
+
+    python -m bench.accuracy --methods dm m3d --datasets mnist fashion-mnist --ipcs 1 10 50
+                             [--iterations N] [--epochs E] [--repeats R] [--data-root DIR]
+                             [--device cuda] [--quick]
+
+For every method × data set × IPC: `ce.distill`, then `ce.evaluate` (SPEC §6 = methods.md §1.6:
+fresh ConvNets, SGD momentum 0.9, lr 0.01, ×0.1 at half, DSA, `--epochs` epochs) with the
+random-real baseline of the same size. Rows go to bench/results/accuracy-<device>-<date>.json
+(written after every cell, so a long run keeps what it finished) and RESULTS.md is regenerated.
+A run with fewer distillation iterations than the method's default or fewer than 1000
+evaluation epochs is labelled "reduced" wherever it is shown. `--quick` is a CPU smoke run on
+the embedded MNIST subset that writes `..._quick.json`, which RESULTS.md never shows.
+
+Accuracies are percentages of the test set. Published numbers are those of
+shared/reference/methods.md §13 (and the sections it cites), each with its source tag.
+"""
+import argparse
+import datetime
+import json
+import os
+import re
+import time
+
+import torch
+
+import condense_engine as ce
+from bench import common
+from condense_engine.methods import get_method
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEFAULT_DATA_ROOT = os.path.join(REPO_ROOT, "..", "shared", "data")
+FULL_EPOCHS = 1000
+# --quick: IPC 1, a few iterations and epochs, and every 10th test image (CPU test time is mostly
+# the ConvNet forward over the test set).
+QUICK = dict(dataset="default", ipcs=[1], iterations=2, epochs=4, repeats=1, test_stride=10,
+             options=dict(batch_real=16))
+
+# Published ConvNet-3 accuracies, % (methods.md §13); "U" in a source = unverified there.
+# method → (source tag, data set → {ipc: (mean, std or None)}).
+PUBLISHED = {
+    "random": ("methods.md §3 coreset rows, 2nd: DANCE T1; MNIST U (from memory)", {
+        "mnist": {1: (64.9, 3.5), 10: (95.1, 0.9), 50: (97.9, 0.2)},
+        "fashion-mnist": {1: (51.4, 3.8), 10: (73.8, 0.7), 50: (82.5, 0.7)},
+        "cifar10": {1: (14.4, 2.0), 10: (26.0, 1.2), 50: (43.4, 1.0)},
+        "cifar100": {1: (4.2, 0.3), 10: (14.6, 0.5), 50: (30.0, 0.4)},
+        "tinyimagenet": {1: (1.4, 0.1), 10: (5.0, 0.2), 50: (15.0, 0.4)}}),
+    "dc": ("methods.md §3, 2nd: KIP table, DANCE T1; MNIST IPC50 std U", {
+        "mnist": {1: (91.7, 0.5), 10: (97.4, 0.2), 50: (98.8, None)},
+        "fashion-mnist": {1: (70.5, 0.6), 10: (82.3, 0.4), 50: (83.6, 0.4)},
+        "cifar10": {1: (28.3, 0.5), 10: (44.9, 0.5), 50: (53.9, 0.5)},
+        "cifar100": {1: (12.8, 0.3), 10: (25.2, 0.3)},
+        "tinyimagenet": {1: (5.3, 0.1), 10: (12.9, 0.1)}}),
+    "dsa": ("methods.md §4, 2nd: KIP table, DATM T1, DANCE T1", {
+        "mnist": {1: (88.7, 0.6), 10: (97.8, 0.1), 50: (99.2, 0.1)},
+        "fashion-mnist": {1: (70.6, 0.6), 10: (84.6, 0.3), 50: (88.7, 0.2)},
+        "cifar10": {1: (28.8, 0.7), 10: (52.1, 0.5), 50: (60.6, 0.5)},
+        "cifar100": {1: (13.9, 0.3), 10: (32.3, 0.3), 50: (42.8, 0.4)},
+        "tinyimagenet": {1: (5.7, 0.1), 10: (16.3, 0.2)}}),
+    "dm": ("methods.md §5, 2nd: DATM T1, DANCE T1; FashionMNIST via DANCE T1 only", {
+        "fashion-mnist": {1: (70.7, 0.6), 10: (83.5, 0.3), 50: (88.1, 0.6)},
+        "cifar10": {1: (26.0, 0.8), 10: (48.9, 0.6), 50: (63.0, 0.4)},
+        "cifar100": {1: (11.4, 0.3), 10: (29.7, 0.3), 50: (43.6, 0.4)},
+        "tinyimagenet": {1: (3.9, 0.2), 10: (12.9, 0.4), 50: (24.1, 0.3)}}),
+    "idm": ("methods.md §12.4, 2nd: DANCE T1", {
+        "cifar10": {1: (45.6, 0.7), 10: (58.6, 0.1), 50: (67.5, 0.1)},
+        "cifar100": {1: (20.1, 0.3), 10: (45.1, 0.1), 50: (50.0, 0.2)},
+        "tinyimagenet": {1: (10.1, 0.2), 10: (21.9, 0.2), 50: (27.7, 0.3)}}),
+    "mtt": ("methods.md §6.4, 2nd: AutoPalette table, DATM T1", {
+        "cifar10": {1: (46.3, 0.8), 10: (65.3, 0.7), 50: (71.6, 0.2)},
+        "cifar100": {1: (24.3, 0.3), 10: (40.1, 0.4), 50: (47.7, 0.2)},
+        "tinyimagenet": {1: (8.8, 0.3), 10: (23.2, 0.2), 50: (28.0, 0.3)}}),
+    "tesla": ("methods.md §7, 2nd: DATM T1", {
+        "cifar10": {1: (48.5, 0.8), 10: (66.4, 0.8), 50: (72.6, 0.7)},
+        "cifar100": {1: (24.8, 0.4), 10: (41.7, 0.3), 50: (47.9, 0.3)}}),
+    "datm": ("methods.md §8.4, 2nd: DATM repo figures/comparison.png = paper T1", {
+        "cifar10": {1: (46.9, 0.5), 10: (66.8, 0.2), 50: (76.1, 0.3)},
+        "cifar100": {1: (27.9, 0.2), 10: (47.2, 0.4), 50: (55.0, 0.2)},
+        "tinyimagenet": {1: (17.1, 0.3), 10: (31.1, 0.3), 50: (39.7, 0.3)}}),
+    "idc": ("methods.md §9.5 and §13, README; std via DANCE T1", {
+        "mnist": {1: (94.2, None), 10: (98.4, None), 50: (99.1, None)},
+        "fashion-mnist": {1: (81.0, 0.2), 10: (86.0, 0.3), 50: (86.2, 0.2)},
+        "cifar10": {1: (50.6, 0.4), 10: (67.5, 0.5), 50: (74.5, 0.1)},
+        "cifar100": {10: (45.1, 0.4)}}),
+    "dance": ("methods.md §12.5, README = paper T1", {
+        "fashion-mnist": {1: (81.5, 0.4), 10: (86.3, 0.2), 50: (86.9, 0.1)},
+        "cifar10": {1: (47.1, 0.2), 10: (70.8, 0.2), 50: (76.1, 0.1)},
+        "cifar100": {1: (27.9, 0.2), 10: (49.8, 0.1), 50: (52.8, 0.1)},
+        "tinyimagenet": {1: (11.6, 0.2), 10: (26.4, 0.3), 50: (28.9, 0.4)}}),
+}
+# M3D (= ECHO) published tables could not be verified (methods.md §12.3): none are shown.
+UNPUBLISHED = {"m3d": "no verified published table (methods.md §12.3)",
+               "echo": "no verified published table (methods.md §12.3)"}
+FULL_DATA = {"mnist": "99.6 (U)", "fashion-mnist": "93.5±0.1", "cifar10": "84.8±0.1",
+             "cifar100": "56.2±0.3", "tinyimagenet": "37.6±0.4"}
+
+# How each published number was evaluated (methods.md §1.6 and the method sections).
+PUBLISHED_RECIPES = {
+    "random": "random real subset evaluated like DC/DSA: ConvNet-3, SGD lr 0.01",
+    "dc": "ConvNet-3, SGD lr 0.01, 300 epochs DC-augmentation (1000 on MNIST), 5 sets × 20 models",
+    "dsa": "ConvNet-3, SGD lr 0.01, 1000 epochs with DSA, batch 256, 5 sets × 20 models",
+    "dm": "ConvNet-3, SGD lr 0.01, 1000 epochs with DSA, batch 256, 5 sets × 20 models "
+          "(README commands: 5 × 5)",
+    "idm": "ConvNet-3 as quoted by DANCE T1 (IDM's own evaluation, methods.md §12.4)",
+    "mtt": "ConvNet-3, learned lr, 1000 epochs DSA, 5 models; best evaluation during distillation",
+    "tesla": "ConvNet-3, learned lr, 1000 epochs DSA; soft labels on CIFAR-100",
+    "datm": "ConvNet-3, learned lr and soft labels, 1000 epochs DSA, batch 128",
+    "idc": "multi-formation, CutMix, batch 64, multistep lr: not like-for-like with DC/DSA/DM",
+    "dance": "IDC-style evaluation, multi-formation factor 2: not like-for-like with DC/DSA/DM",
+}
+TABLE_DATASETS = ("mnist", "fashion-mnist", "cifar10", "cifar100", "tinyimagenet")
+
+
+def published(method: str, dataset: str, ipc: int) -> tuple[float, float | None] | None:
+    """The published (mean, std) of a method on a data set at an IPC, if methods.md has one."""
+    return PUBLISHED.get(method, ("", {}))[1].get(dataset, {}).get(ipc)
+
+
+def format_published(value: tuple[float, float | None] | None) -> str:
+    if value is None:
+        return "–"
+    mean, std = value
+    return f"{mean:.1f}" if std is None else f"{mean:.1f}±{std:.1f}"
+
+
+def schedule_label(iterations: int, default_iterations: int, epochs: int) -> str:
+    """'published schedule' or 'REDUCED (...)' naming every shortened part of the run."""
+    shortened = []
+    if iterations < default_iterations:
+        shortened.append(f"{iterations} of {default_iterations} distillation iterations")
+    if epochs < FULL_EPOCHS:
+        shortened.append(f"{epochs} of {FULL_EPOCHS} evaluation epochs")
+    return f"REDUCED ({'; '.join(shortened)})" if shortened else "published schedule"
+
+
+def recipe_text(recipe: dict) -> str:
+    """One line describing how our number was evaluated."""
+    augmentation = f"DSA {recipe['dsa_strategy']}" if recipe.get("dsa_strategy") else "no augmentation"
+    return (f"{recipe['model']}, SGD lr {recipe['lr']:g}, {recipe['epochs']} epochs, "
+            f"batch {recipe['batch_size']}, {augmentation}, 1 set × {recipe['repeats']} "
+            f"model{'s' if recipe['repeats'] != 1 else ''}")
+
+
+def device_slug(device: torch.device) -> str:
+    """A file-name-safe device name: 'cpu', or the GPU's name in lower case with dashes."""
+    if device.type != "cuda":
+        return device.type
+    return re.sub(r"[^a-z0-9]+", "-", common.device_name(device).lower()).strip("-")
+
+
+def default_out_path(device: torch.device, quick: bool) -> str:
+    """bench/results/accuracy-<device>-<UTC date and time>[_quick].json: one file per run."""
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%d-%H%M%S")
+    suffix = "_quick" if quick else ""
+    return os.path.join(common.RESULTS_DIR, f"accuracy-{device_slug(device)}-{stamp}{suffix}.json")
+
+
+def measure(method: str, dataset: str, train, test, ipc: int, *, iterations: int | None, epochs: int,
+            repeats: int, device: torch.device, seed: int, options: dict) -> dict:
+    """Distil one set and evaluate it (with the random-real baseline); one result row."""
+    default_iterations = get_method(method)(train.name, ipc, **options).iterations
+    iterations = default_iterations if iterations is None else iterations
+    start = time.perf_counter()
+    synset = ce.distill(train, method=method, ipc=ipc, iterations=iterations, device=device, seed=seed,
+                        progress=False, **options)
+    seconds = time.perf_counter() - start
+    start = time.perf_counter()
+    report = ce.evaluate(synset, test, model="ConvNet", repeats=repeats, epochs=epochs, seed=seed,
+                         baseline=True, train_set=train, device=device)
+    return dict(method=method, dataset=dataset, ipc=ipc, acc_mean=100 * report.mean,
+                acc_std=100 * report.std, repeats=repeats, iterations=iterations, seconds=seconds,
+                device=common.device_name(device),
+                baseline_random=dict(mean=100 * report.baseline.mean, std=100 * report.baseline.std),
+                recipe=report.recipe, test_images=len(test),
+                schedule=schedule_label(iterations, default_iterations, epochs),
+                default_iterations=default_iterations, options=options,
+                eval_seconds=time.perf_counter() - start)
+
+
+def accuracy_section(files: list[tuple[str, dict]]) -> str:
+    """The RESULTS.md accuracy section: our rows beside the published numbers, then the
+    published reference table (methods.md §13)."""
+    parts = ["## Accuracy (ConvNet, test accuracy %, mean ± std)", ""]
+    rows = [(stem, row) for stem, data in files for row in data["rows"]]
+    if not rows:
+        parts += ["No accuracy runs recorded yet: run `python -m bench.accuracy` (see its --help).", ""]
+    else:
+        parts += ["Ours: 1 synthetic set per cell, std over fresh evaluation models. Runs marked "
+                  "REDUCED used a shorter schedule than published and are not the published "
+                  "protocol.", "",
+                  "| method | data set | IPC | ours | random real (ours) | schedule | distill s | our recipe "
+                  "| published | published random | published recipe [source] | file |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        for stem, row in rows:
+            method, dataset, ipc = row["method"], row["dataset"], row["ipc"]
+            base = row.get("baseline_random") or {}
+            base_text = f"{base['mean']:.1f}±{base['std']:.1f}" if base else "–"
+            reference = published(method, dataset, ipc)
+            if method in PUBLISHED:
+                published_recipe = f"{PUBLISHED_RECIPES[method]} (source: {PUBLISHED[method][0]})"
+            else:
+                published_recipe = UNPUBLISHED.get(method, "not in methods.md")
+            cells = [method, dataset, str(ipc), f"{row['acc_mean']:.1f}±{row['acc_std']:.1f}", base_text,
+                     row.get("schedule", "–"), f"{row['seconds']:.0f}", recipe_text(row["recipe"]), format_published(reference),
+                     format_published(published("random", dataset, ipc)), published_recipe,
+                     f"`{stem}.json`"]
+            parts.append("| " + " | ".join(cells) + " |")
+        parts.append("")
+    parts += published_reference_table()
+    return "\n".join(parts)
+
+
+def published_reference_table() -> list[str]:
+    """The published numbers we carry, one row per data set and IPC, with the sources below."""
+    methods = list(PUBLISHED)
+    lines = ["### Published numbers (methods.md §13; ConvNet-3, ConvNet-4 on TinyImageNet)", "",
+             "| data set | IPC | " + " | ".join(methods) + " | full data |",
+             "|---|---|" + "---|" * len(methods) + "---|"]
+    for dataset in TABLE_DATASETS:
+        for ipc in (1, 10, 50):
+            cells = [format_published(published(method, dataset, ipc)) for method in methods]
+            full = FULL_DATA[dataset] if ipc == 1 else ""
+            lines.append(f"| {dataset} | {ipc} | " + " | ".join(cells) + f" | {full} |")
+    lines += ["", "Evaluation recipes and sources (2nd = confirmed through another paper's table, "
+              "U = unverified in methods.md):", ""]
+    lines += [f"- **{method}**: {PUBLISHED_RECIPES[method]} (source: {source})"
+              for method, (source, _) in PUBLISHED.items()]
+    lines += [f"- **m3d**: {UNPUBLISHED['m3d']}", ""]
+    return lines
+
+
+def main(argv=None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--methods", nargs="+", default=["dm", "m3d"])
+    parser.add_argument("--datasets", nargs="+", default=["mnist", "fashion-mnist"])
+    parser.add_argument("--ipcs", nargs="+", type=int, default=[1, 10, 50])
+    parser.add_argument("--iterations", type=int, default=None,
+                        help="distillation iterations (default: each method's published default)")
+    parser.add_argument("--epochs", type=int, default=FULL_EPOCHS, help="evaluation epochs (1000)")
+    parser.add_argument("--repeats", type=int, default=5, help="fresh evaluation models per set (5)")
+    parser.add_argument("--data-root", default=DEFAULT_DATA_ROOT,
+                        help="folder holding one folder per data set (default ../shared/data)")
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--quick", action="store_true",
+                        help="CPU smoke run: embedded MNIST subset, IPC 1, a few iterations and epochs")
+    parser.add_argument("--out", help="results file (default bench/results/accuracy-<device>-<date>.json)")
+    parser.add_argument("--results-dir", default=common.RESULTS_DIR, help="folder RESULTS.md is built from")
+    parser.add_argument("--report", default=os.path.join(REPO_ROOT, "bench", "RESULTS.md"),
+                        help="RESULTS.md to regenerate")
+    parser.add_argument("--no-report", action="store_true", help="do not regenerate RESULTS.md")
+    args = parser.parse_args(argv)
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    options = {}
+    if args.quick:
+        args.datasets, args.ipcs, options = [QUICK["dataset"]], QUICK["ipcs"], QUICK["options"]
+        args.iterations, args.epochs, args.repeats = QUICK["iterations"], QUICK["epochs"], QUICK["repeats"]
+    out = args.out or default_out_path(device, args.quick)
+    rows = []
+    for dataset in args.datasets:
+        root = None if dataset == "default" else os.path.join(args.data_root, dataset)
+        train = ce.datasets.load(dataset, root=root, split="train")
+        test = ce.datasets.load(dataset, root=root, split="test")
+        if args.quick:
+            test = test.subset(torch.arange(0, len(test), QUICK["test_stride"]))
+        for method in args.methods:
+            for ipc in args.ipcs:
+                rows.append(measure(method, dataset, train, test, ipc, iterations=args.iterations,
+                                    epochs=args.epochs, repeats=args.repeats, device=device, seed=args.seed,
+                                    options=options))
+                row = rows[-1]
+                print(f"{method} {dataset} ipc {ipc}: {row['acc_mean']:.2f} ± {row['acc_std']:.2f} % "
+                      f"(random real {row['baseline_random']['mean']:.2f}) {row['schedule']}", flush=True)
+                common.write_results("accuracy", rows, device, out)
+    print(f"wrote {out}")
+    if not args.no_report:
+        from bench import report  # imported here: report imports this module for its tables
+
+        print(f"wrote {report.write_report(args.results_dir, args.report)}")
+    return rows
+
+
+if __name__ == "__main__":
+    main()
