@@ -26,6 +26,7 @@ import torch
 
 import condense_engine as ce
 from bench import common
+from condense_engine.cli import parse_option
 from condense_engine.methods import get_method
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -123,9 +124,11 @@ def format_published(value: tuple[float, float | None] | None) -> str:
     return f"{mean:.1f}" if std is None else f"{mean:.1f}±{std:.1f}"
 
 
-def schedule_label(iterations: int, default_iterations: int, epochs: int) -> str:
-    """'published schedule' or 'REDUCED (...)' naming every shortened part of the run."""
-    shortened = []
+def schedule_label(iterations: int, default_iterations: int, epochs: int, changed: dict | None = None) -> str:
+    """'published schedule' or 'REDUCED (...)' naming every shortened or changed part of the run.
+
+    `changed` maps a method option set away from its published default to (value, default)."""
+    shortened = [f"{key} {value} instead of {default}" for key, (value, default) in (changed or {}).items()]
     if iterations < default_iterations:
         shortened.append(f"{iterations} of {default_iterations} distillation iterations")
     if epochs < FULL_EPOCHS:
@@ -158,7 +161,9 @@ def default_out_path(device: torch.device, quick: bool) -> str:
 def measure(method: str, dataset: str, train, test, ipc: int, *, iterations: int | None, epochs: int,
             repeats: int, device: torch.device, seed: int, options: dict) -> dict:
     """Distil one set and evaluate it (with the random-real baseline); one result row."""
-    default_iterations = get_method(method)(train.name, ipc, **options).iterations
+    published = get_method(method)(train.name, ipc).options
+    changed = {key: (value, published[key]) for key, value in options.items() if published.get(key) != value}
+    default_iterations = published["iterations"]
     iterations = default_iterations if iterations is None else iterations
     start = time.perf_counter()
     synset = ce.distill(train, method=method, ipc=ipc, iterations=iterations, device=device, seed=seed,
@@ -172,7 +177,7 @@ def measure(method: str, dataset: str, train, test, ipc: int, *, iterations: int
                 device=common.device_name(device),
                 baseline_random=dict(mean=100 * report.baseline.mean, std=100 * report.baseline.std),
                 recipe=report.recipe, test_images=len(test),
-                schedule=schedule_label(iterations, default_iterations, epochs),
+                schedule=schedule_label(iterations, default_iterations, epochs, changed),
                 default_iterations=default_iterations, options=options,
                 eval_seconds=time.perf_counter() - start)
 
@@ -242,6 +247,9 @@ def main(argv=None) -> list[dict]:
                         help="folder holding one folder per data set (default ../shared/data)")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--set", dest="options", action="append", type=parse_option, default=[], metavar="KEY=VALUE",
+                        help="method option for every run, e.g. --set batch_real=64 (labels the run REDUCED "
+                             "when it shortens the published schedule)")
     parser.add_argument("--quick", action="store_true",
                         help="CPU smoke run: embedded MNIST subset, IPC 1, a few iterations and epochs")
     parser.add_argument("--out", help="results file (default bench/results/accuracy-<device>-<date>.json)")
@@ -252,7 +260,7 @@ def main(argv=None) -> list[dict]:
     args = parser.parse_args(argv)
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    options = {}
+    options = dict(args.options)
     if args.quick:
         args.datasets, args.ipcs, options = [QUICK["dataset"]], QUICK["ipcs"], QUICK["options"]
         args.iterations, args.epochs, args.repeats = QUICK["iterations"], QUICK["epochs"], QUICK["repeats"]

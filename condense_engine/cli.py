@@ -17,7 +17,7 @@ from condense_engine.bench_cli import add_bench_command, run_bench_command
 from condense_engine.expert import add_experts_command, run_experts_command
 
 
-def _option(text: str):
+def parse_option(text: str):
     """Parse KEY=VALUE; VALUE as a Python literal when it is one (1, 0.5, True, "x"), else a string."""
     if "=" not in text:
         raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
@@ -57,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--iterations", type=int, default=None, help="distillation iterations (method default)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--set", dest="options", action="append", type=_option, default=[], metavar="KEY=VALUE",
+    p.add_argument("--set", dest="options", action="append", type=parse_option, default=[], metavar="KEY=VALUE",
                    help="method option, e.g. --set lr_img=1.0 --set batch_real=256")
     p.add_argument("--out", default="out/distill", help="output folder (out/distill)")
     p.add_argument("--checkpoint-every", type=int, default=500, help="iterations between checkpoints (500)")

@@ -103,6 +103,8 @@ def test_schedule_label_only_calls_the_full_schedule_published():
     assert accuracy.schedule_label(20000, 20000, 1000) == "published schedule"
     assert accuracy.schedule_label(20000, 20000, 999).startswith("REDUCED")
     assert accuracy.schedule_label(10, 20000, 1000).startswith("REDUCED")
+    assert (accuracy.schedule_label(20000, 20000, 1000, {"batch_real": (64, 256)})
+            == "REDUCED (batch_real 64 instead of 256)")
 
 
 def test_accuracy_quick_writes_rows_with_the_documented_keys(tmp_path):
