@@ -1,8 +1,6 @@
 """DC and DSA end to end on small data: registration, the published loop table, the batched
 per-class gradients against the published per-class loop, the matching loss falls, published
 BatchNorm handling, and bit-identical resume."""
-import os
-import signal
 
 import pytest
 import torch
@@ -10,12 +8,11 @@ import torch.nn.functional as F
 
 import condense_engine as ce
 from condense_engine import ops
-from condense_engine.checkpoint import load_checkpoint
 from condense_engine.methods import get_method
 from condense_engine.methods.dc import DC, DSA
 from condense_engine.models import ConvNet, get_model
 from condense_engine.reference import match_dist as reference
-from tests.toy_data import toy_dataset
+from tests.toy_data import distill_interrupted, toy_dataset
 
 # Two image updates per network with one network epoch in between: every part of the loop runs.
 LOOPS = dict(outer_loop=2, inner_loop=1, batch_real=8, model="ConvNetW32")
@@ -143,7 +140,8 @@ def test_resume_after_interruption_is_bit_identical(method, tmp_path):
     data = toy_dataset()
     full = ce.distill(data, method=method, ipc=2, iterations=4, seed=1, progress=False, **LOOPS)
     ckpt = str(tmp_path / "ckpt.pt")
-    assert _run_until(data, method, ckpt, stop_after=2) == 2
+    assert distill_interrupted(DC, 2, dataset=data, method=method, ipc=2, iterations=4, seed=1, progress=False,
+                               checkpoint=ckpt, checkpoint_every=100, **LOOPS) == 2
     resumed = ce.distill(data, method=method, ipc=2, iterations=4, seed=1, progress=False, checkpoint=ckpt,
                          resume=True, **LOOPS)
     assert torch.equal(resumed.images, full.images)
@@ -151,23 +149,3 @@ def test_resume_after_interruption_is_bit_identical(method, tmp_path):
     assert not torch.equal(other.images, full.images)
 
 
-def _run_until(data, method, ckpt, stop_after):
-    """Run a distillation that receives SIGTERM after `stop_after` iterations; returns the saved iteration."""
-    calls = {"n": 0}
-    original = DC.step
-
-    def step(self, synset, iteration):
-        out = original(self, synset, iteration)
-        calls["n"] += 1
-        if calls["n"] == stop_after:
-            os.kill(os.getpid(), signal.SIGTERM)
-        return out
-
-    DC.step = step
-    try:
-        with pytest.raises(KeyboardInterrupt):
-            ce.distill(data, method=method, ipc=2, iterations=4, seed=1, progress=False, checkpoint=ckpt,
-                       checkpoint_every=100, **LOOPS)
-    finally:
-        DC.step = original
-    return load_checkpoint(ckpt)["iteration"]

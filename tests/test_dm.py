@@ -12,7 +12,7 @@ from condense_engine.checkpoint import load_checkpoint
 from condense_engine.errors import NonFiniteLossError
 from condense_engine.methods.dm import DM
 from condense_engine.models import ConvNetBank
-from tests.toy_data import FAST, toy_dataset
+from tests.toy_data import FAST, distill_interrupted, toy_dataset
 
 
 def test_dm_lowers_its_loss():
@@ -68,34 +68,11 @@ def test_resume_after_interruption_is_bit_identical(tmp_path):
                               checkpoint_every=2, log=log, **FAST)
     assert torch.equal(checkpointed.images, full.images)
     os.remove(ckpt)
-    assert _run_until(data, ckpt, stop_after=4) == 4
+    assert distill_interrupted(DM, 4, dataset=data, method="dm", ipc=2, iterations=6, seed=1, progress=False,
+                               checkpoint=ckpt, checkpoint_every=100, **FAST) == 4
     resumed = ce.distill(data, method="dm", ipc=2, iterations=6, seed=1, progress=False, checkpoint=ckpt,
                          resume=True, log=log, **FAST)
     assert torch.equal(resumed.images, full.images)
-
-
-def _run_until(data, ckpt, stop_after):
-    """Run a distillation that receives SIGTERM after `stop_after` iterations; returns the saved iteration."""
-    import signal
-
-    calls = {"n": 0}
-    original = DM.step
-
-    def step(self, synset, iteration):
-        out = original(self, synset, iteration)
-        calls["n"] += 1
-        if calls["n"] == stop_after:
-            os.kill(os.getpid(), signal.SIGTERM)
-        return out
-
-    DM.step = step
-    try:
-        with pytest.raises(KeyboardInterrupt):
-            ce.distill(data, method="dm", ipc=2, iterations=6, seed=1, progress=False, checkpoint=ckpt,
-                       checkpoint_every=100, **FAST)
-    finally:
-        DM.step = original
-    return load_checkpoint(ckpt)["iteration"]
 
 
 def test_resume_rejects_another_run(tmp_path):

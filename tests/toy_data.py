@@ -1,6 +1,13 @@
-"""Small class-structured data sets shared by the method tests."""
+"""Small class-structured data sets and run helpers shared by the method tests."""
+import os
+import signal
+from unittest import mock
+
+import pytest
 import torch
 
+import condense_engine as ce
+from condense_engine.checkpoint import load_checkpoint
 from condense_engine.datasets import from_tensors
 
 
@@ -15,3 +22,24 @@ def toy_dataset(classes=3, per_class=24, size=12, channels=1):
 
 
 FAST = dict(batch_real=8, model="ConvNetW32", dsa=True)
+
+
+def distill_interrupted(method_cls, stop_after: int, **distill_kwargs) -> int:
+    """Run `ce.distill`, sending ourselves SIGTERM after `stop_after` steps of `method_cls`.
+
+    The driver must stop with KeyboardInterrupt after checkpointing; returns the iteration the
+    checkpoint (distill_kwargs["checkpoint"]) holds.
+    """
+    original = method_cls.step
+    calls = []
+
+    def step(self, synset, iteration):
+        out = original(self, synset, iteration)
+        calls.append(iteration)
+        if len(calls) == stop_after:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return out
+
+    with mock.patch.object(method_cls, "step", step), pytest.raises(KeyboardInterrupt):
+        ce.distill(**distill_kwargs)
+    return load_checkpoint(distill_kwargs["checkpoint"])["iteration"]

@@ -38,3 +38,19 @@ def siamese_dsa(images: torch.Tensor, per_class: int, seeds: list, strategy: str
         for i, chunk in zip(members, augmented):
             out[i] = chunk
     return torch.cat(out)
+
+
+def matched_batches(sampler, synset, batch_real: int, strategy: str | None, generator: torch.Generator) -> tuple:
+    """`batch_real` real images of every class and the synthetic images, both class-ordered,
+    after one shared Siamese DSA transform per class (none when `strategy` is None).
+
+    Returns (real, syn, synthetic images per class); `syn` stays differentiable w.r.t. the set.
+    """
+    real, _ = sampler.sample(batch_real)
+    syn, _ = synset.materialize()
+    per_class = syn.shape[0] // synset.num_classes
+    if strategy:
+        seeds = torch.randint(0, 2**31 - 1, (synset.num_classes,), generator=generator).tolist()
+        real = siamese_dsa(real, batch_real, seeds, strategy)
+        syn = siamese_dsa(syn, per_class, seeds, strategy)
+    return real, syn, per_class

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch.func import functional_call, grad, vmap
 
 from condense_engine import ops
-from condense_engine.methods.augment import siamese_dsa
+from condense_engine.methods.augment import matched_batches
 from condense_engine.methods.base import Method, register
 from condense_engine.models import get_model
 
@@ -163,13 +163,7 @@ class DC(Method):
         total = torch.zeros((), device=self.device)
         for outer in range(outer_loop):
             self.freeze_batchnorm(net)
-            real, _ = self.sampler.sample(batch_real)
-            syn, _ = synset.materialize()
-            per_class = syn.shape[0] // self.num_classes
-            if self.strategy:
-                seeds = torch.randint(0, 2**31 - 1, (self.num_classes,), generator=self.generator).tolist()
-                real = siamese_dsa(real, batch_real, seeds, self.strategy)
-                syn = siamese_dsa(syn, per_class, seeds, self.strategy)
+            real, syn, per_class = matched_batches(self.sampler, synset, batch_real, self.strategy, self.generator)
             loss = self.matching_loss(net, real, syn, batch_real, per_class)
             # Only the pixels' gradient: the network's parameters are leaves of this graph too.
             synset.images.grad, = torch.autograd.grad(loss, synset.images)

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from condense_engine import ops
-from condense_engine.methods.augment import siamese_dsa
+from condense_engine.methods.augment import matched_batches
 from condense_engine.methods.base import Method, register
 from condense_engine.models import ConvNetBank, convnet_config
 
@@ -68,14 +68,8 @@ class DM(Method):
         if iteration % self.options["model_steps"] == 0 or self.bank is None:
             self.bank = ConvNetBank(self.options["nets"], generator=self.generator, **self.arch).to(self.device)
             self.bank.requires_grad_(False)
-        batch_real = self.options["batch_real"]
-        real, _ = self.sampler.sample(batch_real)
-        syn, _ = synset.materialize()
-        per_class = syn.shape[0] // self.num_classes
-        if self.strategy:
-            seeds = torch.randint(0, 2**31 - 1, (self.num_classes,), generator=self.generator).tolist()
-            real = siamese_dsa(real, batch_real, seeds, self.strategy)
-            syn = siamese_dsa(syn, per_class, seeds, self.strategy)
+        real, syn, per_class = matched_batches(self.sampler, synset, self.options["batch_real"], self.strategy,
+                                               self.generator)
         loss = self.embed_loss(self.bank, real, syn, per_class)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()

@@ -63,13 +63,7 @@ def mmd(x: torch.Tensor, y: torch.Tensor, kernel: str = "linear", *, degree: int
             xs, ys, kernel, degree=degree,
             gamma=reference.default_gamma(xs.shape[-1]) if gamma is None else gamma,
             coef0=coef0, sigmas=sigma_values, unbiased=unbiased, include_xx=include_xx)
-    if not batched:
-        return per_class[0]
-    if reduction == "sum":
-        return per_class.sum()
-    if reduction == "mean":
-        return per_class.mean()
-    return per_class
+    return reference.reduce_classes(per_class, batched, reduction)
 
 
 def _linear_per_class(x: torch.Tensor, y: torch.Tensor, unbiased: bool,

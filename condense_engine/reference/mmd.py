@@ -87,6 +87,11 @@ def mmd(x: torch.Tensor, y: torch.Tensor, kernel: str = "linear", *, degree: int
                  - 2.0 * pair_mean(gram(xs, ys, kernel, **options), False))
     if include_xx:
         per_class = per_class + pair_mean(gram(xs, xs, kernel, **options), unbiased)
+    return reduce_classes(per_class, batched, reduction)
+
+
+def reduce_classes(per_class: torch.Tensor, batched: bool, reduction: str) -> torch.Tensor:
+    """Apply `reduction` over the class axis; unbatched (2-D) inputs give the one class's value."""
     if not batched:
         return per_class[0]
     if reduction == "sum":
