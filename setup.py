@@ -25,7 +25,7 @@ def _extensions():
     sources = _sources("csrc/*.cpp") + _sources("csrc/ops/*.cpp") + _sources("csrc/ops/cpu/*.cpp")
     force_cuda = os.environ.get("FORCE_CUDA") == "1"
     with_cuda = (torch.version.cuda is not None and CUDA_HOME is not None) or force_cuda
-    extra = {"cxx": ["-O3", "-std=c++17", "-fopenmp"]}
+    extra = {"cxx": ["-O3", "-fopenmp"]}  # the C++ standard is the one torch's BuildExtension sets
     if with_cuda:
         sources += _sources("csrc/ops/cuda/*.cu") + _sources("csrc/ops/cuda/*_bind.cpp")
         extra["nvcc"] = ["-O3", "--use_fast_math", "-lineinfo"]
