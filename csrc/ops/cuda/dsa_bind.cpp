@@ -5,6 +5,8 @@
 #include <torch/library.h>
 #include <torch/types.h>
 
+#include "../dsa_arguments.h"
+
 namespace condense {
 
 cudaError_t launch_dsa_forward(const void* x, void* out, void* image_mean, const void* color,
@@ -30,25 +32,13 @@ int dtype_code(at::ScalarType type) {
   }
 }
 
+// Every tensor on x's CUDA device, then the checks shared with the CPU op.
 void check_arguments(const char* name, const at::Tensor& x, const at::Tensor& color,
                      const at::Tensor& affine, const at::Tensor& shifts, int64_t cutout_size) {
   TORCH_CHECK(x.is_cuda() && color.device() == x.device() && affine.device() == x.device() &&
                   shifts.device() == x.device(),
               name, ": all tensors must be on the same CUDA device");
-  TORCH_CHECK(x.dim() == 4 && at::isFloatingType(x.scalar_type()), name,
-              ": expected a floating (n, C, H, W) tensor");
-  const int64_t n = x.size(0);
-  const auto param_type = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  TORCH_CHECK(color.scalar_type() == param_type && color.dim() == 2 && color.size(0) == n &&
-                  color.size(1) == 3,
-              name, ": color must be (n, 3) of ", param_type);
-  TORCH_CHECK(affine.scalar_type() == param_type && affine.dim() == 2 && affine.size(0) == n &&
-                  affine.size(1) == 4,
-              name, ": affine must be (n, 4) of ", param_type);
-  TORCH_CHECK(shifts.scalar_type() == at::kLong && shifts.dim() == 2 && shifts.size(0) == n &&
-                  shifts.size(1) == 5,
-              name, ": shifts must be int64 (n, 5)");
-  TORCH_CHECK(cutout_size >= 0, name, ": cutout_size must be non-negative");
+  dsa::check_arguments(name, x, color, affine, shifts, cutout_size);
 }
 
 at::Tensor dsa_cuda(const at::Tensor& x, const at::Tensor& color, const at::Tensor& affine,
@@ -56,17 +46,14 @@ at::Tensor dsa_cuda(const at::Tensor& x, const at::Tensor& color, const at::Tens
                     bool align_corners) {
   check_arguments("dsa", x, color, affine, shifts, cutout_size);
   c10::cuda::CUDAGuard guard(x.device());
-  auto src = x.contiguous();
-  auto col = color.contiguous();
-  auto aff = affine.contiguous();
-  auto sh = shifts.contiguous();
-  auto out = at::empty_like(src);
-  auto image_mean = at::empty({x.size(0)}, col.options());
-  auto err = launch_dsa_forward(src.data_ptr(), out.data_ptr(), image_mean.data_ptr(),
-                                col.data_ptr(), aff.data_ptr(), sh.data_ptr<int64_t>(),
-                                dtype_code(x.scalar_type()), x.size(0), x.size(1), x.size(2),
-                                x.size(3), groups, cutout_size, align_corners,
-                                at::cuda::getCurrentCUDAStream());
+  const dsa::ContiguousTensors t = dsa::make_contiguous(x, color, affine, shifts);
+  auto out = at::empty_like(t.input);
+  auto image_mean = at::empty({x.size(0)}, t.color.options());
+  auto err = launch_dsa_forward(t.input.data_ptr(), out.data_ptr(), image_mean.data_ptr(),
+                                t.color.data_ptr(), t.affine.data_ptr(),
+                                t.shifts.data_ptr<int64_t>(), dtype_code(x.scalar_type()),
+                                x.size(0), x.size(1), x.size(2), x.size(3), groups, cutout_size,
+                                align_corners, at::cuda::getCurrentCUDAStream());
   TORCH_CHECK(err == cudaSuccess, "dsa: ", cudaGetErrorString(err));
   return out;
 }
@@ -76,18 +63,16 @@ at::Tensor dsa_backward_cuda(const at::Tensor& grad_out, const at::Tensor& color
                              int64_t cutout_size, bool align_corners) {
   check_arguments("dsa_backward", grad_out, color, affine, shifts, cutout_size);
   c10::cuda::CUDAGuard guard(grad_out.device());
-  auto go = grad_out.contiguous();
-  auto col = color.contiguous();
-  auto aff = affine.contiguous();
-  auto sh = shifts.contiguous();
-  auto grad_in = at::empty_like(go);
-  auto scattered = at::empty(go.sizes(), col.options());
-  auto scattered_mean = at::empty({go.size(0)}, col.options());
-  auto err = launch_dsa_backward(go.data_ptr(), grad_in.data_ptr(), scattered.data_ptr(),
-                                 scattered_mean.data_ptr(), col.data_ptr(), aff.data_ptr(),
-                                 sh.data_ptr<int64_t>(), dtype_code(go.scalar_type()), go.size(0),
-                                 go.size(1), go.size(2), go.size(3), groups, cutout_size,
-                                 align_corners, at::cuda::getCurrentCUDAStream());
+  const dsa::ContiguousTensors t = dsa::make_contiguous(grad_out, color, affine, shifts);
+  auto grad_in = at::empty_like(t.input);
+  auto scattered = at::empty(t.input.sizes(), t.color.options());
+  auto scattered_mean = at::empty({grad_out.size(0)}, t.color.options());
+  auto err = launch_dsa_backward(t.input.data_ptr(), grad_in.data_ptr(), scattered.data_ptr(),
+                                 scattered_mean.data_ptr(), t.color.data_ptr(),
+                                 t.affine.data_ptr(), t.shifts.data_ptr<int64_t>(),
+                                 dtype_code(grad_out.scalar_type()), grad_out.size(0),
+                                 grad_out.size(1), grad_out.size(2), grad_out.size(3), groups,
+                                 cutout_size, align_corners, at::cuda::getCurrentCUDAStream());
   TORCH_CHECK(err == cudaSuccess, "dsa_backward: ", cudaGetErrorString(err));
   return grad_in;
 }
