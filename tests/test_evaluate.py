@@ -1,9 +1,13 @@
-"""The evaluation protocol on tiny sets: it learns, it follows the recipe, it reports a baseline."""
+"""The evaluation protocol on tiny sets: it learns, it follows the recipe, it reports a baseline,
+and its repeats trained together as one vmapped model match the repeats trained one by one."""
 import pytest
 import torch
 
 import condense_engine as ce
+from condense_engine import evaluate_batched
 from condense_engine.datasets import from_tensors
+from condense_engine.evaluate import CPU_LOOP_REASON, fresh_models, train_and_test
+from condense_engine.evaluate_batched import train_and_test_batched
 from condense_engine.synset import SyntheticSet
 
 
@@ -83,3 +87,102 @@ def test_bad_input():
     synset.images[0, 0, 0, 0] = float("nan")
     with pytest.raises(ValueError, match="non-finite"):
         ce.evaluate(synset, test, repeats=1, epochs=1)
+
+
+def _train_both_ways(train, test, *, repeats, epochs, batch_size, strategy, seed=3):
+    """Fresh models trained one after another and together, from the same seeds."""
+    shape = dict(channel=1, num_classes=train.num_classes, im_size=train.image_size, device="cpu")
+    images, labels = train.normalized(), train.labels
+    recipe = dict(epochs=epochs, lr=0.01, batch_size=batch_size, strategy=strategy)
+
+    def generators():
+        return [torch.Generator().manual_seed(seed * 1000 + r) for r in range(repeats)]
+
+    looped = fresh_models("ConvNetW32", repeats, seed, **shape)
+    loop_results = [train_and_test(net, images, labels, test, **recipe, generator=g)
+                    for net, g in zip(looped, generators())]
+    together = fresh_models("ConvNetW32", repeats, seed, **shape)
+    accs, losses = train_and_test_batched(together, images.expand(repeats, *images.shape),
+                                          labels.expand(repeats, *labels.shape), test, **recipe,
+                                          generators=generators())
+    return looped, loop_results, together, list(zip(accs, losses))
+
+
+@pytest.mark.parametrize("strategy", [None, "color_crop_cutout_flip_scale_rotate"])
+def test_batched_training_gives_the_loops_weights(strategy):
+    """Same init, minibatch order and DSA params: the weights agree up to float rounding.
+
+    Batches of 4 from 12 images over 4 epochs: several steps per epoch, several op groups
+    drawn, and the lr decay with its momentum reset at epoch 2.
+    """
+    train, test = _separable(4), _separable(10, seed=1)
+    looped, loop_results, together, batched_results = _train_both_ways(
+        train, test, repeats=2, epochs=4, batch_size=4, strategy=strategy)
+    assert [acc for acc, _ in batched_results] == [acc for acc, _ in loop_results]
+    torch.testing.assert_close([loss for _, loss in batched_results],
+                               [loss for _, loss in loop_results], rtol=1e-4, atol=1e-6)
+    for loop_net, batched_net in zip(looped, together):
+        torch.testing.assert_close(dict(batched_net.named_parameters()),
+                                   dict(loop_net.named_parameters()), rtol=1e-4, atol=1e-6)
+    # The two repeats really differ, so matching them pairwise means something.
+    first, second = (dict(net.named_parameters())["classifier.weight"] for net in together)
+    assert not torch.allclose(first, second, atol=1e-3)
+
+
+def test_evaluate_batched_matches_loop_with_baseline():
+    train, test = _separable(3), _separable(6, seed=1)
+    kwargs = dict(model="ConvNetW32", repeats=2, epochs=3, batch_size=4, seed=1, baseline=True,
+                  train_set=_separable(10, seed=2))
+    looped = ce.evaluate(_synset(train), test, batched=False, **kwargs)
+    together = ce.evaluate(_synset(train), test, batched=True, **kwargs)
+    assert looped.recipe["path"] == "loop" and looped.recipe["loop_reason"] == "batched=False"
+    assert together.recipe["path"] == "batched" and together.baseline.recipe["path"] == "batched"
+    assert together.accuracies == looped.accuracies
+    assert together.baseline.accuracies == looped.baseline.accuracies
+    torch.testing.assert_close(together.losses, looped.losses, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(together.baseline.losses, looped.baseline.losses, rtol=1e-4, atol=1e-6)
+
+
+def test_default_loops_on_cpu_and_batches_on_an_accelerator():
+    train, test = _separable(2), _separable(3, seed=1)
+    on_cpu = ce.evaluate(_synset(train), test, model="ConvNetW32", repeats=2, epochs=1, device="cpu")
+    assert on_cpu.recipe["path"] == "loop" and on_cpu.recipe["loop_reason"] == CPU_LOOP_REASON
+    if torch.cuda.is_available():
+        on_gpu = ce.evaluate(_synset(train), test, model="ConvNetW32", repeats=2, epochs=1, device="cuda")
+        assert on_gpu.recipe["path"] == "batched"
+
+
+def test_batchnorm_model_falls_back_to_the_loop():
+    train, test = _separable(4), _separable(10, seed=1)
+    report = ce.evaluate(_synset(train), test, model="ConvNetBN", repeats=2, epochs=2, batch_size=6)
+    assert report.recipe["path"] == "loop" and "BatchNorm" in report.recipe["loop_reason"]
+    assert len(report.accuracies) == 2 and all(0.0 <= acc <= 1.0 for acc in report.accuracies)
+    with pytest.raises(ValueError, match="cannot be batched"):
+        ce.evaluate(_synset(train), test, model="ConvNetBN", repeats=1, epochs=1, batched=True)
+
+
+class _DataDependentNet(torch.nn.Module):
+    """A linear classifier with Python control flow on a tensor value, which vmap cannot trace."""
+
+    def __init__(self, channel, num_classes, im_size):
+        super().__init__()
+        self.linear = torch.nn.Linear(channel * im_size[0] * im_size[1], num_classes)
+
+    def forward(self, x):
+        logits = self.linear(x.flatten(1))
+        return logits if logits.sum() > -1e9 else -logits
+
+
+def test_model_torch_func_cannot_run_falls_back_and_is_remembered(monkeypatch):
+    monkeypatch.setattr(evaluate_batched, "_VMAP_PROBED", {})
+    original = ce.models.get_model
+    monkeypatch.setattr(ce.models, "get_model", lambda name, *args: (
+        _DataDependentNet(*args) if name == "DataDependent" else original(name, *args)))
+    train, test = _separable(4), _separable(10, seed=1)
+    report = ce.evaluate(_synset(train), test, model="DataDependent", repeats=2, epochs=2, dsa=False)
+    assert report.recipe["path"] == "loop" and "torch.func" in report.recipe["loop_reason"]
+    assert len(report.accuracies) == 2
+    # The verdict is remembered: a second evaluation reuses it instead of probing again.
+    evaluate_batched._VMAP_PROBED[("DataDependent", "cpu")] = "remembered"
+    again = ce.evaluate(_synset(train), test, model="DataDependent", repeats=2, epochs=1, dsa=False)
+    assert again.recipe["loop_reason"] == "remembered"
