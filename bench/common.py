@@ -13,6 +13,14 @@ import time
 
 import torch
 
+if not torch.cuda.is_available():
+    # Every kernel benchmark imports this module before condense_engine.kernels, and Triton must
+    # see TRITON_INTERPRET before it decorates a kernel: CPU smoke runs use the interpreter.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+#: The note on a Triton row measured in the CPU interpreter.
+INTERPRETER_NOTE = "Triton interpreter (TRITON_INTERPRET=1): a smoke test, not a speed"
+
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 # Dense peak throughput per device, from NVIDIA's H100 and H200 datasheets (SXM form factor
@@ -154,3 +162,26 @@ def format_table(rows: list[dict]) -> str:
 def print_table(rows: list[dict]) -> None:
     """Print the rows as a table."""
     print(format_table(rows), flush=True)
+
+
+def measure(step, device: torch.device | str, *, interpreted: bool = False, **timing) -> tuple:
+    """(ms, extra peak MB, note) of `step`: the note is INTERPRETER_NOTE when `interpreted`
+    (a Triton row on CPU), else None; (None, None, "failed: ...") when `step` raises a
+    RuntimeError (out of memory included), so one failing case does not end the whole run."""
+    try:
+        step()
+        note = INTERPRETER_NOTE if interpreted else None
+        return time_ms(step, device, **timing), peak_memory_mb(step, device), note
+    except RuntimeError as error:
+        if torch.device(device).type == "cuda":
+            torch.cuda.empty_cache()
+        return None, None, f"failed: {str(error)[:120]}"
+
+
+def finish(name: str, rows: list[dict], device: torch.device | str, out: str | None = None) -> str:
+    """Write the results file, print the table and where it went; the file's path."""
+    path = write_results(name, rows, device, out)
+    print()
+    print_table(rows)
+    print(f"\nwrote {path}")
+    return path

@@ -48,9 +48,8 @@ def measure_ours(case, device, peaks):
     method.init(synset, data, sampler, generator, device)
     counter = iter(range(10**9))
     step = lambda: method.step(synset, next(counter))  # noqa: E731
-    step()
-    return common.row("dm_iteration", name, "ours", common.time_ms(step, device, warmup=1, reps=5),
-                      peak_mem_mb=common.peak_memory_mb(step, device), peaks=peaks, note=STAND_IN)
+    ms, memory, failure = common.measure(step, device, warmup=1, reps=5)
+    return common.row("dm_iteration", name, "ours", ms, peak_mem_mb=memory, peaks=peaks, note=failure or STAND_IN)
 
 
 def measure_eager(case, device, peaks, compiled: bool):
@@ -75,14 +74,12 @@ def measure_eager(case, device, peaks, compiled: bool):
         baseline.ConvNet = compiled_convnet
     try:
         step = lambda: dm_iteration_per_class(real_by_class, syn, optimizer, seed=next(counter), **options)  # noqa: E731
-        step()
-        ms = common.time_ms(step, device, warmup=1, reps=5)
-        memory = common.peak_memory_mb(step, device)
+        ms, memory, failure = common.measure(step, device, warmup=1, reps=5)
     finally:
         if compiled:
             baseline.ConvNet = original
     return common.row("dm_iteration", name, "compile" if compiled else "eager", ms, peak_mem_mb=memory,
-                      peaks=peaks, note=STAND_IN)
+                      peaks=peaks, note=failure or STAND_IN)
 
 
 def main(argv=None) -> list:
@@ -102,9 +99,7 @@ def main(argv=None) -> list:
         else:
             rows.append(measure_eager(case, device, peaks, compiled=True))
         print(rows[-3:], flush=True)
-    path = common.write_results("dm_iteration_quick" if args.quick else "dm_iteration", rows, device, args.out)
-    common.print_table(rows)
-    print(f"\nwrote {path}")
+    common.finish("dm_iteration_quick" if args.quick else "dm_iteration", rows, device, args.out)
     return rows
 
 

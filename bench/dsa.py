@@ -30,20 +30,15 @@ published-style chain; torch.compile skipped) as a smoke test for CI; its times 
 about speed.
 """
 import argparse
-import os
 
 import torch
 
-if not torch.cuda.is_available():
-    # Must be set before condense_engine.kernels decorates its Triton kernels.
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-from bench import common  # noqa: E402
-from bench.baselines.dsa_published import published_dsa  # noqa: E402
-from condense_engine import ops  # noqa: E402
-from condense_engine._extension import has_native  # noqa: E402
-from condense_engine.ops.dsa import GROUPS, NATIVE_DEVICES, DSAParams, native_dsa  # noqa: E402
-from condense_engine.reference import dsa as reference  # noqa: E402
+from bench import common
+from bench.baselines.dsa_published import published_dsa
+from condense_engine import ops
+from condense_engine._extension import has_native
+from condense_engine.ops.dsa import GROUPS, NATIVE_DEVICES, DSAParams, native_dsa
+from condense_engine.reference import dsa as reference
 
 # (name, n, C, H, W)
 FULL_CASES = [
@@ -138,13 +133,9 @@ def measure(case, strategy: str, mode: str, impl: str, variant: str, device: tor
     params = DSAParams.sample(n, STRATEGIES[strategy], size=(height, width), mode="M",
                               siamese=False, seed=0, device=device)
     step = step_function(augment_function(variant, params), mode, x, upstream)
-    try:
-        step()
-        ms = common.time_ms(step, device, **timing)
-        memory = common.peak_memory_mb(step, device)
-    except RuntimeError as error:  # out of memory included
-        return common.row("dsa", label, impl, None, note=f"{variant} failed: {str(error)[:120]}",
-                          **counts)
+    ms, memory, failure = common.measure(step, device, **timing)
+    if failure:
+        note = f"{variant} {failure}"
     return common.row("dsa", label, impl, ms, peak_mem_mb=memory, note=note, **counts)
 
 
@@ -185,10 +176,7 @@ def main(argv=None) -> list[dict]:
                     print(f"{rows[-1]['case']} {impl} ({variant}): {rows[-1]['ms']} ms",
                           flush=True)
     name = "dsa_quick" if args.quick else ("dsa" if args.dtype == "fp32" else "dsa_bf16")
-    path = common.write_results(name, rows, device, args.out)
-    print()
-    common.print_table(rows)
-    print(f"\nwrote {path}")
+    common.finish(name, rows, device, args.out)
     return rows
 
 

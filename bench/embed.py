@@ -31,18 +31,13 @@ the least traffic any implementation needs (e = bytes per element, N = n·C·H·
 smoke test for CI; its times say nothing about speed.
 """
 import argparse
-import os
 
 import torch
 
-if not torch.cuda.is_available():
-    # Must be set before condense_engine.kernels decorates its Triton kernels.
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-from bench import common  # noqa: E402
-from condense_engine import ops  # noqa: E402
-from condense_engine.models import ConvNetBank  # noqa: E402
-from condense_engine.reference import embed as reference  # noqa: E402
+from bench import common
+from condense_engine import ops
+from condense_engine.models import ConvNetBank
+from condense_engine.reference import embed as reference
 
 # (name, k, width, depth, image side, n_real, n_syn): CIFAR-10 DM at IPC 50 (10 classes × 256
 # real + 50 synthetic) and TinyImageNet-sized images.
@@ -109,17 +104,9 @@ def measure_network(case, impl: str, device, dtype, peaks, compile_note, ablatio
             real_features = embed(real)
         return torch.autograd.grad(dm_loss(real_features, embed(syn)), (syn,))
 
-    try:
-        step()
-        ms = common.time_ms(step, device)
-        memory = common.peak_memory_mb(step, device)
-    except RuntimeError as error:  # out of memory included
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-        return common.row("embed", name, impl, None, note=f"failed: {str(error)[:120]}",
-                          **counts)
-    if impl == "ours" and device.type == "cpu" and not ablation:
-        note = "Triton interpreter (TRITON_INTERPRET=1): a smoke test, not a speed"
+    ms, memory, measured_note = common.measure(step, device,
+                                               interpreted=impl == "ours" and device.type == "cpu" and not ablation)
+    note = measured_note or note
     return common.row("embed", name, impl, ms, peak_mem_mb=memory, note=note, **counts)
 
 
@@ -153,18 +140,7 @@ def measure_epilogue(case, mode: str, impl: str, device, dtype, peaks, compile_n
         out = epilogue(x)
         return torch.autograd.grad(out, (x,), torch.ones_like(out))
 
-    try:
-        step()
-        ms = common.time_ms(step, device)
-        memory = common.peak_memory_mb(step, device)
-    except RuntimeError as error:
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-        return common.row("embed", label, impl, None, note=f"failed: {str(error)[:120]}",
-                          **counts)
-    note = None
-    if impl == "ours" and device.type == "cpu":
-        note = "Triton interpreter (TRITON_INTERPRET=1): a smoke test, not a speed"
+    ms, memory, note = common.measure(step, device, interpreted=impl == "ours" and device.type == "cpu")
     return common.row("embed", label, impl, ms, peak_mem_mb=memory, note=note, **counts)
 
 
@@ -209,10 +185,7 @@ def main(argv=None) -> list[dict]:
                                              compile_note))
                 print(f"{rows[-1]['case']} {impl}: {rows[-1]['ms']} ms", flush=True)
     name = "embed_quick" if args.quick else ("embed" if args.dtype == "fp32" else "embed_bf16")
-    path = common.write_results(name, rows, device, args.out)
-    print()
-    common.print_table(rows)
-    print(f"\nwrote {path}")
+    common.finish(name, rows, device, args.out)
     return rows
 
 

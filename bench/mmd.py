@@ -22,17 +22,12 @@ GB/s is an effective bandwidth:
 smoke test for CI; its times say nothing about speed.
 """
 import argparse
-import os
 
 import torch
 
-if not torch.cuda.is_available():
-    # Must be set before condense_engine.kernels decorates its Triton kernels.
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-from bench import common  # noqa: E402
-from condense_engine import ops  # noqa: E402
-from condense_engine.reference import mmd as reference  # noqa: E402
+from bench import common
+from condense_engine import ops
+from condense_engine.reference import mmd as reference
 
 # (name, C, N, M, d)
 FULL_CASES = [
@@ -104,15 +99,7 @@ def measure(case, kernel: str, mode: str, impl: str, device: torch.device, dtype
     y = (0.9 * torch.randn(classes, m, dim, device=device, generator=generator) + 0.1).to(dtype)
     y.requires_grad_(mode == "fwd+bwd")
     step = step_function(loss_function(impl, kernel, mode), mode, x, y)
-    try:
-        step()
-        ms = common.time_ms(step, device)
-        memory = common.peak_memory_mb(step, device)
-    except RuntimeError as error:  # out of memory included
-        return common.row("mmd", label, impl, None, note=f"failed: {str(error)[:120]}", **counts)
-    note = None
-    if impl == "ours" and device.type == "cpu":
-        note = "Triton interpreter (TRITON_INTERPRET=1): a smoke test, not a speed"
+    ms, memory, note = common.measure(step, device, interpreted=impl == "ours" and device.type == "cpu")
     return common.row("mmd", label, impl, ms, peak_mem_mb=memory, note=note, **counts)
 
 
@@ -153,10 +140,7 @@ def main(argv=None) -> list[dict]:
                                         compile_note))
                     print(f"{rows[-1]['case']} {impl}: {rows[-1]['ms']} ms", flush=True)
     name = "mmd_quick" if args.quick else ("mmd" if args.dtype == "fp32" else "mmd_bf16")
-    path = common.write_results(name, rows, device, args.out)
-    print()
-    common.print_table(rows)
-    print(f"\nwrote {path}")
+    common.finish(name, rows, device, args.out)
     return rows
 
 
