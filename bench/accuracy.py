@@ -151,11 +151,23 @@ def device_slug(device: torch.device) -> str:
     return re.sub(r"[^a-z0-9]+", "-", common.device_name(device).lower()).strip("-")
 
 
-def default_out_path(device: torch.device, quick: bool) -> str:
-    """bench/results/accuracy-<device>-<UTC date and time>[_quick].json: one file per run."""
+def default_out_path(device: torch.device, quick: bool, results_dir: str = common.RESULTS_DIR) -> str:
+    """bench/results/accuracy-<device>-<UTC date and time>[-<k>][_quick].json, one file per run.
+
+    The name is reserved by creating the file exclusively, so runs started in the same second
+    (one per data set, say) never overwrite each other's rows."""
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%d-%H%M%S")
     suffix = "_quick" if quick else ""
-    return os.path.join(common.RESULTS_DIR, f"accuracy-{device_slug(device)}-{stamp}{suffix}.json")
+    os.makedirs(results_dir, exist_ok=True)
+    for attempt in range(1000):
+        tag = f"-{attempt}" if attempt else ""
+        path = os.path.join(results_dir, f"accuracy-{device_slug(device)}-{stamp}{tag}{suffix}.json")
+        try:
+            os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+            return path
+        except FileExistsError:
+            continue
+    raise RuntimeError(f"no free results file name for stamp {stamp} in {results_dir}")
 
 
 def measure(method: str, dataset: str, train, test, ipc: int, *, iterations: int | None, epochs: int,

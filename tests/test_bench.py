@@ -7,6 +7,7 @@ import json
 import os
 
 import pytest
+import torch
 from PIL import Image
 
 from bench import accuracy, report, run_all
@@ -129,3 +130,9 @@ def test_condense_bench_finds_the_checkout_or_says_it_needs_one(tmp_path, monkey
     assert (args.quick, args.only) == (True, ["mmd"])
     assert bench_cli.run_bench_command(args) == 2
     assert "needs a source checkout" in capsys.readouterr().err
+
+
+def test_concurrent_accuracy_runs_get_distinct_files(tmp_path):
+    device = torch.device("cpu")
+    paths = {accuracy.default_out_path(device, False, str(tmp_path)) for _ in range(3)}
+    assert len(paths) == 3 and all(os.path.exists(p) for p in paths)
