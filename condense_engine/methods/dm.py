@@ -90,8 +90,10 @@ class M3D(DM):
     The paper's exact lr_img, kernel bandwidths, factor and updates-per-model are not public in
     a form we could verify (methods.md §12.3), so the defaults here are our own: the Gaussian
     kernel with `ops.mmd`'s data-scaled multi-bandwidth σ (0.5, 1, 2 × the real features' RMS
-    pair distance), factor 1, one update per model and DM's lr/momentum. They were checked against
-    DM on MNIST / Fashion-MNIST (see bench/RESULTS.md once the accuracy runs are committed).
+    pair distance), factor 1, one update per model and DM's lr/momentum. Measured on CPU with a
+    reduced schedule (bench/RESULTS.md: IPC 10, 200 iterations, batch_real 64, 300 epochs) these
+    defaults fall short of DM (MNIST 92.6 vs 95.8 %, Fashion-MNIST 76.6 vs 80.9 %): they still
+    need tuning (lr_img for the bounded Gaussian kernel, bandwidths, the y-y repulsion term).
     `kernel="poly"` with `degree` matches moments up to that order.
     """
 
