@@ -2,7 +2,8 @@
 
 An expert is a ConvNet trained on the whole real set with plain SGD (lr 0.01, no momentum, no
 weight decay, no lr decay, batch 256) and per-sample DSA, its flat parameter vector snapshotted
-at initialisation and after every epoch: a trajectory of shape (epochs + 1, P).
+at initialisation and after every epoch: a trajectory of shape (epochs + 1, P). DATM's "flat"
+experts use GSAM over that SGD instead (`optimizer="gsam"`: ρ 0.01, α 0.3, adaptive; gsam.py).
 
 A buffer is a folder: one file per expert (`expert_0000.pt`, ...) plus `index.pt` listing the
 finished experts and the buffer's metadata (data set, ZCA or not, model and its architecture,
@@ -22,6 +23,7 @@ import torch.nn.functional as F
 
 from condense_engine import __version__
 from condense_engine.checkpoint import atomic_save, check_format, load_versioned
+from condense_engine.gsam import GSAM
 from condense_engine.models import FunctionalConvNet, convnet_config
 from condense_engine.ops.dsa import DSAParams, default_strategy, dsa
 
@@ -32,6 +34,9 @@ INDEX_FILE = "index.pt"
 # Metadata that describes the library, not the experts: ignored when deciding whether an
 # existing buffer folder may be continued.
 _PROVENANCE_KEYS = ("library_version",)
+OPTIMIZERS = ("sgd", "gsam")
+# DATM's expert GSAM settings (methods.md §8.1: rho_max = rho_min = 0.01, alpha 0.3, adaptive).
+DATM_GSAM = dict(rho=0.01, alpha=0.3, adaptive=True)
 
 
 def expert_file_name(number: int) -> str:
@@ -49,8 +54,12 @@ def _expert_generator(seed: int, number: int) -> torch.Generator:
 
 
 def buffer_meta(dataset, model: str, *, epochs: int, lr: float, momentum: float, weight_decay: float,
-                batch_size: int, strategy: str | None, seed: int) -> dict:
-    """The metadata stored with every buffer (plain values only, so files load weights_only)."""
+                batch_size: int, strategy: str | None, seed: int, optimizer: str = "sgd",
+                gsam: dict | None = None) -> dict:
+    """The metadata stored with every buffer (plain values only, so files load weights_only).
+
+    `gsam` (rho, alpha, adaptive) is recorded only for optimizer "gsam".
+    """
     student = student_network(dict(model=model, model_config=convnet_config(model),
                                    channels=dataset.channels, num_classes=dataset.num_classes,
                                    image_size=list(dataset.image_size)))
@@ -59,7 +68,12 @@ def buffer_meta(dataset, model: str, *, epochs: int, lr: float, momentum: float,
                 image_size=list(dataset.image_size), num_classes=dataset.num_classes,
                 num_params=student.num_params, augmentation=strategy, epochs=int(epochs), lr=float(lr),
                 momentum=float(momentum), weight_decay=float(weight_decay), batch_size=int(batch_size),
-                seed=int(seed), library_version=__version__)
+                seed=int(seed), optimizer=optimizer, **(gsam or {}), library_version=__version__)
+
+
+def _upgraded(meta: dict) -> dict:
+    """Metadata of buffers written before the optimiser was recorded: those experts used SGD."""
+    return {"optimizer": "sgd", **meta}
 
 
 def student_network(meta: dict) -> FunctionalConvNet:
@@ -88,7 +102,7 @@ class ExpertBuffer:
 
     def __repr__(self) -> str:
         where = f", folder={self.folder!r}" if self.folder else ""
-        return (f"ExpertBuffer({self._count} experts, {self.meta['epochs']} epochs, "
+        return (f"ExpertBuffer({self._count} experts, {self.meta['epochs']} epochs, {describe_optimizer(self.meta)}, "
                 f"{self.meta['model']} on {self.meta['dataset']}{' (zca)' if self.meta['zca'] else ''}{where})")
 
     @property
@@ -123,9 +137,17 @@ class ExpertBuffer:
         if not isinstance(trajectory, torch.Tensor) or tuple(trajectory.shape) != expected:
             found = tuple(trajectory.shape) if isinstance(trajectory, torch.Tensor) else type(trajectory).__name__
             raise ValueError(f"expert file {path} holds a trajectory of shape {found}, expected {expected}")
-        if _without_provenance(content["meta"]) != _without_provenance(self.meta):
+        if _without_provenance(_upgraded(content["meta"])) != _without_provenance(self.meta):
             raise ValueError(f"expert file {path} was trained with other settings than its buffer index says")
         return trajectory
+
+
+def describe_optimizer(meta: dict) -> str:
+    """The experts' optimiser in words, e.g. "sgd lr 0.01" or "gsam lr 0.01 (rho 0.01, alpha 0.3, adaptive)"."""
+    text = f"{meta['optimizer']} lr {meta['lr']:g}"
+    if meta["optimizer"] == "gsam":
+        text += f" (rho {meta['rho']:g}, alpha {meta['alpha']:g}{', adaptive' if meta['adaptive'] else ''})"
+    return text
 
 
 def _without_provenance(meta: dict) -> dict:
@@ -149,7 +171,7 @@ def load_experts(path) -> ExpertBuffer:
     index = _read_index(folder)
     if not index["experts"]:
         raise ValueError(f"the expert buffer {folder} holds no finished expert yet")
-    return ExpertBuffer(index["meta"], folder=folder, files=index["experts"])
+    return ExpertBuffer(_upgraded(index["meta"]), folder=folder, files=index["experts"])
 
 
 def check_compatible(meta: dict, dataset, model, zca: bool) -> None:
@@ -159,7 +181,8 @@ def check_compatible(meta: dict, dataset, model, zca: bool) -> None:
     data and network they were trained on: the same data set, whitening, architecture, image
     size and number of classes.
     """
-    source = f"the expert buffer (trained on {meta['dataset']}{' with ZCA' if meta['zca'] else ''}, {meta['model']})"
+    source = (f"the expert buffer (trained on {meta['dataset']}{' with ZCA' if meta['zca'] else ''}, {meta['model']}, "
+              f"{describe_optimizer(_upgraded(meta))})")
     if _dataset_key(meta["dataset"]) != _dataset_key(dataset.name):
         raise ValueError(f"{source} does not fit data set {dataset.name!r}: it was trained on {meta['dataset']!r}")
     if bool(meta["zca"]) != bool(zca):
@@ -187,8 +210,7 @@ def train_expert(dataset, student: FunctionalConvNet, meta: dict, number: int, d
     generator = _expert_generator(meta["seed"], number)
     init_seed = int(torch.randint(0, 2**62, (), generator=generator))
     net = student.to_module(student.init_params(init_seed)).to(device)
-    optimizer = torch.optim.SGD(net.parameters(), lr=meta["lr"], momentum=meta["momentum"],
-                                weight_decay=meta["weight_decay"])
+    optimizer = _expert_optimizer(net, meta)
     strategy, size = meta["augmentation"], tuple(meta["image_size"])
     count = len(dataset)
     snapshots = [student.flatten(net).cpu()]
@@ -202,22 +224,38 @@ def train_expert(dataset, student: FunctionalConvNet, meta: dict, number: int, d
                 params = DSAParams.sample(len(batch), strategy, size=size, siamese=False, generator=generator,
                                           device=device)
                 images = dsa(images, params)
-            loss = F.cross_entropy(net(images), dataset.labels[batch])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            labels = dataset.labels[batch]
+
+            def batch_loss():  # GSAM calls it twice on the same (augmented) batch
+                optimizer.zero_grad(set_to_none=True)
+                loss = F.cross_entropy(net(images), labels)
+                loss.backward()
+                return loss
+
+            loss = optimizer.step(batch_loss)
             total += loss.detach() * len(batch)
         epoch_losses.append(float(total) / count)
         snapshots.append(student.flatten(net).cpu())
     return torch.stack(snapshots), epoch_losses
 
 
+def _expert_optimizer(net: torch.nn.Module, meta: dict) -> torch.optim.Optimizer:
+    if meta["optimizer"] == "gsam":
+        return GSAM(net.parameters(), lr=meta["lr"], rho=meta["rho"], alpha=meta["alpha"],
+                    adaptive=meta["adaptive"], momentum=meta["momentum"], weight_decay=meta["weight_decay"])
+    return torch.optim.SGD(net.parameters(), lr=meta["lr"], momentum=meta["momentum"],
+                           weight_decay=meta["weight_decay"])
+
+
 def train_experts(dataset, num_experts: int, epochs: int, *, model: str = "ConvNet", lr: float = 0.01,
                   momentum: float = 0.0, weight_decay: float = 0.0, batch_size: int = 256, dsa: bool = True,
-                  dsa_strategy: str | None = None, device=None, seed: int = 0, out=None,
-                  progress: bool = False) -> ExpertBuffer:
+                  dsa_strategy: str | None = None, optimizer: str = "sgd", rho: float | None = None,
+                  alpha: float | None = None, adaptive: bool | None = None, device=None, seed: int = 0,
+                  out=None, progress: bool = False) -> ExpertBuffer:
     """Train `num_experts` experts for `epochs` epochs each (MTT's buffer.py recipe by default).
 
+    `optimizer="gsam"` trains DATM's flat experts: GSAM over the SGD settings, with `rho`,
+    `alpha` and `adaptive` defaulting to DATM's (0.01, 0.3, True); they are refused with "sgd".
     The data are used as given: a ZCA-whitened ImageDataset yields a ZCA buffer (recorded in
     the metadata). With `out`, each expert is saved as soon as it is done and an existing
     buffer there with the same settings is continued; without it the buffer stays in memory.
@@ -228,10 +266,11 @@ def train_experts(dataset, num_experts: int, epochs: int, *, model: str = "ConvN
         raise ValueError(f"epochs must be a positive int, got {epochs!r}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
+    gsam = _gsam_settings(optimizer, rho=rho, alpha=alpha, adaptive=adaptive)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     strategy = (dsa_strategy or default_strategy(dataset.name)) if dsa else None
     meta = buffer_meta(dataset, model, epochs=epochs, lr=lr, momentum=momentum, weight_decay=weight_decay,
-                       batch_size=batch_size, strategy=strategy, seed=seed)
+                       batch_size=batch_size, strategy=strategy, seed=seed, optimizer=optimizer, gsam=gsam)
     student = student_network(meta)
     files = _resume_files(out, meta) if out is not None else []
     trajectories = []
@@ -256,15 +295,29 @@ def train_experts(dataset, num_experts: int, epochs: int, *, model: str = "ConvN
     return load_experts(out)
 
 
+def _gsam_settings(optimizer: str, **given) -> dict | None:
+    """DATM's GSAM settings overridden by those given; None (and none given) for SGD."""
+    if optimizer not in OPTIMIZERS:
+        raise ValueError(f"unknown expert optimizer {optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
+    chosen = {name: value for name, value in given.items() if value is not None}
+    if optimizer == "sgd":
+        if chosen:
+            raise ValueError(f"{', '.join(chosen)} only apply to optimizer='gsam', not 'sgd'")
+        return None
+    settings = dict(DATM_GSAM, **chosen)
+    return dict(rho=float(settings["rho"]), alpha=float(settings["alpha"]), adaptive=bool(settings["adaptive"]))
+
+
 def _resume_files(folder, meta: dict) -> list:
     """The finished experts of an existing buffer in `folder` with the same settings (else [])."""
     folder = os.fspath(folder)
     if not os.path.exists(os.path.join(folder, INDEX_FILE)):
         return []
     index = _read_index(folder)
-    if _without_provenance(index["meta"]) != _without_provenance(meta):
-        changed = sorted(k for k in set(meta) | set(index["meta"])
-                         if k not in _PROVENANCE_KEYS and index["meta"].get(k) != meta.get(k))
+    existing = _upgraded(index["meta"])
+    if _without_provenance(existing) != _without_provenance(meta):
+        changed = sorted(k for k in set(meta) | set(existing)
+                         if k not in _PROVENANCE_KEYS and existing.get(k) != meta.get(k))
         raise ValueError(f"{folder} already holds an expert buffer trained with other settings "
                          f"(differing: {', '.join(changed)}); choose another folder")
     return list(index["experts"])
@@ -274,8 +327,9 @@ def add_experts_command(subparsers) -> argparse.ArgumentParser:
     """Add `condense experts` (train an expert-trajectory buffer) to the CLI's subparsers."""
     p = subparsers.add_parser(
         "experts", help="train expert trajectories for trajectory matching (mtt, tesla, datm)",
-        description="Train ConvNet experts on the whole training split with SGD and DSA, saving every "
-        "epoch's parameters (MTT's buffer.py). Re-running with the same --out continues an interrupted run.")
+        description="Train ConvNet experts on the whole training split with SGD (MTT's buffer.py) or GSAM "
+        "over SGD (DATM's flat experts) and DSA, saving every epoch's parameters. Re-running with the same "
+        "--out continues an interrupted run.")
     p.add_argument("--dataset", required=True, help="data set name (see `condense datasets list`)")
     p.add_argument("--root", default=None, help="folder (or file) holding the data set's files")
     p.add_argument("--num-experts", type=int, default=100, help="experts to train (100)")
@@ -284,6 +338,14 @@ def add_experts_command(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=0.01, help="expert SGD learning rate (0.01)")
     p.add_argument("--momentum", type=float, default=0.0)
     p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--optimizer", choices=OPTIMIZERS, default="sgd",
+                   help="sgd (MTT) or gsam: sharpness-aware GSAM over that SGD (DATM's experts)")
+    p.add_argument("--rho", type=float, default=None,
+                   help=f"GSAM perturbation radius ({DATM_GSAM['rho']}; gsam only)")
+    p.add_argument("--alpha", type=float, default=None,
+                   help=f"GSAM surrogate-gap weight ({DATM_GSAM['alpha']}; gsam only)")
+    p.add_argument("--adaptive", action=argparse.BooleanOptionalAction, default=None,
+                   help="GSAM's weight-scaled (ASAM) perturbation (on; gsam only)")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--zca", action="store_true", help="ZCA-whiten the data first (a ZCA buffer)")
     p.add_argument("--no-dsa", action="store_true", help="train without DSA augmentation")
@@ -300,6 +362,7 @@ def run_experts_command(args) -> int:
     train = datasets.load(args.dataset, root=args.root, split="train", zca=True if args.zca else None)
     buffer = train_experts(train, args.num_experts, args.epochs, model=args.model, lr=args.lr,
                            momentum=args.momentum, weight_decay=args.weight_decay, batch_size=args.batch_size,
-                           dsa=not args.no_dsa, device=args.device, seed=args.seed, out=args.out, progress=True)
+                           dsa=not args.no_dsa, optimizer=args.optimizer, rho=args.rho, alpha=args.alpha,
+                           adaptive=args.adaptive, device=args.device, seed=args.seed, out=args.out, progress=True)
     print(f"{buffer}", flush=True)
     return 0

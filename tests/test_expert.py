@@ -12,6 +12,7 @@ from condense_engine.datasets import from_tensors
 from condense_engine.expert import (INDEX_FILE, add_experts_command, check_compatible, expert_file_name,
                                     load_experts, run_experts_command, train_experts)
 from condense_engine.models import FunctionalConvNet
+from tests.toy_data import toy_dataset
 
 SETTINGS = dict(model="ConvNetD1", batch_size=16, device="cpu")
 
@@ -80,6 +81,54 @@ def test_interrupted_training_continues_to_the_same_buffer(tmp_path):
         train_experts(data, 3, 2, out=tmp_path, lr=0.1, **SETTINGS)
 
 
+def _training_losses(buffer, data):
+    student = buffer.network()
+    return [float(torch.nn.functional.cross_entropy(student.forward(data.normalized(), params), data.labels))
+            for params in buffer[0]]
+
+
+def test_gsam_experts_record_their_settings_and_learn(tmp_path):
+    data = toy_dataset()
+    settings = dict(SETTINGS, dsa=False, seed=2)
+    trained = train_experts(data, 1, 1, optimizer="gsam", out=tmp_path, **settings)
+    buffer = load_experts(tmp_path)
+    meta = buffer.meta
+    assert (meta["optimizer"], meta["rho"], meta["alpha"], meta["adaptive"]) == ("gsam", 0.01, 0.3, True)
+    assert "gsam lr 0.01 (rho 0.01, alpha 0.3, adaptive)" in repr(buffer)
+    assert torch.equal(buffer[0], trained[0])
+    losses = _training_losses(buffer, data)
+    assert losses[1] < losses[0]
+    sgd = train_experts(data, 1, 1, **settings)
+    assert sgd.meta["optimizer"] == "sgd" and "rho" not in sgd.meta
+    assert torch.equal(sgd[0][0], buffer[0][0]) and not torch.equal(sgd[0][1], buffer[0][1])
+    with pytest.raises(ValueError, match="other settings.*alpha.*optimizer.*rho"):
+        train_experts(data, 2, 1, out=tmp_path, **settings)
+    with pytest.raises(ValueError, match="other settings.*alpha"):
+        train_experts(data, 2, 1, optimizer="gsam", alpha=0.5, out=tmp_path, **settings)
+
+
+def test_expert_optimizer_settings_are_checked():
+    with pytest.raises(ValueError, match="unknown expert optimizer 'adam'"):
+        train_experts(_toy(), 1, 1, optimizer="adam", **SETTINGS)
+    with pytest.raises(ValueError, match="rho only apply to optimizer='gsam'"):
+        train_experts(_toy(), 1, 1, rho=0.05, **SETTINGS)
+    with pytest.raises(ValueError, match="GSAM alpha must be a non-negative"):
+        train_experts(_toy(), 1, 1, optimizer="gsam", alpha=-0.3, **SETTINGS)
+
+
+def test_buffers_written_before_the_optimizer_was_recorded_are_sgd_and_continue(tmp_path):
+    data = _toy()
+    train_experts(data, 1, 1, out=tmp_path, **SETTINGS)
+    for name in (INDEX_FILE, expert_file_name(0)):
+        content = torch.load(tmp_path / name, weights_only=True)
+        del content["meta"]["optimizer"]
+        torch.save(content, tmp_path / name)
+    old = load_experts(tmp_path)
+    assert old.meta["optimizer"] == "sgd" and old[0].shape[0] == 2
+    continued = train_experts(data, 2, 1, out=tmp_path, **SETTINGS)
+    assert len(continued) == 2 and torch.equal(continued[0], old[0])
+
+
 def test_missing_buffer_and_missing_index_are_reported(tmp_path):
     with pytest.raises(FileNotFoundError, match="no expert buffer"):
         load_experts(tmp_path / "nowhere")
@@ -129,3 +178,20 @@ def test_experts_command_trains_a_buffer(tmp_path, capsys):
     buffer = load_experts(out)
     assert len(buffer) == 1 and buffer.meta["epochs"] == 1 and buffer.meta["batch_size"] == 16
     assert "expert 1/1" in capsys.readouterr().out
+
+
+def test_experts_command_trains_gsam_experts(tmp_path):
+    data = _toy()
+    npz = tmp_path / "toy.npz"
+    np.savez(npz, images=data.images.numpy(), labels=data.labels.numpy())
+    parser = argparse.ArgumentParser()
+    add_experts_command(parser.add_subparsers(dest="command"))
+    common = ["experts", "--dataset", "npz", "--root", str(npz), "--num-experts", "1", "--epochs", "1",
+              "--model", "ConvNetD1", "--batch-size", "16", "--device", "cpu", "--optimizer", "gsam"]
+    assert run_experts_command(parser.parse_args(common + ["--out", str(tmp_path / "datm")])) == 0
+    meta = load_experts(tmp_path / "datm").meta
+    assert (meta["optimizer"], meta["rho"], meta["alpha"], meta["adaptive"]) == ("gsam", 0.01, 0.3, True)
+    chosen = common + ["--rho", "0.05", "--alpha", "0", "--no-adaptive", "--out", str(tmp_path / "sam")]
+    assert run_experts_command(parser.parse_args(chosen)) == 0
+    meta = load_experts(tmp_path / "sam").meta
+    assert (meta["optimizer"], meta["rho"], meta["alpha"], meta["adaptive"]) == ("gsam", 0.05, 0.0, False)

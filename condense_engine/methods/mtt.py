@@ -162,7 +162,9 @@ class MTT(Method):
         epoch, start, target = self.pick_segment(iteration)
         result = self.match(synset, self.student_labels(synset, target), start, target)
         self.update(synset, result)
-        return {"loss": float(result.loss), "syn_lr": float(self.syn_lr.detach()), "start_epoch": float(epoch)}
+        # Device tensors (syn_lr cloned: its optimiser updates it in place); the driver reads
+        # stats back at its own cadence.
+        return {"loss": result.loss.detach(), "syn_lr": self.syn_lr.detach().clone(), "start_epoch": float(epoch)}
 
     def state_dict(self):
         return {"images": self.image_optimizer.state_dict(), "lr": self.lr_optimizer.state_dict(),
@@ -229,7 +231,8 @@ class DATM(MTT):
     set's labels are their softmax. With init "samples_predicted_correctly" the images start from
     real images that an expert's final parameters classify correctly (expert 0 first, the next
     experts when a class runs short; the first candidates fill any remainder). Iterations whose
-    loss exceeds `threshold` change nothing.
+    loss exceeds `threshold` change nothing. The paper's experts are GSAM-trained "flat" experts
+    (`condense experts --optimizer gsam --epochs 100`, methods.md §8.1); SGD buffers also work.
     """
 
     defaults = dict(MTT.defaults, iterations=10000, syn_steps=80, expert_epochs=2, min_start_epoch=0,
