@@ -2,8 +2,10 @@
 
     python -m bench.dm_iteration [--quick] [--out PATH]
 
-Cases: CIFAR-10 shapes (10 classes, 3×32×32, batch_real 256, IPC 10 and 50) and TinyImageNet
-shapes (200 classes, 3×64×64, IPC 10 and 50). The real data is a random uint8 stand-in of the
+Cases: CIFAR-10 shapes (10 classes, 3×32×32, batch_real 256, IPC 10 and 50), TinyImageNet
+shapes (200 classes, 3×64×64, IPC 10 and 50), and "host-200cls": 200 classes of 1×8×8 images,
+IPC 1, batch_real 2, so little device work that its time is the per-iteration host overhead
+(Python, launches, syncs) that the per-class loops of a 200-class data set pay. The real data is a random uint8 stand-in of the
 right shape (CIFAR-10 and TinyImageNet are not needed to time an iteration); every row says so.
 "ours" is `condense_engine.methods.dm.DM.step` (class sampler gather, Siamese DSA grouped by op,
 ConvNetBank, one ops.mmd); "eager" is bench/baselines/dm_per_class.py; "compile" is the eager
@@ -24,6 +26,7 @@ FULL_CASES = [  # name, classes, channels, size, ipc, batch_real
     ("cifar10-ipc50", 10, 3, 32, 50, 256),
     ("tiny-ipc10", 200, 3, 64, 10, 256),
     ("tiny-ipc50", 200, 3, 64, 50, 256),
+    ("host-200cls", 200, 1, 8, 1, 2),
 ]
 QUICK_CASES = [("quick-ipc2", 3, 3, 16, 2, 8)]
 STAND_IN = "random uint8 stand-in data of the real shape"

@@ -61,6 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="method option, e.g. --set lr_img=1.0 --set batch_real=256")
     p.add_argument("--out", default="out/distill", help="output folder (out/distill)")
     p.add_argument("--checkpoint-every", type=int, default=500, help="iterations between checkpoints (500)")
+    p.add_argument("--sync-every", type=int, default=None,
+                   help="iterations between reading the loss back from the device (1 on CPU, 10 on a GPU)")
     p.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint.pt")
     p.add_argument("--eval-every", type=int, default=0, help="evaluate every N iterations (0: never)")
     p.add_argument("--evaluate", action="store_true", help="evaluate the result and write report.json")
@@ -131,6 +133,7 @@ def cmd_distill(args) -> int:
     synset = ce.distill(train, method=args.method, ipc=args.ipc, iterations=args.iterations, device=args.device,
                         seed=args.seed, test_set=test, eval_every=args.eval_every, eval_options=eval_options,
                         checkpoint=os.path.join(args.out, "checkpoint.pt"), checkpoint_every=args.checkpoint_every,
+                        sync_every=args.sync_every,
                         resume=args.resume, log=os.path.join(args.out, "log.jsonl"), progress=not args.quiet,
                         **dict(args.options))
     distill_seconds = time.perf_counter() - began

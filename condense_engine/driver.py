@@ -4,6 +4,11 @@ The driver owns everything that is not the method's own algorithm: resolving the
 initialising the synthetic set from real images, the progress bar, JSON-lines logging,
 periodic evaluation, atomic checkpoints (every N iterations and on SIGTERM/SIGINT), exact
 resume, and the guard that stops on a non-finite loss while keeping the last good checkpoint.
+
+Reading a value computed on an accelerator makes the host wait for the device, so on one the
+driver keeps each iteration's stats and finiteness flag on the device and reads them back together
+every `sync_every` iterations (and before every checkpoint, evaluation and the end): the log,
+the progress bar and the guard's report are the same as when reading every iteration.
 """
 import json
 import math
@@ -19,6 +24,12 @@ from condense_engine.datasets import ClassSampler, ImageDataset, from_tensors, f
 from condense_engine.errors import NonFiniteError, NonFiniteLossError
 from condense_engine.methods import get_method
 from condense_engine.synset import SyntheticSet
+
+#: Default `sync_every` off the CPU (on the CPU reading back is free, so every iteration).
+ACCELERATOR_SYNC_EVERY = 10
+#: The keys of a log record that the driver adds beside the method's stats.
+_DRIVER_KEYS = ("iteration", "seconds", "eval")
+
 
 def as_dataset(data) -> ImageDataset:
     """An ImageDataset from an ImageDataset, an (images, labels) pair or a torch Dataset."""
@@ -58,10 +69,56 @@ class _JsonLog:
             self.file.close()
 
 
+class _PendingIterations:
+    """Iterations whose results are still on the device: stats (numbers or 0-d tensors), the
+    seconds since the start when the step returned (on an accelerator: when the host had queued
+    it), and whether the pixels were finite after it (a 0-d bool tensor). `take` reads them all
+    back at once."""
+
+    def __init__(self):
+        self.entries = []
+
+    def add(self, iteration: int, seconds: float, stats: dict, pixels_finite: torch.Tensor) -> None:
+        stats = {name: value.detach() if isinstance(value, torch.Tensor) else value for name, value in stats.items()}
+        self.entries.append((iteration, seconds, stats, pixels_finite))
+
+    def take(self) -> list:
+        """[(iteration, seconds, stats as Python numbers, pixels finite as bool)] in order; empties
+        the buffer. One device→host copy per device holding the tensors."""
+        tensors = []
+        for _, _, stats, pixels_finite in self.entries:
+            tensors.append(pixels_finite)
+            tensors.extend(value for value in stats.values() if isinstance(value, torch.Tensor))
+        host = iter(_read_back(tensors))
+        taken = []
+        for iteration, seconds, stats, _ in self.entries:
+            pixels_finite = bool(next(host))
+            values = {name: next(host) if isinstance(value, torch.Tensor) else value
+                      for name, value in stats.items()}
+            taken.append((iteration, seconds, values, pixels_finite))
+        self.entries = []
+        return taken
+
+
+def _read_back(tensors: list) -> list:
+    """The 0-d `tensors` as Python floats (float(t) for each), stacked per device so each device
+    is read once."""
+    by_device: dict = {}
+    for position, tensor in enumerate(tensors):
+        by_device.setdefault(tensor.device, []).append(position)
+    values = [None] * len(tensors)
+    for positions in by_device.values():
+        stacked = torch.stack([tensors[p].detach().reshape(()).to(torch.float64) for p in positions])
+        for position, value in zip(positions, stacked.tolist()):
+            values[position] = value
+    return values
+
+
 def distill(dataset, method: str = "dm", ipc: int = 10, iterations: int | None = None, device=None,
             seed: int = 0, *, test_set: ImageDataset | None = None, eval_every: int = 0,
             eval_options: dict | None = None, checkpoint: str | None = None, checkpoint_every: int = 500,
-            resume: bool = False, log: str | None = None, progress: bool = True, **options) -> SyntheticSet:
+            resume: bool = False, log: str | None = None, progress: bool = True, sync_every: int | None = None,
+            **options) -> SyntheticSet:
     """Condense `dataset` into `ipc` images per class with `method`; returns a SyntheticSet.
 
     Method options (e.g. lr_img, batch_real) pass through `**options`; defaults come from the
@@ -69,11 +126,19 @@ def distill(dataset, method: str = "dm", ipc: int = 10, iterations: int | None =
     atomically every `checkpoint_every` iterations and when SIGTERM/SIGINT arrives, and
     `resume=True` continues from it (bit-identically on CPU). `test_set` with `eval_every > 0`
     evaluates the set periodically (`eval_options` go to `ce.evaluate`).
+
+    `sync_every` (a positive int; None: 1 on the CPU, ACCELERATOR_SYNC_EVERY elsewhere) is how
+    often the stats and the non-finite guard are read back to the host, which waits for the device.
+    It changes neither the results nor the log (each record keeps its iteration; the guard names
+    the first bad iteration and never checkpoints after it), only when they are written: if the
+    run dies of another error, up to sync_every − 1 finished iterations may be missing from the log.
     """
     dataset = as_dataset(dataset)
     counts = dataset.class_counts()
     if not isinstance(ipc, int) or ipc < 1:
         raise ValueError(f"ipc must be a positive integer, got {ipc!r}")
+    if sync_every is not None and (isinstance(sync_every, bool) or not isinstance(sync_every, int) or sync_every < 1):
+        raise ValueError(f"sync_every must be a positive integer or None, got {sync_every!r}")
     if ipc > int(counts.min()):
         smallest = int(counts.argmin())
         raise ValueError(f"ipc={ipc} is larger than class {smallest} ({dataset.classes[smallest]!r}), "
@@ -85,6 +150,7 @@ def distill(dataset, method: str = "dm", ipc: int = 10, iterations: int | None =
         algorithm.options["iterations"] = int(iterations)
     total = algorithm.iterations
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    sync_every = sync_every or (1 if device.type == "cpu" else ACCELERATOR_SYNC_EVERY)
 
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
@@ -109,35 +175,63 @@ def distill(dataset, method: str = "dm", ipc: int = 10, iterations: int | None =
     logger = _JsonLog(log, append=start > 0)
     bar = _progress(progress, start, total, algorithm.name)
     last_saved = start if (resume and start) else None
+    pending = _PendingIterations()
     began = time.perf_counter()
+
+    def fail(iteration: int, what: str):
+        where = (f"the last good checkpoint (iteration {last_saved}) is kept at {checkpoint}"
+                 if last_saved is not None else "no checkpoint was written")
+        raise NonFiniteLossError(f"{algorithm.name}: non-finite {what} at iteration {iteration}; "
+                                 f"{where}. Try a smaller learning rate (lr_img).")
+
+    def publish(records: list) -> None:
+        for record in records:
+            logger.write(record)
+        if bar is not None and records:
+            bar.update(len(records))
+            bar.set_postfix({k: f"{v:.4g}" for k, v in records[-1].items() if k not in _DRIVER_KEYS})
+
+    def checked_records() -> list:
+        """The pending iterations' log records, read back in one go; at the first non-finite
+        iteration, publishes the records before it and raises NonFiniteLossError."""
+        taken = pending.take()
+        records = []
+        for index, (iteration, seconds, stats, pixels_finite) in enumerate(taken):
+            what = None if pixels_finite else "synthetic pixels"
+            if not all(math.isfinite(v) for v in stats.values()):
+                what = f"loss {stats}"
+            if what:
+                publish(records)
+                fail(iteration, what)
+            if index == len(taken) - 1:  # read back just now: the device has finished it
+                seconds = time.perf_counter() - began
+            records.append(dict(iteration=iteration + 1, seconds=round(seconds, 3), **stats))
+        return records
+
     try:
         with stop_flag_on_signal() as stop:
             for iteration in range(start, total):
                 try:
                     stats = algorithm.step(synset, iteration)
-                    what = None if torch.isfinite(synset.images).all() else "synthetic pixels"
-                    if not all(math.isfinite(v) for v in stats.values()):
-                        what = f"loss {stats}"
                 except NonFiniteError as err:
-                    what = f"values ({err})"
-                if what:
-                    where = (f"the last good checkpoint (iteration {last_saved}) is kept at {checkpoint}"
-                             if last_saved is not None else "no checkpoint was written")
-                    raise NonFiniteLossError(f"{algorithm.name}: non-finite {what} at iteration {iteration}; "
-                                             f"{where}. Try a smaller learning rate (lr_img).")
+                    publish(checked_records())  # an earlier pending iteration may be the first bad one
+                    fail(iteration, f"values ({err})")
+                pending.add(iteration, time.perf_counter() - began, stats, torch.isfinite(synset.images).all())
                 done = iteration + 1
-                record = dict(iteration=done, seconds=round(time.perf_counter() - began, 3), **stats)
-                if test_set is not None and eval_every > 0 and (done % eval_every == 0 or done == total):
+                stopping = stop.is_set()
+                evaluate_due = test_set is not None and eval_every > 0 and (done % eval_every == 0 or done == total)
+                checkpoint_due = checkpoint and (done % checkpoint_every == 0 or done == total or stopping)
+                if done % sync_every and done != total and not (evaluate_due or checkpoint_due or stopping):
+                    continue
+                records = checked_records()
+                if evaluate_due:
                     report = evaluate_now(synset, test_set, eval_options)
-                    record["eval"] = dict(mean=report.mean, std=report.std, accuracies=report.accuracies)
-                logger.write(record)
-                if bar is not None:
-                    bar.update(1)
-                    bar.set_postfix({k: f"{v:.4g}" for k, v in stats.items()})
-                if checkpoint and (done % checkpoint_every == 0 or done == total or stop.is_set()):
+                    records[-1]["eval"] = dict(mean=report.mean, std=report.std, accuracies=report.accuracies)
+                publish(records)
+                if checkpoint_due:
                     write_checkpoint(done)
                     last_saved = done
-                if stop.is_set():
+                if stopping:
                     raise KeyboardInterrupt(f"stopped by signal after iteration {done}"
                                             + (f"; resume from {checkpoint}" if checkpoint else ""))
     finally:

@@ -153,3 +153,18 @@ def test_bank_argument_errors():
         ConvNetBank.from_nets([])
     with pytest.raises(IndexError):
         ConvNetBank(2, 3, **TINY).net(2)
+
+
+@pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
+@pytest.mark.parametrize("norm", ["instancenorm", "batchnorm"])
+def test_to_device_equals_to(device, norm):
+    """One flat copy per dtype leaves every parameter and buffer (BatchNorm's long counter too) as .to would."""
+    def make():
+        return ConvNetBank(2, channel=3, width=8, norm=norm, im_size=(8, 8), generator=torch.Generator().manual_seed(3))
+
+    moved, expected = make().to_device(device), make().to(device)
+    for (name, got), (_, want) in zip(moved.state_dict().items(), expected.state_dict().items()):
+        assert got.device.type == device and got.dtype == want.dtype, name
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    x = torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(4)).to(device)
+    torch.testing.assert_close(moved.embed(x), expected.embed(x))

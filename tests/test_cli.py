@@ -50,6 +50,8 @@ def test_errors_are_one_line_and_exit_2(tmp_path, capsys):
     assert "nowhere" in err and "error" in err
     assert main(["distill", "--dataset", "default", "--ipc", "5000", "--out", str(tmp_path / "o"), "--quiet"]) == 2
     assert "larger than class" in capsys.readouterr().err
+    assert main(["distill", "--dataset", "default", "--sync-every", "0", "--out", str(tmp_path / "o"), "--quiet"]) == 2
+    assert "sync_every" in capsys.readouterr().err
 
 
 def test_bad_option_syntax():

@@ -4,14 +4,16 @@ The images stay in their storage dtype (uint8 normally, so a CIFAR-10 train set 
 device memory); a padded (classes, max_count) index matrix maps (class, position) to a row.
 Each draw picks n distinct positions per class uniformly at random (the distribution of the
 published `randperm(count)[:n]`) for all requested classes at once, then one
-`ops.gather_normalize` fetches and normalises the whole batch.
+`ops.gather_normalize` fetches and normalises the whole batch. With a CPU generator the positions
+reach the device by a non-blocking copy, and the rows are in range by construction (so no bounds
+check), hence a draw never makes the host wait for the device.
 """
 from collections.abc import Sequence
 
 import torch
 
 from condense_engine.datasets.base import ImageDataset
-from condense_engine.ops import gather_normalize
+from condense_engine.ops.gather import gather_normalize, host_to_device
 
 
 class ClassSampler:
@@ -60,7 +62,10 @@ class ClassSampler:
     def draw_indices(self, n_per_class: int, classes: Sequence[int] | torch.Tensor | None = None,
                      generator: torch.Generator | None = None) -> torch.Tensor:
         """Row indices (len(classes)·n,) on the sampler device: n distinct rows per class, class by class."""
-        chosen = self._class_list(classes)
+        return self._draw_rows(n_per_class, self._class_list(classes), generator)
+
+    def _draw_rows(self, n_per_class: int, chosen: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+        """draw_indices for an already checked CPU class list."""
         if n_per_class < 1:
             raise ValueError(f"n_per_class must be at least 1, got {n_per_class}")
         counts = self._counts[chosen]
@@ -74,10 +79,11 @@ class ClassSampler:
         width = self.index.shape[1]
         keys = torch.rand(len(chosen), width, generator=generator, dtype=torch.float64,
                           device=draw_device)
-        padding = torch.arange(width, device=draw_device).unsqueeze(0) >= counts.to(draw_device).unsqueeze(1)
+        counts = host_to_device(counts, draw_device)
+        padding = torch.arange(width, device=draw_device).unsqueeze(0) >= counts.unsqueeze(1)
         keys.masked_fill_(padding, 2.0)
         positions = keys.topk(n_per_class, dim=1, largest=False, sorted=True).indices
-        rows = self.index[chosen.to(self.device)].gather(1, positions.to(self.device))
+        rows = self.index[host_to_device(chosen, self.device)].gather(1, host_to_device(positions, self.device))
         return rows.reshape(-1)
 
     def sample(self, n_per_class: int, classes: Sequence[int] | torch.Tensor | None = None,
@@ -88,12 +94,12 @@ class ClassSampler:
         device; every call draws afresh. Raises ValueError if a class has fewer than n images.
         """
         chosen = self._class_list(classes)
-        rows = self.draw_indices(n_per_class, chosen, generator)
+        rows = self._draw_rows(n_per_class, chosen, generator)
         if self.images.dtype == torch.uint8:
-            images = gather_normalize(self.images, rows, self.mean, self.std)
+            images = gather_normalize(self.images, rows, self.mean, self.std, check_bounds=False)
         else:
             images = self.images.index_select(0, rows)
-        labels = chosen.to(self.device).repeat_interleave(n_per_class)
+        labels = host_to_device(chosen, self.device).repeat_interleave(n_per_class)
         return images, labels
 
     def sample_class(self, label: int, n: int, generator: torch.Generator | None = None) -> torch.Tensor:

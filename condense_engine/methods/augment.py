@@ -1,43 +1,116 @@
 """Siamese DSA over a class-ordered batch: one shared transform per class, batched across classes.
 
 DM, M3D and DC augment the real and the synthetic images of a class with the same seed, so both
-get one identical transform while different classes get different ones. Rather than one call per
-class, the classes are grouped by the op group their seed picked and each group is augmented in
-one call (at most six calls in the published mode "S").
+get one identical transform while different classes get different ones. The transforms of all
+classes are drawn together (`ops.dsa.siamese_draws`: one vectorised hash per random field), the
+classes are ordered by the op group their seed picked, and each group is augmented in one call
+(at most six calls in the published mode "S"). The host work is a fixed number of calls whatever
+the number of classes, with one host→device copy of the parameters and no host sync.
 """
 import dataclasses
 
+import numpy as np
 import torch
 
-from condense_engine.ops.dsa import DSAParams, dsa
+from condense_engine.ops.dsa import FIELD_LAYOUT, GROUP_FIELDS, DSAParams, dsa, siamese_draws
+from condense_engine.ops.gather import host_to_device
+
+#: dtype of each field kind (FIELD_LAYOUT) when unpacked from the float32 parameter table.
+_KIND_DTYPES = {"float": torch.float32, "int": torch.int64, "bool": torch.bool}
 
 
-def concat_params(params: list) -> DSAParams:
-    """One DSAParams covering the samples of several DSAParams with the same op groups."""
-    first = params[0]
-    merged = {}
-    for spec in dataclasses.fields(DSAParams):
-        values = [getattr(p, spec.name) for p in params]
-        merged[spec.name] = torch.cat(values) if isinstance(values[0], torch.Tensor) else getattr(first, spec.name)
-    return DSAParams(**merged)
+@dataclasses.dataclass(frozen=True)
+class _ClassTable:
+    """Every class's Siamese draws as one float32 (classes, columns) table on the device.
+
+    Rows are the classes sorted (stably) by the op tuple their seed picked; `segments` lists
+    (ops, first row, end row) per op tuple present. Columns hold each field's values (`columns`
+    maps a field to its column range) and, last, the row's class index. float32 holds every value
+    exactly: float fields are float32, the ints are image coordinates, flip is 0/1, and class
+    indices stay below 2²⁴.
+    """
+    table: torch.Tensor
+    columns: dict
+    segments: list
+    cutout_size: int
+
+    def classes(self, first: int, end: int) -> torch.Tensor:
+        """The class indices of rows first..end-1 (int64, on the device)."""
+        return self.table[first:end, -1].long()
+
+    def params(self, ops: tuple, first: int, end: int, per_class: int) -> DSAParams:
+        """DSAParams for rows first..end-1, each row repeated for its `per_class` images."""
+        fields = {}
+        for group in ops:
+            for name in GROUP_FIELDS[group]:
+                start, stop = self.columns[name]
+                per_sample, kind = FIELD_LAYOUT[name]
+                value = self.table[first:end, start:stop].to(_KIND_DTYPES[kind])
+                fields[name] = value.reshape(end - first, *per_sample).repeat_interleave(per_class, dim=0)
+        return DSAParams(ops=ops, cutout_size=self.cutout_size if "cutout" in ops else None, **fields)
 
 
-def siamese_dsa(images: torch.Tensor, per_class: int, seeds: list, strategy: str) -> torch.Tensor:
+class SiameseDSA:
+    """The Siamese DSA transforms of `seeds` under `strategy`, one per class (class c: seeds[c]).
+
+    Called on a class-ordered batch ((len(seeds)·per_class, C, H, W)) it augments class c exactly
+    as dsa(batch of class c, DSAParams.sample(per_class, strategy, size=(H, W), siamese=True,
+    seed=seeds[c])) would, bit for bit, and stays differentiable w.r.t. the images. The draws and
+    their device copy are made once per image size and device, so the real and the synthetic
+    batch of an iteration share them.
+    """
+
+    def __init__(self, seeds, strategy: str):
+        self.seeds = seeds
+        self.strategy = strategy
+        self.num_classes = len(seeds)
+        self._tables: dict = {}
+
+    def __call__(self, images: torch.Tensor, per_class: int) -> torch.Tensor:
+        if images.shape[0] != self.num_classes * per_class:
+            raise ValueError(f"expected {self.num_classes} classes × {per_class} images, got a batch of "
+                             f"{images.shape[0]}")
+        table = self._table(tuple(images.shape[2:]), images.device)
+        if len(table.segments) == 1:  # one op tuple for all: the rows are in class order
+            ops, first, end = table.segments[0]
+            return dsa(images, table.params(ops, first, end, per_class))
+        by_class = images.unflatten(0, (self.num_classes, per_class))
+        out = torch.empty_like(by_class)
+        for ops, first, end in table.segments:
+            classes = table.classes(first, end)
+            augmented = dsa(by_class.index_select(0, classes).flatten(0, 1),
+                            table.params(ops, first, end, per_class))
+            out.index_copy_(0, classes, augmented.unflatten(0, (end - first, per_class)))
+        return out.flatten(0, 1)
+
+    def _table(self, size: tuple, device: torch.device) -> _ClassTable:
+        key = (size, device)
+        if key not in self._tables:
+            self._tables[key] = self._build_table(size, device)
+        return self._tables[key]
+
+    def _build_table(self, size: tuple, device: torch.device) -> _ClassTable:
+        draws = siamese_draws(self.seeds, self.strategy, size=size)
+        columns, pieces, width = {}, [], 0
+        for name, value in draws.values.items():
+            flat = value.reshape(self.num_classes, -1).to(torch.float32)
+            columns[name] = (width, width + flat.shape[1])
+            width += flat.shape[1]
+            pieces.append(flat)
+        pieces.append(torch.arange(self.num_classes, dtype=torch.float32).unsqueeze(1))
+        order = torch.from_numpy(np.argsort(draws.choice, kind="stable"))
+        table = host_to_device(torch.cat(pieces, 1).index_select(0, order), device)
+        segments, first = [], 0
+        for ops, count in zip(draws.choices, np.bincount(draws.choice, minlength=len(draws.choices)).tolist()):
+            if count:
+                segments.append((ops, first, first + count))
+                first += count
+        return _ClassTable(table=table, columns=columns, segments=segments, cutout_size=draws.cutout_size)
+
+
+def siamese_dsa(images: torch.Tensor, per_class: int, seeds, strategy: str) -> torch.Tensor:
     """Augment class-ordered `images` ((len(seeds)·per_class, C, H, W)); class c uses seeds[c]."""
-    size = tuple(images.shape[2:])
-    params = [DSAParams.sample(per_class, strategy, size=size, siamese=True, seed=int(seed),
-                               device=images.device) for seed in seeds]
-    chunks = images.split(per_class)
-    out = [None] * len(chunks)
-    groups: dict = {}
-    for index, p in enumerate(params):
-        groups.setdefault(p.ops, []).append(index)
-    for members in groups.values():
-        batch = torch.cat([chunks[i] for i in members])
-        augmented = dsa(batch, concat_params([params[i] for i in members])).split(per_class)
-        for i, chunk in zip(members, augmented):
-            out[i] = chunk
-    return torch.cat(out)
+    return SiameseDSA(seeds, strategy)(images, per_class)
 
 
 def matched_batches(sampler, synset, batch_real: int, strategy: str | None, generator: torch.Generator) -> tuple:
@@ -50,7 +123,7 @@ def matched_batches(sampler, synset, batch_real: int, strategy: str | None, gene
     syn, _ = synset.materialize()
     per_class = syn.shape[0] // synset.num_classes
     if strategy:
-        seeds = torch.randint(0, 2**31 - 1, (synset.num_classes,), generator=generator).tolist()
-        real = siamese_dsa(real, batch_real, seeds, strategy)
-        syn = siamese_dsa(syn, per_class, seeds, strategy)
+        transform = SiameseDSA(torch.randint(0, 2**31 - 1, (synset.num_classes,), generator=generator), strategy)
+        real = transform(real, batch_real)
+        syn = transform(syn, per_class)
     return real, syn, per_class

@@ -21,6 +21,7 @@ from condense_engine.models.convnet import ConvNet, block_shapes, convnet_block,
 from condense_engine.models.layers import (ACTIVATIONS, GROUPNORM_GROUPS, NORMS, check_choice,
                                            make_norm)
 from condense_engine.ops import embed as epilogue_op
+from condense_engine.ops.gather import host_to_device
 
 # Blocks whose norm → act → pool the fused epilogue covers (every activation is supported).
 FUSED_NORMS = ("instancenorm", "groupnorm")
@@ -162,6 +163,22 @@ class ConvNetBank(nn.Module):
                 for name, stacked in bank_tensors.items():
                     if stacked.dim() > 0:  # skips BatchNorm's num_batches_tracked counter
                         yield per_net(stacked, self.k, index), net_tensors[name]
+
+    def to_device(self, device) -> "ConvNetBank":
+        """Move every parameter and buffer to `device` with one pinned, non-blocking copy per dtype.
+
+        DM draws a fresh bank on the CPU generator every iteration; `.to(cuda)` would copy each
+        tensor from pageable memory and make the host wait for the GPU each time.
+        """
+        by_dtype: dict = {}
+        for tensor in (*self.parameters(), *self.buffers()):
+            by_dtype.setdefault(tensor.dtype, []).append(tensor)
+        with torch.no_grad():
+            for tensors in by_dtype.values():
+                flat = host_to_device(torch.cat([t.detach().reshape(-1) for t in tensors]), device)
+                for tensor, part in zip(tensors, flat.split([t.numel() for t in tensors])):
+                    tensor.data = part.view_as(tensor)
+        return self
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """Features of every net for the batch x (n, C, H, W), shape (k, n, d).

@@ -4,7 +4,8 @@
 same transform can be applied to several batches (the real and the synthetic images of a class)
 and so the fused kernels get their parameters as plain tensors. With a `seed`, sampling is
 counter-based: each value is a hash of (seed, field, sample index), hence identical on every
-device and independent of the batch size for the first samples.
+device and independent of the batch size for the first samples. `siamese_draws` gives the Siamese
+draws of many seeds (one per class) at once, bit-identical to one `DSAParams.sample` per seed.
 """
 import dataclasses
 import functools
@@ -14,6 +15,7 @@ import numpy as np
 import torch
 
 from condense_engine.ops._backend import choose
+from condense_engine.ops.gather import host_to_device
 from condense_engine.reference import dsa as reference
 
 #: The op groups in the only order they may be applied.
@@ -72,12 +74,27 @@ def _splitmix64(z: np.ndarray) -> np.ndarray:
 
 def counter_uniform(seed: int, stream: int, rows: int, cols: int) -> torch.Tensor:
     """(rows, cols) float64 in [0, 1); entry (i, k) hashes only (seed, stream, i·cols + k)."""
+    key = np.array([seed & 0xFFFFFFFFFFFFFFFF], dtype=np.uint64)
+    return counter_uniform_seeds(key, stream, rows, cols)[0]
+
+
+def counter_uniform_seeds(seeds, stream: int, rows: int, cols: int) -> torch.Tensor:
+    """`counter_uniform` for many seeds in one vectorised numpy pass: (len(seeds), rows, cols),
+    entry s equal to counter_uniform(seeds[s], stream, rows, cols).
+
+    `seeds` is 1-D integers that fit in 64 bits (a list, a numpy array or a CPU tensor); negative
+    ones wrap modulo 2⁶⁴ as in counter_uniform.
+    """
+    keys = np.asarray(seeds).reshape(-1)
+    if keys.dtype.kind not in "iu":
+        raise TypeError(f"seeds must be 64-bit integers, got dtype {keys.dtype}")
     with np.errstate(over="ignore"):
-        key = _splitmix64(np.array([seed & 0xFFFFFFFFFFFFFFFF], dtype=np.uint64))
+        key = _splitmix64(keys.astype(np.uint64))
         key = _splitmix64(key ^ np.uint64(stream))
-        bits = _splitmix64(key ^ _splitmix64(np.arange(rows * cols, dtype=np.uint64)))
+        counters = _splitmix64(np.arange(rows * cols, dtype=np.uint64))
+        bits = _splitmix64(key[:, None] ^ counters[None, :])
     uniform = (bits >> np.uint64(11)).astype(np.float64) * (2.0 ** -53)
-    return torch.from_numpy(uniform.reshape(rows, cols))
+    return torch.from_numpy(uniform.reshape(len(keys), rows, cols))
 
 
 def _check_groups(groups) -> None:
@@ -197,14 +214,11 @@ class DSAParams:
         """
         if not isinstance(n, int) or n < 1:
             raise ValueError(f"n must be a positive int, got {n!r}")
-        if mode not in ("S", "M"):
-            raise ValueError(f"mode must be 'S' or 'M', got {mode!r}")
+        _check_mode(mode)
         if seed is not None and generator is not None:
             raise ValueError("pass seed or generator, not both")
-        height, width = (int(v) for v in size)
-        if height < 1 or width < 1:
-            raise ValueError(f"size must be two positive ints (H, W), got {tuple(size)}")
-        groups = tuple(g for g in strategy.split("_") if g and g.lower() != "none")
+        height, width = _check_size(size)
+        groups = _strategy_groups(strategy)
 
         def uniform(stream: str, rows: int, cols: int) -> torch.Tensor:
             if seed is not None:
@@ -214,35 +228,113 @@ class DSAParams:
                                   device=generator.device).cpu()
             return torch.rand(rows, cols, dtype=torch.float64)
 
-        _check_groups(groups)
         if mode == "S" and len(groups) > 1:
             groups = (groups[int(uniform("group", 1, 1).item() * len(groups))],)
         rows = 1 if siamese else n
-        side = int(CUTOUT_RATIO * height + 0.5)
-        radius = int(TRANSLATE_RATIO * height + 0.5)
-        draws = {
-            "brightness": lambda u: (u - 0.5) * BRIGHTNESS_RATIO,
-            "saturation": lambda u: u * SATURATION_RATIO,
-            "contrast": lambda u: u + CONTRAST_RATIO,
-            "translate": lambda u: torch.floor(u * (2 * radius + 1)).long() - radius,
-            # Centre in 0..H (H + 1 values) for an even side, 0..H-1 for an odd one, as published.
-            "cutout_center": lambda u: torch.floor(
-                u * torch.tensor([height + 1 - side % 2, width + 1 - side % 2])).long(),
-            "flip": lambda u: u < FLIP_PROBABILITY,
-            "scale": lambda u: u * (SCALE_RATIO - 1.0 / SCALE_RATIO) + 1.0 / SCALE_RATIO,
-            "rotate": lambda u: (u - 0.5) * 2.0 * MAX_ROTATION,
-        }
         values = {}
         for group in groups:
             for name in GROUP_FIELDS[group]:
-                per_sample, kind = FIELD_LAYOUT[name]
-                cols = per_sample[0] if per_sample else 1
-                value = draws[name](uniform(name, rows, cols))
-                value = value.reshape(rows, *per_sample)
-                if kind == "float":
-                    value = value.float()
-                values[name] = value.expand(n, *per_sample).contiguous().to(device)
-        return cls(ops=groups, cutout_size=side if "cutout" in groups else None, **values)
+                per_sample = FIELD_LAYOUT[name][0]
+                value = _draw_field(name, uniform(name, rows, _field_columns(name)), height, width)
+                values[name] = host_to_device(value.expand(n, *per_sample).contiguous(), device)
+        return cls(ops=groups, cutout_size=_cutout_side(height) if "cutout" in groups else None,
+                   **values)
+
+
+def _check_mode(mode) -> None:
+    if mode not in ("S", "M"):
+        raise ValueError(f"mode must be 'S' or 'M', got {mode!r}")
+
+
+def _check_size(size) -> tuple:
+    """(H, W) as ints; ValueError unless both are positive."""
+    height, width = (int(v) for v in size)
+    if height < 1 or width < 1:
+        raise ValueError(f"size must be two positive ints (H, W), got {tuple(size)}")
+    return height, width
+
+
+def _strategy_groups(strategy: str) -> tuple:
+    """The checked op groups a strategy string lists ("none" and "" name no group)."""
+    groups = tuple(g for g in strategy.split("_") if g and g.lower() != "none")
+    _check_groups(groups)
+    return groups
+
+
+def _cutout_side(height: int) -> int:
+    return int(CUTOUT_RATIO * height + 0.5)
+
+
+def _field_columns(name: str) -> int:
+    """Uniform draws per sample of a field."""
+    per_sample = FIELD_LAYOUT[name][0]
+    return per_sample[0] if per_sample else 1
+
+
+def _draw_field(name: str, u: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Field `name` from its (rows, columns) float64 uniforms for H×W images, with the published
+    distribution: shape (rows, *per-sample shape), dtype float32, int64 or bool by its kind."""
+    side = _cutout_side(height)
+    radius = int(TRANSLATE_RATIO * height + 0.5)
+    draws = {
+        "brightness": lambda: (u - 0.5) * BRIGHTNESS_RATIO,
+        "saturation": lambda: u * SATURATION_RATIO,
+        "contrast": lambda: u + CONTRAST_RATIO,
+        "translate": lambda: torch.floor(u * (2 * radius + 1)).long() - radius,
+        # Centre in 0..H (H + 1 values) for an even side, 0..H-1 for an odd one, as published.
+        "cutout_center": lambda: torch.floor(
+            u * torch.tensor([height + 1 - side % 2, width + 1 - side % 2])).long(),
+        "flip": lambda: u < FLIP_PROBABILITY,
+        "scale": lambda: u * (SCALE_RATIO - 1.0 / SCALE_RATIO) + 1.0 / SCALE_RATIO,
+        "rotate": lambda: (u - 0.5) * 2.0 * MAX_ROTATION,
+    }
+    per_sample, kind = FIELD_LAYOUT[name]
+    value = draws[name]().reshape(len(u), *per_sample)
+    return value.float() if kind == "float" else value
+
+
+@dataclasses.dataclass(frozen=True)
+class SiameseDraws:
+    """The Siamese draws of many seeds, one row per seed (see `siamese_draws`).
+
+    `choices` are the op tuples a seed can get and `choice[s]` (numpy int64) indexes seed s's;
+    `values[name]` is (seeds, *per-sample shape) for every field of every group of the strategy
+    (a field that seed's ops do not use is drawn but unused); `cutout_size` is the side of the
+    cutout square for the size drawn for.
+    """
+    choices: tuple
+    choice: np.ndarray
+    values: dict
+    cutout_size: int
+
+
+def siamese_draws(seeds, strategy: str = DEFAULT_STRATEGY, *, size=(32, 32),
+                  mode: str = "S") -> SiameseDraws:
+    """For every seed at once, what DSAParams.sample(n, strategy, size=size, mode=mode,
+    siamese=True, seed=seed) draws: its op groups and the one row of values all n samples share.
+
+    Bit-identical to the per-seed calls (the same hashes, formulas and dtypes), but one vectorised
+    pass per random field whatever the number of seeds. Values stay on the CPU.
+    """
+    _check_mode(mode)
+    height, width = _check_size(size)
+    groups = _strategy_groups(strategy)
+    count = len(np.asarray(seeds).reshape(-1))
+    if mode == "S" and len(groups) > 1:
+        choices = tuple((group,) for group in groups)
+        # float64 × int then truncation: what int(u.item() * len(groups)) does per seed.
+        picked = counter_uniform_seeds(seeds, _STREAMS["group"], 1, 1).numpy().reshape(-1)
+        choice = (picked * len(groups)).astype(np.int64)
+    else:
+        choices = (groups,)
+        choice = np.zeros(count, dtype=np.int64)
+    values = {}
+    for group in groups:
+        for name in GROUP_FIELDS[group]:
+            uniforms = counter_uniform_seeds(seeds, _STREAMS[name], 1, _field_columns(name))
+            values[name] = _draw_field(name, uniforms[:, 0], height, width)
+    return SiameseDraws(choices=choices, choice=choice, values=values,
+                        cutout_size=_cutout_side(height))
 
 
 def dsa(x: torch.Tensor, params: DSAParams, *, backend: str | None = None) -> torch.Tensor:

@@ -3,6 +3,7 @@
 Clarity over speed: every Gram matrix (N×N, M×M, N×M per class) is materialised. Inputs are
 assumed valid (ops.mmd checks them); 2-D inputs are one class and give a 0-d result.
 """
+import functools
 from collections.abc import Sequence
 
 import torch
@@ -32,8 +33,13 @@ def default_sigmas(x: torch.Tensor) -> torch.Tensor:
     mean_sq_norm = feats.pow(2).sum(-1).mean(-1)
     sq_norm_of_mean = feats.mean(1).pow(2).sum(-1)
     base_sq = (2.0 * (mean_sq_norm - sq_norm_of_mean)).mean().clamp_min(1e-12)
-    factors = torch.tensor(DEFAULT_SIGMA_FACTORS, dtype=torch.float32, device=x.device)
-    return base_sq.sqrt() * factors
+    return base_sq.sqrt() * _sigma_factors(x.device)
+
+
+@functools.lru_cache(maxsize=16)
+def _sigma_factors(device: torch.device) -> torch.Tensor:
+    """DEFAULT_SIGMA_FACTORS on `device`, copied once (a fresh copy per call would block a GPU)."""
+    return torch.tensor(DEFAULT_SIGMA_FACTORS, dtype=torch.float32, device=device)
 
 
 def sigma_tensor(sigmas, x: torch.Tensor) -> torch.Tensor:

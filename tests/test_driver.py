@@ -1,0 +1,154 @@
+"""The driver's read-back cadence: `sync_every` changes when the stats and the non-finite guard
+reach the host, never the results, the log, the guard's report or the checkpoints it keeps."""
+import json
+import os
+import types
+from unittest import mock
+
+import pytest
+import torch
+
+import condense_engine as ce
+from condense_engine import driver
+from condense_engine.checkpoint import load_checkpoint
+from condense_engine.errors import NonFiniteLossError
+from condense_engine.methods.dm import DM
+from tests.toy_data import FAST, distill_interrupted, toy_dataset
+
+RUN = dict(method="dm", ipc=2, seed=3, progress=False, **FAST)
+
+
+def _records(path) -> list:
+    return [json.loads(line) for line in open(path, encoding="utf-8")]
+
+
+def _without_seconds(records: list) -> list:
+    return [{k: v for k, v in record.items() if k != "seconds"} for record in records]
+
+
+def _patched_step(log_path, seen: list, change=None):
+    """DM.step that first notes how many records the log holds, then calls `change(synset,
+    iteration, stats)` on the real step's result (to inject a fault)."""
+    original = DM.step
+
+    def step(self, synset, iteration):
+        seen.append(len(_records(log_path)) if os.path.exists(log_path) else 0)
+        stats = original(self, synset, iteration)
+        return change(synset, iteration, stats) if change else stats
+
+    return mock.patch.object(DM, "step", step)
+
+
+@pytest.mark.parametrize("bad", [0, -2, 1.5, True, "3"])
+def test_sync_every_must_be_a_positive_int(bad):
+    with pytest.raises(ValueError, match="sync_every"):
+        ce.distill(toy_dataset(), iterations=1, sync_every=bad, **RUN)
+
+
+def test_results_and_log_do_not_depend_on_sync_every(tmp_path):
+    data = toy_dataset()
+    runs = {}
+    for sync_every in (None, 1, 3, 100):
+        log = tmp_path / f"log{sync_every}.jsonl"
+        synset = ce.distill(data, iterations=7, sync_every=sync_every, log=str(log), **RUN)
+        runs[sync_every] = (synset.images, _without_seconds(_records(log)))
+    images, records = runs[1]
+    assert [r["iteration"] for r in records] == list(range(1, 8))
+    assert all(isinstance(r["loss"], float) for r in records)
+    for other_images, other_records in runs.values():
+        assert torch.equal(other_images, images)
+        assert other_records == records
+
+
+def test_log_grows_at_the_cadence_and_before_checkpoints(tmp_path):
+    log = str(tmp_path / "log.jsonl")
+    seen = []
+    with _patched_step(log, seen):
+        ce.distill(toy_dataset(), iterations=8, sync_every=3, checkpoint=str(tmp_path / "ckpt.pt"),
+                   checkpoint_every=5, log=log, **RUN)
+    # Read back after 3 (cadence), 5 (checkpoint), 6 (cadence) and 8 (the end) iterations.
+    assert seen == [0, 0, 0, 3, 3, 5, 6, 6]
+    assert [r["iteration"] for r in _records(log)] == list(range(1, 9))
+
+
+def test_cpu_default_reads_back_every_iteration(tmp_path):
+    log = str(tmp_path / "log.jsonl")
+    seen = []
+    with _patched_step(log, seen):
+        ce.distill(toy_dataset(), iterations=4, log=log, **RUN)
+    assert seen == [0, 1, 2, 3]
+
+
+def test_evaluation_reads_back_first_and_lands_on_its_iteration(tmp_path, monkeypatch):
+    log = str(tmp_path / "log.jsonl")
+    at_evaluation = []
+
+    def fake_evaluate(synset, test_set, eval_options):
+        at_evaluation.append(len(_records(log)))
+        return types.SimpleNamespace(mean=0.5, std=0.0, accuracies=[0.5])
+
+    monkeypatch.setattr(driver, "evaluate_now", fake_evaluate)
+    ce.distill(toy_dataset(), iterations=5, sync_every=10, test_set=toy_dataset(), eval_every=2, log=log, **RUN)
+    # Records 1..k−1 are published before evaluating at iteration k; its own record carries the result.
+    assert at_evaluation == [0, 2, 4]
+    assert [r["iteration"] for r in _records(log) if "eval" in r] == [2, 4, 5]
+
+
+def test_tensor_and_number_stats_are_both_logged(tmp_path):
+    log = str(tmp_path / "log.jsonl")
+    add_number = lambda synset, iteration, stats: dict(stats, scale=float(iteration))  # noqa: E731
+    with _patched_step(log, [], add_number):
+        ce.distill(toy_dataset(), iterations=4, sync_every=3, log=log, **RUN)
+    records = _records(log)
+    assert [r["scale"] for r in records] == [0.0, 1.0, 2.0, 3.0]
+    assert all(isinstance(r["loss"], float) and r["loss"] > 0 for r in records)
+
+
+def test_non_finite_loss_between_reads_names_its_iteration_and_keeps_the_checkpoint_before(tmp_path):
+    log, ckpt = str(tmp_path / "log.jsonl"), str(tmp_path / "ckpt.pt")
+
+    def nan_loss_at_4(synset, iteration, stats):
+        return {"loss": torch.tensor(float("nan"))} if iteration == 4 else stats
+
+    with _patched_step(log, [], nan_loss_at_4), \
+            pytest.raises(NonFiniteLossError, match=r"loss .*nan.* at iteration 4; the last good checkpoint "
+                                                    r"\(iteration 3\)"):
+        # Reads back after 3 (checkpoint), 4 (cadence) and 6 (checkpoint): iteration 4 (the 5th)
+        # is found at the third read, which must not write the checkpoint of iteration 6.
+        ce.distill(toy_dataset(), iterations=12, sync_every=4, checkpoint=ckpt, checkpoint_every=3, log=log, **RUN)
+    assert load_checkpoint(ckpt)["iteration"] == 3
+    assert [r["iteration"] for r in _records(log)] == [1, 2, 3, 4]
+
+
+def test_non_finite_pixels_are_traced_to_their_iteration_when_a_later_step_fails(tmp_path):
+    log, ckpt = str(tmp_path / "log.jsonl"), str(tmp_path / "ckpt.pt")
+
+    def nan_pixels_at_3(synset, iteration, stats):
+        if iteration == 3:
+            with torch.no_grad():
+                synset.images[0, 0, 0, 0] = float("nan")
+        return stats
+
+    # Iteration 3 (not read back before 6) spoils the pixels; iteration 4's loss then raises on
+    # the CPU (ops.mmd's check), and the driver must blame iteration 3.
+    seen = []
+    with _patched_step(log, seen, nan_pixels_at_3), \
+            pytest.raises(NonFiniteLossError, match=r"synthetic pixels at iteration 3; the last good checkpoint "
+                                                    r"\(iteration 3\)"):
+        ce.distill(toy_dataset(), iterations=12, sync_every=7, checkpoint=ckpt, checkpoint_every=3, log=log, **RUN)
+    assert len(seen) == 5  # the step of iteration 4 raised
+    saved = load_checkpoint(ckpt)
+    assert saved["iteration"] == 3 and torch.isfinite(saved["images"]).all()
+    assert [r["iteration"] for r in _records(log)] == [1, 2, 3]
+
+
+def test_stop_signal_reads_back_and_resume_is_bit_identical(tmp_path):
+    data = toy_dataset()
+    full_log, log, ckpt = tmp_path / "full.jsonl", tmp_path / "log.jsonl", str(tmp_path / "ckpt.pt")
+    full = ce.distill(data, iterations=7, sync_every=1, log=str(full_log), **RUN)
+    stopped_at = distill_interrupted(DM, 2, dataset=data, iterations=7, sync_every=4, checkpoint=ckpt,
+                                     checkpoint_every=100, log=str(log), **RUN)
+    assert stopped_at == 2
+    resumed = ce.distill(data, iterations=7, sync_every=4, checkpoint=ckpt, resume=True, log=str(log), **RUN)
+    assert torch.equal(resumed.images, full.images)
+    assert _without_seconds(_records(log)) == _without_seconds(_records(full_log))
