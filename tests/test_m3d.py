@@ -6,6 +6,7 @@ import condense_engine as ce
 from condense_engine import ops
 from condense_engine.methods.dm import M3D
 from condense_engine.models import ConvNetBank
+from condense_engine.reference import mmd as reference_mmd
 from tests.toy_data import FAST, toy_dataset
 
 
@@ -62,3 +63,35 @@ def test_defaults_documented_and_overridable():
     method = M3D("mnist", 10)
     assert method.options["kernel"] == "gaussian" and method.options["factor"] == 1
     assert M3D("mnist", 10, kernel="poly", degree=2).kernel_options == dict(kernel="poly", include_xx=False, degree=2)
+
+
+def _syn_gradient(method, real, syn):
+    syn = syn.clone().requires_grad_(True)
+    method.feature_loss(real, syn).backward()
+    return syn.grad
+
+
+@pytest.mark.parametrize("options", [dict(kernel="poly", degree=1), dict(kernel="gaussian", sigmas=[1e4, 2e4])])
+def test_normalized_kernel_loss_moves_pixels_like_dm(options):
+    """Normalised, a kernel whose higher-order terms vanish gives DM's gradient, so lr_img carries over."""
+    generator = torch.Generator().manual_seed(0)
+    real, syn = torch.randn(2, 16, 8, generator=generator), torch.randn(2, 3, 8, generator=generator)
+    expected = _syn_gradient(ce.methods.get_method("dm")("mnist", 3), real, syn)
+    got = _syn_gradient(M3D("mnist", 3, **options), real, syn)
+    torch.testing.assert_close(got, expected, rtol=1e-3, atol=1e-6)
+    raw = _syn_gradient(M3D("mnist", 3, normalize=False, **options), real, syn)
+    assert raw.abs().max() < 0.2 * expected.abs().max()
+
+
+@pytest.mark.parametrize("kernel", ["gaussian", "poly"])
+def test_first_order_weight_is_the_kernel_slope_at_the_data(kernel):
+    """Shift a copy of the real features by ε·v: the kernel MMD² is ≈ w·ε²·‖v‖² (high d, small ε)."""
+    generator = torch.Generator().manual_seed(1)
+    real = torch.randn(1, 128, 256, generator=generator, dtype=torch.float64) + 1.0
+    shift = 1e-2 * torch.randn(256, generator=generator, dtype=torch.float64)
+    method = M3D("mnist", 3, kernel=kernel, degree=3)
+    sigmas = reference_mmd.default_sigmas(real) if kernel == "gaussian" else None
+    mmd = reference_mmd.mmd(real, real + shift, kernel, degree=3, gamma=None, coef0=1.0, sigmas=sigmas,
+                            estimator="biased", include_xx=True, reduction="sum")
+    slope = float(mmd) / float(shift.pow(2).sum())
+    assert slope == pytest.approx(float(method.first_order_weight(real)), rel=0.1)

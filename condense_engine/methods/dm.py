@@ -21,6 +21,7 @@ from condense_engine import ops
 from condense_engine.methods.augment import matched_batches
 from condense_engine.methods.base import Method, register
 from condense_engine.models import ConvNetBank, convnet_config
+from condense_engine.reference import mmd as reference_mmd
 
 
 @register("dm")
@@ -60,13 +61,16 @@ class DM(Method):
             real_feats = bank.embed(real)
         syn_feats = bank.embed(syn)
         nets, classes, dim = real_feats.shape[0], self.num_classes, real_feats.shape[-1]
-        loss = ops.mmd(real_feats.reshape(nets * classes, -1, dim), syn_feats.reshape(nets * classes, per_class, dim),
-                       **self.kernel_options, reduction="sum")
-        return loss / nets
+        return self.feature_loss(real_feats.reshape(nets * classes, -1, dim),
+                                 syn_feats.reshape(nets * classes, per_class, dim)) / nets
+
+    def feature_loss(self, real_feats: torch.Tensor, syn_feats: torch.Tensor) -> torch.Tensor:
+        """Σ over (net, class) rows of the MMD² between (rows, N, d) real and (rows, M, d) synthetic features."""
+        return ops.mmd(real_feats, syn_feats, **self.kernel_options, reduction="sum")
 
     def step(self, synset, iteration):
         if iteration % self.options["model_steps"] == 0 or self.bank is None:
-            self.bank = ConvNetBank(self.options["nets"], generator=self.generator, **self.arch).to(self.device)
+            self.bank = ConvNetBank(self.options["nets"], generator=self.generator, **self.arch).to_device(self.device)
             self.bank.requires_grad_(False)
         real, syn, per_class = matched_batches(self.sampler, synset, self.options["batch_real"], self.strategy,
                                                self.generator)
@@ -74,7 +78,7 @@ class DM(Method):
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
-        return {"loss": float(loss.detach())}
+        return {"loss": loss.detach()}
 
     def state_dict(self):
         return {"optimizer": self.optimizer.state_dict()}
@@ -87,17 +91,24 @@ class DM(Method):
 class M3D(DM):
     """DM with a characteristic-kernel MMD (all moments), multi-formation and model reuse.
 
-    The paper's exact lr_img, kernel bandwidths, factor and updates-per-model are not public in
-    a form we could verify (methods.md §12.3), so the defaults here are our own: the Gaussian
-    kernel with `ops.mmd`'s data-scaled multi-bandwidth σ (0.5, 1, 2 × the real features' RMS
-    pair distance), factor 1, one update per model and DM's lr/momentum. Measured on CPU with a
-    reduced schedule (bench/RESULTS.md: IPC 10, 200 iterations, batch_real 64, 300 epochs) these
-    defaults fall short of DM (MNIST 92.6 vs 95.8 %, Fashion-MNIST 76.6 vs 80.9 %): they still
-    need tuning (lr_img for the bounded Gaussian kernel, bandwidths, the y-y repulsion term).
-    `kernel="poly"` with `degree` matches moments up to that order.
+    Scale: near the data, a kernel MMD² is w·‖mean real − mean syn‖² plus higher-order terms,
+    where w is the slope of the kernel at the typical pair of real features (linearise
+    k(a, b) = κ(‖a − b‖²) or κ(⟨a, b⟩) around their mean): for the Gaussian w = mean over σ of
+    exp(−r²/(2σ²))/σ² with r² the mean squared distance of two real features, for the
+    polynomial w = p·γ·(γ·t + 1)^(p−1) with t = ‖mean real‖². On raw embedding features
+    (r² in the hundreds) w is tiny, so the kernel loss would move the pixels hundreds of times
+    less than DM's at the same lr_img. With `normalize` (default) the loss is divided by w, so
+    its mean-matching pull is DM's and DM's lr_img carries over, with the higher moments
+    matched on top.
+
+    The paper's exact lr_img, bandwidths, factor and updates-per-model are not public in a form
+    we could verify (methods.md §12.3); the defaults here are our own, chosen by measurement
+    (bench/RESULTS.md): the Gaussian kernel with `ops.mmd`'s data-scaled bandwidths σ₀·(0.5, 1,
+    2), `normalize`, factor 1, one update per model and DM's lr/momentum. `kernel="poly"` with
+    `degree` matches moments up to that order.
     """
 
-    defaults = dict(DM.defaults, kernel="gaussian", degree=3, sigmas=None, factor=1)
+    defaults = dict(DM.defaults, kernel="gaussian", degree=3, sigmas=None, factor=1, normalize=True)
 
     @property
     def kernel_options(self):
@@ -115,6 +126,23 @@ class M3D(DM):
         if factor > 1:
             multi_formation_init(synset, sampler, factor, self.ipc)
         super().init(synset, dataset, sampler, generator, device)
+
+    def feature_loss(self, real_feats: torch.Tensor, syn_feats: torch.Tensor) -> torch.Tensor:
+        loss = super().feature_loss(real_feats, syn_feats)
+        return loss / self.first_order_weight(real_feats) if self.options["normalize"] else loss
+
+    def first_order_weight(self, real_feats: torch.Tensor) -> torch.Tensor:
+        """w in MMD²_kernel ≈ w·‖mean real − mean syn‖² + higher orders, at the real data's scale."""
+        feats = real_feats.detach().float()
+        if self.options["kernel"] == "poly":
+            degree, gamma = self.options["degree"], reference_mmd.default_gamma(feats.shape[-1])
+            typical_inner = feats.mean(-2).pow(2).sum(-1).mean()
+            return degree * gamma * (gamma * typical_inner + 1.0).pow(degree - 1)
+        sigmas = self.options["sigmas"]
+        sigmas = (reference_mmd.default_sigmas(feats) if sigmas is None
+                  else torch.as_tensor(sigmas, dtype=torch.float32, device=feats.device).reshape(-1))
+        variance = sigmas.pow(2)
+        return (torch.exp(-reference_mmd.mean_sq_distance(feats) / (2.0 * variance)) / variance).mean()
 
 
 def multi_formation_init(synset, sampler, factor: int, ipc: int) -> None:

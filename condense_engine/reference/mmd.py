@@ -27,13 +27,16 @@ def default_sigmas(x: torch.Tensor) -> torch.Tensor:
     feature scale of the embedding network is unknown. Computed from `x` only and detached,
     so the loss's bandwidth does not move with the synthetic features it is optimising.
     """
+    return mean_sq_distance(x).clamp_min(1e-12).sqrt() * _sigma_factors(x.device)
+
+
+def mean_sq_distance(x: torch.Tensor) -> torch.Tensor:
+    """Mean squared distance between two features of a class ((N, d) or (C, N, d)), averaged
+    over classes, detached: 2·(mean‖a‖² − ‖mean a‖²) per class, O(N·d)."""
     feats = x.detach().float()
     if feats.dim() == 2:
         feats = feats.unsqueeze(0)
-    mean_sq_norm = feats.pow(2).sum(-1).mean(-1)
-    sq_norm_of_mean = feats.mean(1).pow(2).sum(-1)
-    base_sq = (2.0 * (mean_sq_norm - sq_norm_of_mean)).mean().clamp_min(1e-12)
-    return base_sq.sqrt() * _sigma_factors(x.device)
+    return (2.0 * (feats.pow(2).sum(-1).mean(-1) - feats.mean(1).pow(2).sum(-1))).mean()
 
 
 @functools.lru_cache(maxsize=16)
