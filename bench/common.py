@@ -179,8 +179,11 @@ def measure(step, device: torch.device | str, *, interpreted: bool = False, **ti
 
 
 def finish(name: str, rows: list[dict], device: torch.device | str, out: str | None = None) -> str:
-    """Write the results file, print the table and where it went; the file's path."""
+    """Write the results file, print the table and where it went; the file's path. Rows of
+    several benches in one file (DM and M3D in dm_iteration.json) show their case as bench/case."""
     path = write_results(name, rows, device, out)
+    if len({r["bench"] for r in rows}) > 1:
+        rows = [dict(r, case=f"{r['bench']}/{r['case']}") for r in rows]
     print()
     print_table(rows)
     print(f"\nwrote {path}")

@@ -6,6 +6,7 @@ RESULTS.md is for real GPU numbers: files ending in `_quick.json` (CPU smoke run
 and full runs whose device is a CPU are listed by name only. Each kernel table puts ours next to
 the eager and torch.compile baselines with the speed-up over each, and places ours on the
 roofline (achieved TFLOP/s and GB/s, share of the binding peak, and which roof binds).
+condense_time.json (seconds to condense, against the issue's targets) has a table of its own.
 `accuracy-*.json` files (bench/accuracy.py) feed the accuracy section.
 """
 import argparse
@@ -80,10 +81,13 @@ def binding_roof(row: dict, peaks: dict | None) -> str | None:
 
 
 def cases(rows: list[dict]) -> list[tuple[str, dict]]:
-    """The rows grouped by case, in first-seen order: [(case, {impl: row})]."""
+    """The rows grouped by case, in first-seen order: [(case, {impl: row})]. In a file holding
+    several benches (dm_iteration.json: DM and M3D rows) a case is named bench/case."""
+    several = len({row["bench"] for row in rows}) > 1
     grouped = {}
     for row in rows:
-        grouped.setdefault(row["case"], {})[row["impl"]] = row
+        case = f"{row['bench']}/{row['case']}" if several else row["case"]
+        grouped.setdefault(case, {})[row["impl"]] = row
     return list(grouped.items())
 
 
@@ -115,6 +119,29 @@ def kernel_table(data: dict) -> str:
                  notes]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def condense_time_table(data: dict) -> str:
+    """The markdown table of condense_time.json: seconds to condense, measured or extrapolated,
+    against the issue's target."""
+    lines = ["| case | ms / iteration | iterations run / reported | seconds measured "
+             "| seconds for the reported iterations | target s | within target | peak MB | notes |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for row in data["rows"]:
+        seconds, target = row.get("seconds_extrapolated"), row.get("target_seconds")
+        within = "–" if seconds is None or target is None else ("yes" if seconds <= target else "no")
+        extrapolated = row.get("iterations_run") != row.get("iterations_target")
+        cells = [row["case"], _number(row["ms"]),
+                 f"{row.get('iterations_run', '–')} / {row.get('iterations_target', '–')}",
+                 _number(row.get("seconds_measured")),
+                 _number(seconds) + (" (extrapolated)" if extrapolated and seconds is not None else ""),
+                 _number(target), within, _number(row.get("peak_mem_mb")), row.get("note") or ""]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+#: Results files whose rows are not kernel timings get their own table (default: kernel_table).
+TABLES = {"condense_time": condense_time_table}
 
 
 def environment_line(data: dict) -> str:
@@ -192,7 +219,8 @@ def render(results_dir: str, out_path: str) -> str:
                   "`python -m bench` (or `condense bench`) on a CUDA machine to fill this section.", ""]
     for stem, data in found["kernel"]:
         png = plot_results(stem, data, os.path.join(results_dir, f"{stem}.png"))
-        parts += [f"### {stem}", "", environment_line(data), "", kernel_table(data), "",
+        table = TABLES.get(stem, kernel_table)(data)
+        parts += [f"### {stem}", "", environment_line(data), "", table, "",
                   f"![{stem}: ms per case]({os.path.relpath(png, out_dir)})", ""]
     if found["cpu"]:
         parts += ["Full (non-quick) runs measured on a CPU, not shown: "

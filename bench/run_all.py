@@ -1,4 +1,5 @@
-"""Run every kernel benchmark, print one table of all rows, and regenerate bench/RESULTS.md.
+"""Run every benchmark (kernels, DM/M3D iterations, condensation and evaluation wall time), print
+one table of all rows, and regenerate bench/RESULTS.md.
 
     python -m bench [--quick] [--only mmd dsa ...] [--results-dir DIR] [--report PATH] [--no-report]
 
@@ -17,7 +18,7 @@ import traceback
 
 from bench import common, report
 
-BENCHMARKS = ("mmd", "dsa", "embed", "trajectory", "dm_iteration")
+BENCHMARKS = ("mmd", "dsa", "embed", "trajectory", "dm_iteration", "condense_time", "evaluate")
 
 
 def results_path(name: str, quick: bool, results_dir: str) -> str:

@@ -31,7 +31,7 @@ def add_bench_command(subparsers) -> None:
         "regenerate bench/RESULTS.md. Needs a source checkout: run it from the repository root.")
     parser.add_argument("--quick", action="store_true", help="tiny shapes on the CPU (smoke test)")
     parser.add_argument("--only", nargs="+", metavar="NAME",
-                        help="run only these benchmarks (mmd, dsa, embed, trajectory, dm_iteration)")
+                        help="run only these benchmarks (mmd, dsa, embed, trajectory, dm_iteration, condense_time, evaluate)")
     parser.add_argument("--no-report", action="store_true", help="do not regenerate bench/RESULTS.md")
 
 

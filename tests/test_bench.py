@@ -1,4 +1,4 @@
-"""The benchmark suite's plumbing: quick runs of every kernel benchmark, the results schema,
+"""The benchmark suite's plumbing: quick runs of every benchmark, the results schema and rows,
 RESULTS.md generation (quick and CPU files excluded, speed-ups, PNG plots), the accuracy grid
 and the `condense bench` entry point. Everything writes into tmp folders, never bench/results/."""
 import argparse
@@ -10,12 +10,24 @@ import pytest
 import torch
 from PIL import Image
 
-from bench import accuracy, report, run_all
+from bench import accuracy, condense_time, report, run_all
+from bench.baselines.dm_per_class import class_loss
 from condense_engine import bench_cli
+from condense_engine.methods.dm import DM, M3D
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HEADER_KEYS = {"device", "torch", "triton", "cuda", "date", "rows"}
 ROW_KEYS = {"bench", "case", "impl", "ms", "tflops", "gbps", "peak_mem_mb", "pct_of_peak"}
+IMPLS = ("ours", "eager", "compile")
+#: The (bench, impl) pairs every case of a benchmark's quick run has, where they are pinned down.
+QUICK_ROWS = {
+    "dm_iteration": {(bench, impl) for bench in ("dm_iteration", "m3d_iteration") for impl in IMPLS},
+    "condense_time": {("condense_time", "ours")},
+    "evaluate": {("evaluate", "ours"), ("evaluate", "eager")},
+}
+#: Keys a benchmark's rows carry beyond ROW_KEYS and "note".
+EXTRA_ROW_KEYS = {"condense_time": {"iterations_run", "iterations_target", "seconds_measured",
+                                    "seconds_extrapolated", "setup_seconds", "target_seconds"}}
 ACCURACY_KEYS = {"method", "dataset", "ipc", "acc_mean", "acc_std", "repeats", "iterations", "seconds",
                  "device", "baseline_random", "recipe"}
 
@@ -29,11 +41,34 @@ def test_quick_benchmark_writes_rows_in_the_results_schema(name, tmp_path):
         data = json.load(f)
     assert set(data) == HEADER_KEYS
     assert data["rows"] == rows and rows
+    benches = {bench for bench, _ in QUICK_ROWS.get(name, {(name, None)})}
     for row in rows:
-        assert ROW_KEYS <= set(row) <= ROW_KEYS | {"note"}
-        assert row["bench"] == name and row["impl"] in ("ours", "eager", "compile")
+        assert ROW_KEYS <= set(row) <= ROW_KEYS | {"note"} | EXTRA_ROW_KEYS.get(name, set())
+        assert row["bench"] in benches and row["impl"] in IMPLS
         assert row["ms"] is None or row["ms"] > 0
     assert any(row["impl"] == "ours" and row["ms"] for row in rows)
+    if name in QUICK_ROWS:
+        for case in {row["case"] for row in rows}:
+            assert {(row["bench"], row["impl"]) for row in rows if row["case"] == case} == QUICK_ROWS[name]
+
+
+@pytest.mark.parametrize("options, run, target",
+                         [([], 4, 4), (["--iterations", "6", "--measure-iterations", "2"], 2, 6)])
+def test_condense_time_reports_measured_and_extrapolated_seconds(options, run, target, tmp_path):
+    (row,) = condense_time.main(["--quick", *options, "--out", str(tmp_path / "condense_time_quick.json")])
+    assert (row["iterations_run"], row["iterations_target"], row["target_seconds"]) == (run, target, None)
+    assert row["seconds_measured"] > 0 and row["ms"] > 0
+    if run == target:
+        assert row["seconds_extrapolated"] == row["seconds_measured"] and "(all run)" in row["note"]
+    else:
+        assert row["seconds_extrapolated"] > row["seconds_measured"] and "EXTRAPOLATED" in row["note"]
+
+
+@pytest.mark.parametrize("method, kernel", [(DM, "linear"), (M3D, "gaussian")])
+def test_per_class_baseline_loss_is_the_methods_loss_for_one_class(method, kernel):
+    real, syn = torch.randn(12, 16), torch.randn(3, 16)
+    ours = method("x", 3, **({} if method is DM else {"normalize": False})).feature_loss(real[None], syn[None])
+    torch.testing.assert_close(class_loss(real, syn, kernel), ours)
 
 
 def test_missing_benchmark_module_is_skipped_with_a_message(tmp_path, capsys):
@@ -78,6 +113,31 @@ def test_report_tables_gpu_results_with_speedups_and_plots(tmp_path):
         assert image.format == "PNG" and image.width > 100 and image.height > 100
         assert len(image.convert("RGB").getcolors(maxcolors=1 << 16)) > 3  # bars and text, not blank
     assert not (results / "mmd_quick.png").exists()
+
+
+def test_report_names_cases_by_bench_in_a_file_of_two_benches(tmp_path):
+    rows = [dict(_row("cifar10-ipc10", "ours", 1.0), bench="dm_iteration"),
+            dict(_row("cifar10-ipc10", "eager", 4.0), bench="dm_iteration"),
+            dict(_row("cifar10-ipc10", "ours", 2.0), bench="m3d_iteration"),
+            dict(_row("cifar10-ipc10", "eager", 10.0), bench="m3d_iteration")]
+    _results_file(tmp_path, "dm_iteration", "NVIDIA H100 80GB HBM3", rows)
+    text = report.render(str(tmp_path), str(tmp_path / "RESULTS.md"))
+    assert "| 4× |" in next(line for line in text.splitlines() if line.startswith("| dm_iteration/cifar10-ipc10 |"))
+    assert "| 5× |" in next(line for line in text.splitlines() if line.startswith("| m3d_iteration/cifar10-ipc10 |"))
+
+
+def test_report_puts_condense_time_against_the_issue_targets(tmp_path):
+    timing = dict(iterations_target=20000, setup_seconds=1.0)
+    rows = [dict(_row("cifar10-ipc50-dm", "ours", 2.0), bench="condense_time", iterations_run=1000,
+                 seconds_measured=3.0, seconds_extrapolated=41.0, target_seconds=60.0, **timing),
+            dict(_row("tiny-ipc50-dm", "ours", 70.0), bench="condense_time", iterations_run=20000,
+                 seconds_measured=1401.0, seconds_extrapolated=1401.0, target_seconds=1200.0, **timing)]
+    _results_file(tmp_path, "condense_time", "NVIDIA H100 80GB HBM3", rows)
+    lines = report.render(str(tmp_path), str(tmp_path / "RESULTS.md")).splitlines()
+    cifar = next(line for line in lines if line.startswith("| cifar10-ipc50-dm |"))
+    assert "| 1000 / 20000 | 3 | 41 (extrapolated) | 60 | yes |" in cifar
+    tiny = next(line for line in lines if line.startswith("| tiny-ipc50-dm |"))
+    assert "| 20000 / 20000 | 1.4e+03 | 1.4e+03 | 1.2e+03 | no |" in tiny
 
 
 def test_report_says_when_there_are_no_gpu_results(tmp_path):
