@@ -171,8 +171,9 @@ def default_out_path(device: torch.device, quick: bool, results_dir: str = commo
 
 
 def measure(method: str, dataset: str, train, test, ipc: int, *, iterations: int | None, epochs: int,
-            repeats: int, device: torch.device, seed: int, options: dict) -> dict:
-    """Distil one set and evaluate it (with the random-real baseline); one result row."""
+            repeats: int, device: torch.device, seed: int, options: dict, baseline: bool = True) -> dict:
+    """Distil one set and evaluate it (with the random-real baseline unless `baseline` is
+    False, e.g. when another row of the same data set and schedule has it); one result row."""
     published = get_method(method)(train.name, ipc).options
     changed = {key: (value, published[key]) for key, value in options.items() if published.get(key) != value}
     default_iterations = published["iterations"]
@@ -183,11 +184,12 @@ def measure(method: str, dataset: str, train, test, ipc: int, *, iterations: int
     seconds = time.perf_counter() - start
     start = time.perf_counter()
     report = ce.evaluate(synset, test, model="ConvNet", repeats=repeats, epochs=epochs, seed=seed,
-                         baseline=True, train_set=train, device=device)
+                         baseline=baseline, train_set=train, device=device)
     return dict(method=method, dataset=dataset, ipc=ipc, acc_mean=100 * report.mean,
                 acc_std=100 * report.std, repeats=repeats, iterations=iterations, seconds=seconds,
                 device=common.device_name(device),
-                baseline_random=dict(mean=100 * report.baseline.mean, std=100 * report.baseline.std),
+                baseline_random=dict(mean=100 * report.baseline.mean, std=100 * report.baseline.std)
+                if baseline else None,
                 recipe=report.recipe, test_images=len(test),
                 schedule=schedule_label(iterations, default_iterations, epochs, changed),
                 default_iterations=default_iterations, options=options,
@@ -262,6 +264,8 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--set", dest="options", action="append", type=parse_option, default=[], metavar="KEY=VALUE",
                         help="method option for every run, e.g. --set batch_real=64 (labels the run REDUCED "
                              "when it shortens the published schedule)")
+    parser.add_argument("--no-baseline", action="store_true",
+                        help="skip the random-real baseline (saves its evaluation when another run has it)")
     parser.add_argument("--quick", action="store_true",
                         help="CPU smoke run: embedded MNIST subset, IPC 1, a few iterations and epochs")
     parser.add_argument("--out", help="results file (default bench/results/accuracy-<device>-<date>.json)")
@@ -288,10 +292,11 @@ def main(argv=None) -> list[dict]:
             for ipc in args.ipcs:
                 rows.append(measure(method, dataset, train, test, ipc, iterations=args.iterations,
                                     epochs=args.epochs, repeats=args.repeats, device=device, seed=args.seed,
-                                    options=options))
+                                    options=options, baseline=not args.no_baseline))
                 row = rows[-1]
+                base = f"{row['baseline_random']['mean']:.2f}" if row["baseline_random"] else "–"
                 print(f"{method} {dataset} ipc {ipc}: {row['acc_mean']:.2f} ± {row['acc_std']:.2f} % "
-                      f"(random real {row['baseline_random']['mean']:.2f}) {row['schedule']}", flush=True)
+                      f"(random real {base}) {row['schedule']}", flush=True)
                 common.write_results("accuracy", rows, device, out)
     print(f"wrote {out}")
     if not args.no_report:

@@ -61,7 +61,7 @@ def test_model_steps_reuses_the_network(monkeypatch):
 
 def test_defaults_documented_and_overridable():
     method = M3D("mnist", 10)
-    assert method.options["kernel"] == "gaussian" and method.options["factor"] == 1
+    assert method.options["kernel"] == "gaussian" and method.options["factor"] == 2 and method.options["normalize"]
     assert M3D("mnist", 10, kernel="poly", degree=2).kernel_options == dict(kernel="poly", include_xx=False, degree=2)
 
 

@@ -103,12 +103,13 @@ class M3D(DM):
 
     The paper's exact lr_img, bandwidths, factor and updates-per-model are not public in a form
     we could verify (methods.md §12.3); the defaults here are our own, chosen by measurement
-    (bench/RESULTS.md): the Gaussian kernel with `ops.mmd`'s data-scaled bandwidths σ₀·(0.5, 1,
-    2), `normalize`, factor 1, one update per model and DM's lr/momentum. `kernel="poly"` with
-    `degree` matches moments up to that order.
+    (MNIST IPC 10, reduced CPU schedule; bench/RESULTS.md): the Gaussian kernel with `ops.mmd`'s
+    data-scaled bandwidths σ₀·(0.5, 1, 2), `normalize`, IDC-style multi-formation factor 2
+    (four half-size images per stored image: the largest gain measured), one update per model
+    and DM's lr/momentum. `kernel="poly"` with `degree` matches moments up to that order.
     """
 
-    defaults = dict(DM.defaults, kernel="gaussian", degree=3, sigmas=None, factor=1, normalize=True)
+    defaults = dict(DM.defaults, kernel="gaussian", degree=3, sigmas=None, factor=2, normalize=True)
 
     @property
     def kernel_options(self):
