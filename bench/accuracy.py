@@ -109,6 +109,9 @@ PUBLISHED_RECIPES = {
     "idc": "multi-formation, CutMix, batch 64, multistep lr: not like-for-like with DC/DSA/DM",
     "dance": "IDC-style evaluation, multi-formation factor 2: not like-for-like with DC/DSA/DM",
 }
+# Method options recorded in every row (those whose defaults are ours, not published ones).
+REPORTED_OPTIONS = {"m3d": ("kernel", "factor", "normalize", "lr_img", "model_steps"),
+                    "echo": ("kernel", "factor", "normalize", "lr_img", "model_steps")}
 TABLE_DATASETS = ("mnist", "fashion-mnist", "cifar10", "cifar100", "tinyimagenet")
 
 
@@ -181,6 +184,7 @@ def measure(method: str, dataset: str, train, test, ipc: int, *, iterations: int
     start = time.perf_counter()
     synset = ce.distill(train, method=method, ipc=ipc, iterations=iterations, device=device, seed=seed,
                         progress=False, **options)
+    method_options = {key: synset.meta["options"][key] for key in REPORTED_OPTIONS.get(method, ())}
     seconds = time.perf_counter() - start
     start = time.perf_counter()
     report = ce.evaluate(synset, test, model="ConvNet", repeats=repeats, epochs=epochs, seed=seed,
@@ -190,7 +194,7 @@ def measure(method: str, dataset: str, train, test, ipc: int, *, iterations: int
                 device=common.device_name(device),
                 baseline_random=dict(mean=100 * report.baseline.mean, std=100 * report.baseline.std)
                 if baseline else None,
-                recipe=report.recipe, test_images=len(test),
+                recipe=report.recipe, test_images=len(test), method_options=method_options,
                 schedule=schedule_label(iterations, default_iterations, epochs, changed),
                 default_iterations=default_iterations, options=options,
                 eval_seconds=time.perf_counter() - start)
@@ -220,13 +224,22 @@ def accuracy_section(files: list[tuple[str, dict]]) -> str:
             else:
                 published_recipe = UNPUBLISHED.get(method, "not in methods.md")
             cells = [method, dataset, str(ipc), f"{row['acc_mean']:.1f}±{row['acc_std']:.1f}", base_text,
-                     row.get("schedule", "–"), f"{row['seconds']:.0f}", recipe_text(row["recipe"]), format_published(reference),
+                     schedule_text(row), f"{row['seconds']:.0f}", recipe_text(row["recipe"]), format_published(reference),
                      format_published(published("random", dataset, ipc)), published_recipe,
                      f"`{stem}.json`"]
             parts.append("| " + " | ".join(cells) + " |")
         parts.append("")
     parts += published_reference_table()
     return "\n".join(parts)
+
+
+def schedule_text(row: dict) -> str:
+    """The row's schedule label, then its method options that are not the published ones (a
+    method's own defaults, e.g. M3D's factor), then its note (e.g. why it was superseded)."""
+    text = row.get("schedule", "–")
+    if row.get("method_options"):
+        text += "; options " + ", ".join(f"{key}={value}" for key, value in sorted(row["method_options"].items()))
+    return text + (f"; **{row['note']}**" if row.get("note") else "")
 
 
 def published_reference_table() -> list[str]:

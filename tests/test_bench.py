@@ -160,6 +160,12 @@ def test_accuracy_section_puts_published_numbers_and_recipes_beside_ours(tmp_pat
     assert "300 epochs" in line and "5 sets × 20 models" in line
 
 
+def test_accuracy_rows_show_our_own_method_defaults_and_notes():
+    row = dict(schedule="REDUCED (x)", method_options=dict(factor=2, kernel="gaussian"), note="superseded: old defaults")
+    assert accuracy.schedule_text(row) == "REDUCED (x); options factor=2, kernel=gaussian; **superseded: old defaults**"
+    assert accuracy.schedule_text(dict(schedule="published schedule")) == "published schedule"
+
+
 def test_schedule_label_only_calls_the_full_schedule_published():
     assert accuracy.schedule_label(20000, 20000, 1000) == "published schedule"
     assert accuracy.schedule_label(20000, 20000, 999).startswith("REDUCED")
@@ -179,6 +185,13 @@ def test_accuracy_quick_writes_rows_with_the_documented_keys(tmp_path):
     assert (row["method"], row["dataset"], row["ipc"]) == ("dm", "default", 1)
     assert 0.0 <= row["acc_mean"] <= 100.0 and 0.0 <= row["baseline_random"]["mean"] <= 100.0
     assert row["schedule"].startswith("REDUCED") and row["recipe"]["epochs"] == accuracy.QUICK["epochs"]
+
+
+def test_accuracy_m3d_rows_record_its_own_defaults_and_may_skip_the_baseline(tmp_path):
+    out = tmp_path / "accuracy-cpu-m3d_quick.json"
+    row, = accuracy.main(["--quick", "--methods", "m3d", "--no-baseline", "--out", str(out), "--no-report"])
+    assert row["baseline_random"] is None
+    assert row["method_options"] == dict(kernel="gaussian", factor=2, normalize=True, lr_img=1.0, model_steps=1)
 
 
 def test_condense_bench_finds_the_checkout_or_says_it_needs_one(tmp_path, monkeypatch, capsys):
