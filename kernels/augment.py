@@ -113,6 +113,18 @@ def _trace_tap(row, col, in_image, shifts_ptr, affine_ptr, height, width, cutout
 
 
 @triton.jit
+def _program_tile(channels, height, width, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
+    """The tile of the forward and backward programs: image = axis 0, BLOCK_P output pixels
+    from axis 1 (their row, column and in-image mask), every channel (mask and plane offsets)."""
+    image = tl.program_id(0).to(tl.int64)
+    plane = height * width
+    pixels = tl.program_id(1) * BLOCK_P + tl.arange(0, BLOCK_P)
+    channel = tl.arange(0, BLOCK_C)
+    return (image, plane, pixels, pixels < plane, pixels // width, pixels % width,
+            channel < channels, channel[:, None] * plane)
+
+
+@triton.jit
 def _dsa_forward_kernel(x_ptr, out_ptr, color_ptr, affine_ptr, shifts_ptr, mean_ptr,
                         channels, height, width, cutout_size,
                         step_x, start_x, half_x, step_y, start_y, half_y,
@@ -120,15 +132,8 @@ def _dsa_forward_kernel(x_ptr, out_ptr, color_ptr, affine_ptr, shifts_ptr, mean_
                         FLIP: tl.constexpr, SCALE_TAPS: tl.constexpr, ROTATE_TAPS: tl.constexpr,
                         BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
     """One program: every channel of BLOCK_P output pixels of one image."""
-    image = tl.program_id(0).to(tl.int64)
-    plane = height * width
-    pixels = tl.program_id(1) * BLOCK_P + tl.arange(0, BLOCK_P)
-    in_image = pixels < plane
-    row = pixels // width
-    col = pixels % width
-    channel = tl.arange(0, BLOCK_C)
-    channel_ok = channel < channels
-    channel_offsets = channel[:, None] * plane
+    image, plane, pixels, in_image, row, col, channel_ok, channel_offsets = _program_tile(
+        channels, height, width, BLOCK_C, BLOCK_P)
     x_ptr += image * channels * plane
     shifts_ptr += image * 5
     affine_ptr += image * 4
@@ -168,15 +173,8 @@ def _dsa_backward_kernel(grad_out_ptr, grad_in_ptr, color_ptr, affine_ptr, shift
                          BLOCK_P: tl.constexpr):
     """One program: scatter the gradient of BLOCK_P output pixels of one image (all channels)
     into the fp32 `grad_in` buffer, and add its share of colour's image-wide term to spread."""
-    image = tl.program_id(0).to(tl.int64)
-    plane = height * width
-    pixels = tl.program_id(1) * BLOCK_P + tl.arange(0, BLOCK_P)
-    in_image = pixels < plane
-    row = pixels // width
-    col = pixels % width
-    channel = tl.arange(0, BLOCK_C)
-    channel_ok = channel < channels
-    channel_offsets = channel[:, None] * plane
+    image, plane, pixels, in_image, row, col, channel_ok, channel_offsets = _program_tile(
+        channels, height, width, BLOCK_C, BLOCK_P)
     grad_out_ptr += image * channels * plane
     grad_in_ptr += image * channels * plane
     shifts_ptr += image * 5

@@ -32,6 +32,17 @@ def _row_pointers(row_start_ptr, row_length_ptr, rows, BLOCK_R: tl.constexpr):
 
 
 @triton.jit
+def _load_chunk(real_ptr, syn_ptr, start, length, column):
+    """Columns `column` of every row of the block, real and syn in fp32 (0 past a row's end),
+    with their offsets and mask for the stores of the backward."""
+    inside = column[None, :] < length[:, None]
+    offsets = start[:, None] + column[None, :]
+    real = tl.load(real_ptr + offsets, mask=inside, other=0.0).to(tl.float32)
+    syn = tl.load(syn_ptr + offsets, mask=inside, other=0.0).to(tl.float32)
+    return real, syn, offsets, inside
+
+
+@triton.jit
 def _row_cosine_forward_kernel(real_ptr, syn_ptr, row_start_ptr, row_length_ptr, stats_ptr,
                                loss_ptr, rows, eps, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
     row, valid, start, length = _row_pointers(row_start_ptr, row_length_ptr, rows, BLOCK_R)
@@ -40,11 +51,7 @@ def _row_cosine_forward_kernel(real_ptr, syn_ptr, row_start_ptr, row_length_ptr,
     real_sq = tl.zeros((BLOCK_R, BLOCK_K), dtype=tl.float32)
     syn_sq = tl.zeros((BLOCK_R, BLOCK_K), dtype=tl.float32)
     for first in range(0, tl.max(length, axis=0), BLOCK_K):
-        column = first + columns
-        inside = column[None, :] < length[:, None]
-        offsets = start[:, None] + column[None, :]
-        real = tl.load(real_ptr + offsets, mask=inside, other=0.0).to(tl.float32)
-        syn = tl.load(syn_ptr + offsets, mask=inside, other=0.0).to(tl.float32)
+        real, syn, offsets, inside = _load_chunk(real_ptr, syn_ptr, start, length, first + columns)
         dot += real * syn
         real_sq += real * real
         syn_sq += syn * syn
@@ -74,11 +81,7 @@ def _row_cosine_backward_kernel(real_ptr, syn_ptr, row_start_ptr, row_length_ptr
     syn_self = tl.where(syn_norm > 0, scaled * real_norm / tl.where(syn_norm > 0, syn_norm, 1.0), 0.0)
     columns = tl.arange(0, BLOCK_K)
     for first in range(0, tl.max(length, axis=0), BLOCK_K):
-        column = first + columns
-        inside = column[None, :] < length[:, None]
-        offsets = start[:, None] + column[None, :]
-        real = tl.load(real_ptr + offsets, mask=inside, other=0.0).to(tl.float32)
-        syn = tl.load(syn_ptr + offsets, mask=inside, other=0.0).to(tl.float32)
+        real, syn, offsets, inside = _load_chunk(real_ptr, syn_ptr, start, length, first + columns)
         if NEED_SYN:
             grad_syn = cross[:, None] * real + syn_self[:, None] * syn
             tl.store(grad_syn_ptr + offsets, grad_syn.to(grad_syn_ptr.dtype.element_ty), mask=inside)
