@@ -110,8 +110,8 @@ PUBLISHED_RECIPES = {
     "dance": "IDC-style evaluation, multi-formation factor 2: not like-for-like with DC/DSA/DM",
 }
 # Method options recorded in every row (those whose defaults are ours, not published ones).
-REPORTED_OPTIONS = {"m3d": ("kernel", "factor", "normalize", "lr_img", "model_steps"),
-                    "echo": ("kernel", "factor", "normalize", "lr_img", "model_steps")}
+# Keyed by the registered name (synset.meta["method"]), so aliases such as "echo" share it.
+REPORTED_OPTIONS = {"m3d": ("kernel", "factor", "normalize", "lr_img", "model_steps")}
 TABLE_DATASETS = ("mnist", "fashion-mnist", "cifar10", "cifar100", "tinyimagenet")
 
 
@@ -184,7 +184,7 @@ def measure(method: str, dataset: str, train, test, ipc: int, *, iterations: int
     start = time.perf_counter()
     synset = ce.distill(train, method=method, ipc=ipc, iterations=iterations, device=device, seed=seed,
                         progress=False, **options)
-    method_options = {key: synset.meta["options"][key] for key in REPORTED_OPTIONS.get(method, ())}
+    method_options = {key: synset.meta["options"][key] for key in REPORTED_OPTIONS.get(synset.meta["method"], ())}
     seconds = time.perf_counter() - start
     start = time.perf_counter()
     report = ce.evaluate(synset, test, model="ConvNet", repeats=repeats, epochs=epochs, seed=seed,
