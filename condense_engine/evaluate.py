@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from condense_engine import models
+from condense_engine.models.layers import forward_chunk
 from condense_engine.datasets import ClassSampler, ImageDataset
 from condense_engine.evaluate_batched import train_and_test_batched, unbatchable_reason
 from condense_engine.ops.dsa import DSAParams, default_strategy, dsa
@@ -79,14 +80,28 @@ def train_and_test(model: torch.nn.Module, images: torch.Tensor, labels: torch.T
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-    return accuracy(model, test_set, batch_size=1024), float(loss.detach())
+    return accuracy(model, test_set), float(loss.detach())
+
+
+#: Test images per forward off the CPU (the CPU takes smaller batches: models.layers.forward_chunk).
+TEST_BATCH = 1024
+#: Channels of the widest full-resolution activation assumed when sizing CPU test batches (ConvNet's).
+TEST_ACTIVATION_CHANNELS = 128
 
 
 @torch.no_grad()
-def accuracy(model: torch.nn.Module, test_set: ImageDataset, batch_size: int = 1024) -> float:
-    """Top-1 accuracy of `model` (in eval mode) on the whole `test_set`."""
+def accuracy(model: torch.nn.Module, test_set: ImageDataset, batch_size: int | None = None) -> float:
+    """Top-1 accuracy of `model` (in eval mode) on the whole `test_set`.
+
+    batch_size None: TEST_BATCH images per forward, fewer on the CPU, where large activations
+    cost more in page faults than in arithmetic; in eval mode the images are independent, so the
+    batch size does not change the predictions.
+    """
     model.eval()
     device = next(model.parameters()).device
+    if batch_size is None:
+        height, width = test_set.image_size
+        batch_size = forward_chunk(device, TEST_ACTIVATION_CHANNELS * height * width * 4, TEST_BATCH)
     correct = 0
     for start in range(0, len(test_set), batch_size):
         index = torch.arange(start, min(start + batch_size, len(test_set)))

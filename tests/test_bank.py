@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from condense_engine.models import ConvNet, ConvNetBank
+from condense_engine.models import ConvNet, ConvNetBank, layers
 
 NORMS = ["instancenorm", "batchnorm", "layernorm", "groupnorm", "none"]
 TINY = dict(width=8, depth=2, im_size=(8, 8))
@@ -168,3 +168,31 @@ def test_to_device_equals_to(device, norm):
         torch.testing.assert_close(got, want, rtol=0, atol=0)
     x = torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(4)).to(device)
     torch.testing.assert_close(moved.embed(x), expected.embed(x))
+
+
+@pytest.mark.parametrize("norm", NORMS)
+def test_cpu_batches_run_in_chunks_with_the_same_features(norm, monkeypatch):
+    bank = ConvNetBank(2, 3, norm=norm, generator=torch.Generator().manual_seed(0), **TINY)
+    x = torch.randn(7, 3, 8, 8)
+    whole = bank.embed(x)  # 7 images of 2·8·8·8·4 bytes: far below the budget, one pass
+    passes = []
+    one_pass = bank._embed_batch
+    monkeypatch.setattr(bank, "_embed_batch", lambda part: passes.append(len(part)) or one_pass(part))
+    monkeypatch.setattr(layers, "CPU_ACTIVATION_BYTES", 3 * 2 * 8 * 8 * 8 * 4)
+    chunked = bank.embed(x)
+    if norm == "batchnorm":  # training-mode BatchNorm mixes the images: never split
+        assert passes == [7]
+        bank.eval()
+        passes.clear()
+        torch.testing.assert_close(bank.embed(x), torch.cat([one_pass(p) for p in x.split(3)], dim=1))
+        assert passes == [3, 3, 1]
+    else:
+        assert passes == [3, 3, 1]
+        torch.testing.assert_close(chunked, whole)
+
+
+def test_forward_chunk_bounds_cpu_activations_only():
+    assert layers.forward_chunk("cpu", layers.CPU_ACTIVATION_BYTES // 16, 1000) == 16
+    assert layers.forward_chunk("cpu", layers.CPU_ACTIVATION_BYTES // 16, 10) == 10
+    assert layers.forward_chunk("cpu", 10 * layers.CPU_ACTIVATION_BYTES, 1000) == 1
+    assert layers.forward_chunk("meta", 10 * layers.CPU_ACTIVATION_BYTES, 1000) == 1000

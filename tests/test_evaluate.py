@@ -6,7 +6,8 @@ import torch
 import condense_engine as ce
 from condense_engine import evaluate_batched
 from condense_engine.datasets import from_tensors
-from condense_engine.evaluate import CPU_LOOP_REASON, fresh_models, train_and_test
+from condense_engine.evaluate import CPU_LOOP_REASON, accuracy, fresh_models, train_and_test
+from condense_engine.models import layers
 from condense_engine.evaluate_batched import train_and_test_batched
 from condense_engine.synset import SyntheticSet
 
@@ -186,3 +187,15 @@ def test_model_torch_func_cannot_run_falls_back_and_is_remembered(monkeypatch):
     evaluate_batched._VMAP_PROBED[("DataDependent", "cpu")] = "remembered"
     again = ce.evaluate(_synset(train), test, model="DataDependent", repeats=2, epochs=1, dsa=False)
     assert again.recipe["loop_reason"] == "remembered"
+
+
+def test_cpu_test_batches_do_not_change_the_accuracy(monkeypatch):
+    test = _separable(30, seed=1)
+    net = fresh_models("ConvNet", 1, seed=0, channel=1, num_classes=3, im_size=(8, 8), device="cpu")[0]
+    whole = accuracy(net, test, batch_size=len(test))
+    batches = []
+    forward = net.forward
+    monkeypatch.setattr(net, "forward", lambda x: batches.append(len(x)) or forward(x))
+    monkeypatch.setattr(layers, "CPU_ACTIVATION_BYTES", 40 * 128 * 8 * 8 * 4)
+    assert accuracy(net, test) == whole
+    assert batches == [40, 40, 10]

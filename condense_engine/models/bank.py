@@ -19,7 +19,7 @@ from torch import nn
 
 from condense_engine.models.convnet import ConvNet, block_shapes, convnet_block, first_padding
 from condense_engine.models.layers import (ACTIVATIONS, GROUPNORM_GROUPS, NORMS, check_choice,
-                                           make_norm)
+                                           forward_chunk, make_norm)
 from condense_engine.ops import embed as epilogue_op
 from condense_engine.ops.gather import host_to_device
 
@@ -184,8 +184,20 @@ class ConvNetBank(nn.Module):
         """Features of every net for the batch x (n, C, H, W), shape (k, n, d).
 
         Blocks with instance/group norm and average or no pooling run conv, then the fused
-        norm → act → pool epilogue; the others run their modules in order.
+        norm → act → pool epilogue; the others run their modules in order. On the CPU a batch
+        whose images are independent (any norm but BatchNorm in training mode) runs in chunks
+        that keep each activation small (see `forward_chunk`); the features agree to float rounding.
         """
+        chunk = len(x)
+        if self.config["norm"] != "batchnorm" or not self.training:
+            per_image = self.k * self.config["width"] * x.shape[2] * x.shape[3] * x.element_size()
+            chunk = forward_chunk(x.device, per_image, len(x))
+        if chunk >= len(x):
+            return self._embed_batch(x)
+        return torch.cat([self._embed_batch(part) for part in x.split(chunk)], dim=1)
+
+    def _embed_batch(self, x: torch.Tensor) -> torch.Tensor:
+        """embed() of one batch in one pass."""
         if not self.fused_epilogue:
             features = self.features(x)
         else:
