@@ -7,6 +7,12 @@
 #   bash tools/gpu_session.sh bench [NAME ...]   # benchmarks (default: all); condense_time is
 #                                          # extrapolated from 2000 measured iterations
 #   bash tools/gpu_session.sh all          # the three in turn (only when time allows)
+# TinyImageNet (real, 200 classes) on the GPU: stage it here first,
+#   bash ../shared/tools/stage.sh /work/data/tiny-imagenet-200 .stage/tiny 50   (note the file count)
+# then one device call per part, back to back so the machine stays warm, each carrying that part:
+#   bash tools/gpu_session.sh tiny-part .stage/tiny/part-aa       (carry: [".stage/tiny/part-aa"])
+#   bash tools/gpu_session.sh tiny-unpack FILE_COUNT              # rebuilds the tree, checks the count
+#   bash tools/gpu_session.sh tiny-accuracy IPC [ITERATIONS [EPOCHS]]   # DM and M3D, rows into results/
 # Logs and results accumulate in $GPU_SESSION_DIR (default /tmp/gpu-session) and every step packs
 # them into $OUT/gpu-results.tgz. Unpack that into bench/ here and commit bench/results/*.json,
 # the PNGs and the regenerated bench/RESULTS.md.
@@ -19,7 +25,8 @@ mkdir -p "$out" "$work/results"
 export PYTHONUNBUFFERED=1
 status=0
 
-pack() { tar czf "$out/gpu-results.tgz" -C "$work" .; }
+# The staged data set stays on the machine; only logs and results come back.
+pack() { tar czf "$out/gpu-results.tgz" --exclude=./data --exclude=./tiny-parts -C "$work" .; }
 
 install() {
     nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv > "$work/device.txt" 2>&1
@@ -55,12 +62,39 @@ bench() {
     return $code
 }
 
+tiny_part() {
+    local part=${1:?tiny-part needs the path of the carried part}
+    mkdir -p "$work/tiny-parts" && cp "$part" "$work/tiny-parts/" && ls -l "$work/tiny-parts"
+}
+
+tiny_unpack() {
+    local expected=${1:?tiny-unpack needs the file count stage.sh printed} found
+    mkdir -p "$work/data/tinyimagenet"
+    cat "$work/tiny-parts"/part-* | tar -x -C "$work/data/tinyimagenet" || return 1
+    found=$(find "$work/data/tinyimagenet/tiny-imagenet-200" -type f | wc -l)
+    echo "TinyImageNet files: $found (staged: $expected)"
+    [[ $found -eq $expected ]] && rm -rf "$work/tiny-parts"
+}
+
+tiny_accuracy() {
+    local ipc=${1:?tiny-accuracy needs an IPC} iterations=${2:-} epochs=${3:-1000}
+    python3 -m bench.accuracy --methods dm m3d --datasets tinyimagenet --ipcs "$ipc" \
+        ${iterations:+--iterations "$iterations"} --epochs "$epochs" --device cuda \
+        --data-root "$work/data" --out "$work/results/accuracy-$(date -u +%Y%m%d-%H%M%S)-tiny-ipc$ipc.json" \
+        --results-dir "$work/results" --report "$work/RESULTS.md" 2>&1 | tee -a "$work/accuracy.log" | tail -20
+    return "${PIPESTATUS[0]}"
+}
+
 case $step in
     install) install || status=1 ;;
     tests) tests || status=1 ;;
     bench) bench "$@" || status=1 ;;
     all) { install && tests; } || status=1; bench || status=1 ;;
-    *) echo "unknown step $step (install | tests | bench [NAME ...] | all)" >&2; status=2 ;;
+    tiny-part) tiny_part "$@" || status=1 ;;
+    tiny-unpack) tiny_unpack "$@" || status=1 ;;
+    tiny-accuracy) tiny_accuracy "$@" || status=1 ;;
+    *) echo "unknown step $step (install | tests | bench [NAME ...] | all | tiny-part | tiny-unpack | tiny-accuracy)" >&2
+       status=2 ;;
 esac
 pack
 exit $status
