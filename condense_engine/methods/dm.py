@@ -21,6 +21,7 @@ from condense_engine import ops
 from condense_engine.methods.augment import matched_batches
 from condense_engine.methods.base import Method, register
 from condense_engine.models import ConvNetBank, convnet_config
+from condense_engine.ops.mmd import sigma_tensor
 from condense_engine.reference import mmd as reference_mmd
 
 
@@ -139,10 +140,7 @@ class M3D(DM):
             degree, gamma = self.options["degree"], reference_mmd.default_gamma(feats.shape[-1])
             typical_inner = feats.mean(-2).pow(2).sum(-1).mean()
             return degree * gamma * (gamma * typical_inner + 1.0).pow(degree - 1)
-        sigmas = self.options["sigmas"]
-        sigmas = (reference_mmd.default_sigmas(feats) if sigmas is None
-                  else torch.as_tensor(sigmas, dtype=torch.float32, device=feats.device).reshape(-1))
-        variance = sigmas.pow(2)
+        variance = sigma_tensor(self.options["sigmas"], feats).pow(2)
         return (torch.exp(-reference_mmd.mean_sq_distance(feats) / (2.0 * variance)) / variance).mean()
 
 

@@ -43,7 +43,7 @@ def mmd(x: torch.Tensor, y: torch.Tensor, kernel: str = "linear", *, degree: int
     """
     _check_features(x, y, estimator)
     _check_options(kernel, degree, gamma, coef0, estimator, reduction)
-    sigma_values = _sigma_tensor(sigmas, x) if kernel == "gaussian" else None
+    sigma_values = sigma_tensor(sigmas, x) if kernel == "gaussian" else None
     chosen = choose("mmd", backend, x.device, ("torch", "triton"))
     options = dict(degree=degree, gamma=gamma, coef0=coef0, estimator=estimator,
                    include_xx=include_xx)
@@ -132,7 +132,7 @@ def _check_options(kernel, degree, gamma, coef0, estimator, reduction) -> None:
             raise ValueError(f"coef0 must be a finite number, got {coef0!r}")
 
 
-def _sigma_tensor(sigmas, x: torch.Tensor) -> torch.Tensor:
+def sigma_tensor(sigmas, x: torch.Tensor) -> torch.Tensor:
     """The Gaussian bandwidths as a 1-D fp32 tensor on x's device, checked finite and positive.
 
     Numbers are checked in Python and their device copy is cached, so a GPU call with fixed
