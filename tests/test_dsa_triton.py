@@ -9,6 +9,7 @@ import torch
 
 from condense_engine import ops
 from condense_engine.ops.dsa import GROUPS, DSAParams, native_arguments
+from tests.hopper_compile import assert_compiles_for_hopper
 
 pytest.importorskip("triton")
 
@@ -202,3 +203,22 @@ def test_triton_is_the_automatic_choice_on_cuda(monkeypatch):
     monkeypatch.delenv("CONDENSE_BACKEND", raising=False)
     ops.dsa(torch.randn(2, 3, 7, 9, device="cuda"), _params(2, (7, 9)))
     assert len(calls) == 1
+
+
+def test_kernels_compile_for_hopper():
+    """The GPU build (not the interpreter) of the mean, the forward and backward with no group,
+    every group, and the bilinear taps alone, in fp32 and bf16, and the backward's epilogue."""
+    steps = {name: "fp32" for name in ("step_x", "start_x", "half_x", "step_y", "start_y", "half_y")}
+    groups = [dict(COLOR=False, CROP=False, CUTOUT=False, FLIP=False, SCALE_TAPS=1, ROTATE_TAPS=1),
+              dict(COLOR=True, CROP=True, CUTOUT=True, FLIP=True, SCALE_TAPS=4, ROTATE_TAPS=4),
+              dict(COLOR=False, CROP=False, CUTOUT=False, FLIP=False, SCALE_TAPS=4, ROTATE_TAPS=1)]
+    builds = []
+    for dtype in ("fp32", "bf16"):
+        data = {"*pointer": "*fp32", "*scalar": "i32", "shifts_ptr": "*i64", **steps}
+        builds.append(("_image_mean_kernel", {**data, "x_ptr": f"*{dtype}"}, dict(BLOCK=1024)))
+        builds.append(("_finish_backward_kernel", {**data, "grad_in_ptr": f"*{dtype}"}, dict(BLOCK=1024)))
+        for chosen in groups:
+            tile = dict(chosen, BLOCK_C=4, BLOCK_P=256)
+            builds.append(("_dsa_forward_kernel", {**data, "x_ptr": f"*{dtype}", "out_ptr": f"*{dtype}"}, tile))
+            builds.append(("_dsa_backward_kernel", {**data, "grad_out_ptr": f"*{dtype}"}, tile))
+    assert_compiles_for_hopper("condense_engine.kernels.augment", builds)

@@ -1,9 +1,5 @@
 """ops.embed_epilogue: the Triton kernels (interpreter on CPU) against the torch modules'
 composition, forward and gradients; input validation; and ConvNetBank's use of the epilogue."""
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 from torch import nn
@@ -12,6 +8,7 @@ from condense_engine import ops
 from condense_engine.models import ConvNet, ConvNetBank
 from condense_engine.models.layers import make_activation
 from condense_engine.reference import embed as reference
+from tests.hopper_compile import assert_compiles_for_hopper
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -176,42 +173,15 @@ def test_bank_on_cpu_is_bit_identical_to_its_modules(norm, act, pool):
     assert torch.equal(bank.embed(x), bank.features(x).reshape(4, 3, -1).transpose(0, 1))
 
 
-COMPILE_FOR_HOPPER = r"""
-import triton
-from triton.backends.compiler import GPUTarget
-from condense_engine.kernels import embed as fused
-
-DATA = {"x_ptr", "out_ptr", "grad_out_ptr", "grad_x_ptr"}
-
-
-def compile_kernel(fn, dtype, constexprs):
-    signature = {}
-    for name in fn.arg_names:
-        if name in constexprs:
-            signature[name] = "constexpr"
-        elif name.endswith("_ptr"):
-            signature[name] = f"*{dtype}" if name in DATA else "*fp32"
-        else:
-            signature[name] = "fp32" if name in ("eps", "slope") else "i32"
-    source = triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=constexprs)
-    triton.compile(source, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4))
-
-
-for act, dtype, pool, rows in ((0, "fp32", True, 1), (1, "bf16", False, 32),
-                               (2, "bf16", True, 2), (3, "fp32", True, 8)):
-    compile_kernel(fused._epilogue_forward_kernel, dtype,
-                   dict(ROWS=rows, BLOCK_IN=1024 // rows, BLOCK_OUT=16, ACT=act, POOL=pool))
-    compile_kernel(fused._epilogue_backward_kernel, dtype,
-                   dict(ROWS=rows, BLOCK_IN=1024 // rows, ACT=act, POOL=pool))
-print("compiled")
-"""
-
-
 def test_kernels_compile_for_hopper():
-    """The GPU build (not the interpreter) of every activation, both dtypes and pool modes:
-    catches code-generation errors wherever Triton's NVIDIA backend and ptxas are present."""
-    pytest.importorskip("triton.backends.nvidia.compiler")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    result = subprocess.run([sys.executable, "-c", COMPILE_FOR_HOPPER], env=env,
-                            capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0 and "compiled" in result.stdout, result.stderr[-3000:]
+    """The GPU build (not the interpreter) of every activation, both dtypes and pool modes."""
+    builds = []
+    for act, dtype, pool, rows in ((0, "fp32", True, 1), (1, "bf16", False, 32),
+                                   (2, "bf16", True, 2), (3, "fp32", True, 8)):
+        types = {"*pointer": "*fp32", "*scalar": "i32", "eps": "fp32", "slope": "fp32",
+                 **{name: f"*{dtype}" for name in ("x_ptr", "out_ptr", "grad_out_ptr", "grad_x_ptr")}}
+        builds += [("_epilogue_forward_kernel", types,
+                    dict(ROWS=rows, BLOCK_IN=1024 // rows, BLOCK_OUT=16, ACT=act, POOL=pool)),
+                   ("_epilogue_backward_kernel", types,
+                    dict(ROWS=rows, BLOCK_IN=1024 // rows, ACT=act, POOL=pool))]
+    assert_compiles_for_hopper("condense_engine.kernels.embed", builds)

@@ -6,6 +6,7 @@ import torch
 from condense_engine import ops
 from condense_engine.kernels import match_dist as kernel
 from condense_engine.reference import match_dist as reference
+from tests.hopper_compile import assert_compiles_for_hopper
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -159,3 +160,17 @@ def test_row_layout_offsets():
     start, length = kernel.row_layout(((2, 3), (3, 1), (1, 4)), torch.device("cpu"))
     assert start.tolist() == [0, 3, 6, 7, 8, 9]
     assert length.tolist() == [3, 3, 1, 1, 1, 4]
+
+
+def test_kernels_compile_for_hopper():
+    """The GPU build (not the interpreter) of both kernels in fp32 and bf16, each gradient side."""
+    builds = []
+    for dtype in ("fp32", "bf16"):
+        types = {"*pointer": "*fp32", "*scalar": "i32", "eps": "fp32", "row_start_ptr": "*i64",
+                 "row_length_ptr": "*i32",
+                 **{name: f"*{dtype}" for name in ("real_ptr", "syn_ptr", "grad_real_ptr", "grad_syn_ptr")}}
+        builds.append(("_row_cosine_forward_kernel", types, dict(BLOCK_R=4, BLOCK_K=256)))
+        builds += [("_row_cosine_backward_kernel", types,
+                    dict(NEED_REAL=need_real, NEED_SYN=not need_real, BLOCK_R=4, BLOCK_K=256))
+                   for need_real in (True, False)]
+    assert_compiles_for_hopper("condense_engine.kernels.match_dist", builds)
