@@ -191,8 +191,11 @@ def test_cpu_batches_run_in_chunks_with_the_same_features(norm, monkeypatch):
         torch.testing.assert_close(chunked, whole)
 
 
-def test_forward_chunk_bounds_cpu_activations_only():
+def test_forward_chunk_bounds_activations_per_device():
     assert layers.forward_chunk("cpu", layers.CPU_ACTIVATION_BYTES // 16, 1000) == 16
     assert layers.forward_chunk("cpu", layers.CPU_ACTIVATION_BYTES // 16, 10) == 10
     assert layers.forward_chunk("cpu", 10 * layers.CPU_ACTIVATION_BYTES, 1000) == 1
-    assert layers.forward_chunk("meta", 10 * layers.CPU_ACTIVATION_BYTES, 1000) == 1000
+    tiny_dm_real_batch = 200 * 256
+    first_activation = 128 * 64 * 64 * 4
+    assert layers.forward_chunk("cuda", first_activation, tiny_dm_real_batch) == 2048
+    assert layers.forward_chunk("cuda", 128 * 32 * 32 * 4, 10 * 256) == 10 * 256  # CIFAR-10: one pass

@@ -35,7 +35,7 @@ def test_published_defaults(ipc, loops):
 
 def test_ipc_outside_the_table_needs_explicit_loops():
     with pytest.raises(ValueError, match="outer_loop"):
-        ce.distill(toy_dataset(), method="dc", ipc=2, iterations=1, progress=False)
+        ce.distill(toy_dataset(), method="dc", ipc=2, iterations=1, progress=False, device="cpu")
 
 
 def _published_loop_loss(net, real, syn, batch_real, per_class):
@@ -104,8 +104,8 @@ def test_distillation_lowers_the_matching_loss(method, tmp_path):
     data = toy_dataset()
     options = dict(LOOPS, init="noise")
     log = tmp_path / "log.jsonl"
-    start = ce.distill(data, method=method, ipc=2, iterations=0, seed=0, progress=False, **options)
-    syn = ce.distill(data, method=method, ipc=2, iterations=6, seed=0, progress=False, log=str(log), **options)
+    start = ce.distill(data, method=method, ipc=2, iterations=0, seed=0, progress=False, device="cpu", **options)
+    syn = ce.distill(data, method=method, ipc=2, iterations=6, seed=0, progress=False, device="cpu", log=str(log), **options)
     assert syn.images.shape == (6, 1, 12, 12) and syn.labels.tolist() == [0, 0, 1, 1, 2, 2]
     assert len(log.read_text().splitlines()) == 6
     real = data.normalized()
@@ -123,7 +123,7 @@ def test_distillation_lowers_the_matching_loss(method, tmp_path):
 def test_batchnorm_statistics_are_set_and_frozen_as_published():
     data = toy_dataset()
     options = dict(outer_loop=2, inner_loop=1, batch_real=4)
-    syn = ce.distill(data, method="dc", ipc=1, iterations=0, seed=0, progress=False, **options)
+    syn = ce.distill(data, method="dc", ipc=1, iterations=0, seed=0, progress=False, device="cpu", **options)
     method = DC(data.name, 1, **options)
     method.init(syn, data, ce.datasets.ClassSampler(data), torch.Generator().manual_seed(0), torch.device("cpu"))
     net = ConvNet(1, 3, width=8, norm="batchnorm", im_size=(12, 12))
@@ -131,21 +131,21 @@ def test_batchnorm_statistics_are_set_and_frozen_as_published():
     norms = [m for m in net.modules() if isinstance(m, torch.nn.BatchNorm2d)]
     assert norms and all(not m.training for m in norms) and net.training
     assert all(int(m.num_batches_tracked) == 1 and m.running_mean.abs().sum() > 0 for m in norms)
-    bn_run = ce.distill(data, method="dc", ipc=1, iterations=1, seed=0, progress=False, model="ConvNetBN", **options)
+    bn_run = ce.distill(data, method="dc", ipc=1, iterations=1, seed=0, progress=False, device="cpu", model="ConvNetBN", **options)
     assert torch.isfinite(bn_run.images).all() and not torch.equal(bn_run.images, syn.images.detach())
 
 
 @pytest.mark.parametrize("method", ["dc", "dsa"])
 def test_resume_after_interruption_is_bit_identical(method, tmp_path):
     data = toy_dataset()
-    full = ce.distill(data, method=method, ipc=2, iterations=4, seed=1, progress=False, **LOOPS)
+    full = ce.distill(data, method=method, ipc=2, iterations=4, seed=1, progress=False, device="cpu", **LOOPS)
     ckpt = str(tmp_path / "ckpt.pt")
-    assert distill_interrupted(DC, 2, dataset=data, method=method, ipc=2, iterations=4, seed=1, progress=False,
+    assert distill_interrupted(DC, 2, dataset=data, method=method, ipc=2, iterations=4, seed=1, progress=False, device="cpu",
                                checkpoint=ckpt, checkpoint_every=100, **LOOPS) == 2
-    resumed = ce.distill(data, method=method, ipc=2, iterations=4, seed=1, progress=False, checkpoint=ckpt,
+    resumed = ce.distill(data, method=method, ipc=2, iterations=4, seed=1, progress=False, device="cpu", checkpoint=ckpt,
                          resume=True, **LOOPS)
     assert torch.equal(resumed.images, full.images)
-    other = ce.distill(data, method=method, ipc=2, iterations=4, seed=2, progress=False, **LOOPS)
+    other = ce.distill(data, method=method, ipc=2, iterations=4, seed=2, progress=False, device="cpu", **LOOPS)
     assert not torch.equal(other.images, full.images)
 
 

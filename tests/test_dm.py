@@ -18,12 +18,12 @@ from tests.toy_data import FAST, distill_interrupted, toy_dataset
 def test_dm_lowers_its_loss():
     data = toy_dataset()
     log = []
-    syn = ce.distill(data, method="dm", ipc=2, iterations=30, seed=0, progress=False, lr_img=1.0,
+    syn = ce.distill(data, method="dm", ipc=2, iterations=30, seed=0, progress=False, device="cpu", lr_img=1.0,
                      **dict(FAST, dsa=False))
     assert syn.images.shape == (6, 1, 12, 12)
     assert syn.labels.tolist() == [0, 0, 1, 1, 2, 2]
     # Measure the loss with fixed nets before and after distillation.
-    init = ce.distill(data, method="dm", ipc=2, iterations=0, seed=0, progress=False, **dict(FAST, dsa=False))
+    init = ce.distill(data, method="dm", ipc=2, iterations=0, seed=0, progress=False, device="cpu", **dict(FAST, dsa=False))
     method = DM(data.name, 2, **dict(FAST, dsa=False))
     real = data.normalized()
     real = torch.cat([real[data.labels == c][:24] for c in range(3)])
@@ -52,25 +52,25 @@ def test_batched_loss_equals_published_per_class_loop():
 
 def test_seed_determinism():
     data = toy_dataset()
-    a = ce.distill(data, method="dm", ipc=2, iterations=3, seed=5, progress=False, **FAST)
-    b = ce.distill(data, method="dm", ipc=2, iterations=3, seed=5, progress=False, **FAST)
-    c = ce.distill(data, method="dm", ipc=2, iterations=3, seed=6, progress=False, **FAST)
+    a = ce.distill(data, method="dm", ipc=2, iterations=3, seed=5, progress=False, device="cpu", **FAST)
+    b = ce.distill(data, method="dm", ipc=2, iterations=3, seed=5, progress=False, device="cpu", **FAST)
+    c = ce.distill(data, method="dm", ipc=2, iterations=3, seed=6, progress=False, device="cpu", **FAST)
     assert torch.equal(a.images, b.images)
     assert not torch.equal(a.images, c.images)
 
 
 def test_resume_after_interruption_is_bit_identical(tmp_path):
     data = toy_dataset()
-    full = ce.distill(data, method="dm", ipc=2, iterations=6, seed=1, progress=False, **FAST)
+    full = ce.distill(data, method="dm", ipc=2, iterations=6, seed=1, progress=False, device="cpu", **FAST)
     ckpt = str(tmp_path / "ckpt.pt")
     log = str(tmp_path / "log.jsonl")
-    checkpointed = ce.distill(data, method="dm", ipc=2, iterations=6, seed=1, progress=False, checkpoint=ckpt,
+    checkpointed = ce.distill(data, method="dm", ipc=2, iterations=6, seed=1, progress=False, device="cpu", checkpoint=ckpt,
                               checkpoint_every=2, log=log, **FAST)
     assert torch.equal(checkpointed.images, full.images)
     os.remove(ckpt)
-    assert distill_interrupted(DM, 4, dataset=data, method="dm", ipc=2, iterations=6, seed=1, progress=False,
+    assert distill_interrupted(DM, 4, dataset=data, method="dm", ipc=2, iterations=6, seed=1, progress=False, device="cpu",
                                checkpoint=ckpt, checkpoint_every=100, **FAST) == 4
-    resumed = ce.distill(data, method="dm", ipc=2, iterations=6, seed=1, progress=False, checkpoint=ckpt,
+    resumed = ce.distill(data, method="dm", ipc=2, iterations=6, seed=1, progress=False, device="cpu", checkpoint=ckpt,
                          resume=True, log=log, **FAST)
     assert torch.equal(resumed.images, full.images)
 
@@ -78,9 +78,9 @@ def test_resume_after_interruption_is_bit_identical(tmp_path):
 def test_resume_rejects_another_run(tmp_path):
     data = toy_dataset()
     ckpt = str(tmp_path / "ckpt.pt")
-    ce.distill(data, method="dm", ipc=2, iterations=2, seed=1, progress=False, checkpoint=ckpt, **FAST)
+    ce.distill(data, method="dm", ipc=2, iterations=2, seed=1, progress=False, device="cpu", checkpoint=ckpt, **FAST)
     with pytest.raises(ValueError, match="another run"):
-        ce.distill(data, method="dm", ipc=2, iterations=4, seed=2, progress=False, checkpoint=ckpt,
+        ce.distill(data, method="dm", ipc=2, iterations=4, seed=2, progress=False, device="cpu", checkpoint=ckpt,
                    resume=True, **FAST)
 
 
@@ -88,7 +88,7 @@ def test_non_finite_loss_stops_and_keeps_last_checkpoint(tmp_path):
     data = toy_dataset()
     ckpt = str(tmp_path / "ckpt.pt")
     with pytest.raises(NonFiniteLossError, match="iteration"):
-        ce.distill(data, method="dm", ipc=2, iterations=50, seed=0, progress=False, checkpoint=ckpt,
+        ce.distill(data, method="dm", ipc=2, iterations=50, seed=0, progress=False, device="cpu", checkpoint=ckpt,
                    checkpoint_every=1, **dict(FAST, lr_img=1e30))
     saved = load_checkpoint(ckpt)
     assert torch.isfinite(saved["images"]).all()
@@ -97,19 +97,19 @@ def test_non_finite_loss_stops_and_keeps_last_checkpoint(tmp_path):
 def test_bad_input():
     data = toy_dataset(per_class=4)
     with pytest.raises(ValueError, match="larger than class"):
-        ce.distill(data, method="dm", ipc=5, iterations=1, progress=False)
+        ce.distill(data, method="dm", ipc=5, iterations=1, progress=False, device="cpu")
     with pytest.raises(ValueError, match="unknown method"):
-        ce.distill(data, method="nope", ipc=1, iterations=1, progress=False)
+        ce.distill(data, method="nope", ipc=1, iterations=1, progress=False, device="cpu")
     with pytest.raises(ValueError, match="no option"):
-        ce.distill(data, method="dm", ipc=1, iterations=1, progress=False, lr_imgg=3)
+        ce.distill(data, method="dm", ipc=1, iterations=1, progress=False, device="cpu", lr_imgg=3)
     with pytest.raises(TypeError, match="ImageDataset"):
-        ce.distill("mnist", method="dm", ipc=1, iterations=1, progress=False)
+        ce.distill("mnist", method="dm", ipc=1, iterations=1, progress=False, device="cpu")
 
 
 def test_log_is_json_lines(tmp_path):
     data = toy_dataset()
     log = tmp_path / "log.jsonl"
-    ce.distill(data, method="dm", ipc=1, iterations=3, progress=False, log=str(log), **FAST)
+    ce.distill(data, method="dm", ipc=1, iterations=3, progress=False, device="cpu", log=str(log), **FAST)
     records = [json.loads(line) for line in log.read_text().splitlines()]
     assert [r["iteration"] for r in records] == [1, 2, 3]
     assert all(math.isfinite(r["loss"]) for r in records)

@@ -66,8 +66,8 @@ def test_uses_learned_lr_and_decays_at_half(monkeypatch):
 
 def test_seeded_runs_repeat_exactly():
     train, test = _separable(3), _separable(5, seed=1)
-    a = ce.evaluate(_synset(train), test, model="ConvNetW32", repeats=1, epochs=3, seed=4)
-    b = ce.evaluate(_synset(train), test, model="ConvNetW32", repeats=1, epochs=3, seed=4)
+    a = ce.evaluate(_synset(train), test, model="ConvNetW32", repeats=1, epochs=3, seed=4, device="cpu")
+    b = ce.evaluate(_synset(train), test, model="ConvNetW32", repeats=1, epochs=3, seed=4, device="cpu")
     assert a.accuracies == b.accuracies and a.losses == b.losses
 
 

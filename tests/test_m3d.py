@@ -14,8 +14,8 @@ from tests.toy_data import FAST, toy_dataset
 def test_m3d_lowers_its_kernel_mmd(kernel):
     data = toy_dataset()
     options = dict(FAST, dsa=False, kernel=kernel, lr_img=1.0 if kernel == "gaussian" else 0.1)
-    init = ce.distill(data, method="m3d", ipc=2, iterations=0, progress=False, **options)
-    syn = ce.distill(data, method="m3d", ipc=2, iterations=25, progress=False, **options)
+    init = ce.distill(data, method="m3d", ipc=2, iterations=0, progress=False, device="cpu", **options)
+    syn = ce.distill(data, method="m3d", ipc=2, iterations=25, progress=False, device="cpu", **options)
     real = torch.cat([data.normalized()[data.labels == c][:24] for c in range(3)])
     before = after = 0.0
     for seed in range(4):
@@ -31,19 +31,19 @@ def test_m3d_lowers_its_kernel_mmd(kernel):
 
 def test_echo_is_an_alias():
     data = toy_dataset()
-    syn = ce.distill(data, method="echo", ipc=1, iterations=1, progress=False, **FAST)
+    syn = ce.distill(data, method="echo", ipc=1, iterations=1, progress=False, device="cpu", **FAST)
     assert syn.meta["method"] == "m3d"
 
 
 def test_multi_formation_factor_two():
     data = toy_dataset(per_class=24)
-    syn = ce.distill(data, method="m3d", ipc=2, iterations=2, progress=False, factor=2, **FAST)
+    syn = ce.distill(data, method="m3d", ipc=2, iterations=2, progress=False, device="cpu", factor=2, **FAST)
     assert syn.factor == 2 and syn.images.shape == (6, 1, 12, 12)
     images, labels = syn.materialize()
     assert images.shape == (24, 1, 12, 12)
     assert labels.tolist() == [c for c in range(3) for _ in range(8)]
     with pytest.raises(ValueError, match="divide"):
-        ce.distill(toy_dataset(size=13), method="m3d", ipc=1, iterations=1, progress=False, factor=2, **FAST)
+        ce.distill(toy_dataset(size=13), method="m3d", ipc=1, iterations=1, progress=False, device="cpu", factor=2, **FAST)
 
 
 def test_model_steps_reuses_the_network(monkeypatch):
@@ -55,7 +55,7 @@ def test_model_steps_reuses_the_network(monkeypatch):
         original(self, *args, **kwargs)
 
     monkeypatch.setattr(ConvNetBank, "__init__", counting)
-    ce.distill(toy_dataset(), method="m3d", ipc=1, iterations=6, progress=False, model_steps=3, **FAST)
+    ce.distill(toy_dataset(), method="m3d", ipc=1, iterations=6, progress=False, device="cpu", model_steps=3, **FAST)
     assert len(built) == 2
 
 

@@ -184,9 +184,10 @@ class ConvNetBank(nn.Module):
         """Features of every net for the batch x (n, C, H, W), shape (k, n, d).
 
         Blocks with instance/group norm and average or no pooling run conv, then the fused
-        norm → act → pool epilogue; the others run their modules in order. On the CPU a batch
+        norm → act → pool epilogue; the others run their modules in order. A batch
         whose images are independent (any norm but BatchNorm in training mode) runs in chunks
-        that keep each activation small (see `forward_chunk`); the features agree to float rounding.
+        that keep each activation within a bound (see `forward_chunk`: small on the CPU, GiBs on
+        a GPU); the features agree to float rounding.
         """
         chunk = len(x)
         if self.config["norm"] != "batchnorm" or not self.training:
