@@ -132,15 +132,47 @@ def environment(device: torch.device | str) -> dict:
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
 
 
+def results_file(name: str, out: str | None = None) -> str:
+    """Where a bench's rows go: `out`, or bench/results/<name>.json."""
+    return out or os.path.join(RESULTS_DIR, f"{name}.json")
+
+
 def write_results(name: str, rows: list[dict], device: torch.device | str,
                   out: str | None = None) -> str:
     """Write `{environment..., "rows": rows}` to `out` or bench/results/<name>.json; its path."""
-    path = out or os.path.join(RESULTS_DIR, f"{name}.json")
+    path = results_file(name, out)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w") as f:
-        json.dump({**environment(device), "rows": rows}, f, indent=1)
+    partial = f"{path}.partial"
+    with open(partial, "w") as f:
+        json.dump({**environment(device), "rows": list(rows)}, f, indent=1)
         f.write("\n")
+    os.replace(partial, path)
     return path
+
+
+class Rows(list):
+    """Result rows written to their file (atomically) each time one is appended, so a bench cut
+    off by a time limit, such as a lent GPU's per-call limit, keeps every case it finished."""
+
+    def __init__(self, name: str, device: torch.device | str, out: str | None = None):
+        super().__init__()
+        self.name, self.device, self.out = name, device, out
+
+    @property
+    def path(self) -> str:
+        return results_file(self.name, self.out)
+
+    def append(self, result: dict) -> None:
+        super().append(result)
+        write_results(self.name, self, self.device, self.out)
+
+
+def compiled(fn, **options):
+    """torch.compile(fn) with Dynamo's caches cleared first. A bench compiles the same code
+    object once per case; past Dynamo's recompile limit (8) it would silently run the rest
+    eagerly and the "compile" rows would time eager code."""
+    torch._dynamo.reset()
+    return torch.compile(fn, **options)
 
 
 def format_table(rows: list[dict]) -> str:
@@ -166,16 +198,17 @@ def print_table(rows: list[dict]) -> None:
 
 def measure(step, device: torch.device | str, *, interpreted: bool = False, **timing) -> tuple:
     """(ms, extra peak MB, note) of `step`: the note is INTERPRETER_NOTE when `interpreted`
-    (a Triton row on CPU), else None; (None, None, "failed: ...") when `step` raises a
-    RuntimeError (out of memory included), so one failing case does not end the whole run."""
+    (a Triton row on CPU), else None; (None, None, "failed: ...") when `step` raises an
+    exception (out of memory, a kernel's compile error or resource limit), so one failing case
+    does not end the whole run."""
     try:
         step()
         note = INTERPRETER_NOTE if interpreted else None
         return time_ms(step, device, **timing), peak_memory_mb(step, device), note
-    except RuntimeError as error:
+    except Exception as error:  # noqa: BLE001: any failure becomes the row's note
         if torch.device(device).type == "cuda":
             torch.cuda.empty_cache()
-        return None, None, f"failed: {str(error)[:120]}"
+        return None, None, f"failed: {type(error).__name__}: {str(error)[:120]}"
 
 
 def finish(name: str, rows: list[dict], device: torch.device | str, out: str | None = None) -> str:

@@ -57,7 +57,7 @@ def train_set(name: str, classes: int, per_class: int, channels: int, size: int,
 def timed_run(fn, device: torch.device, warmup=None) -> tuple:
     """(seconds, peak device MB above what was allocated before, result, None) of one call of
     `fn` after an untimed `warmup()`, the device synchronised around the timed call; the peak is
-    None off CUDA. Like common.measure, a RuntimeError (out of memory included) gives
+    None off CUDA. Like common.measure, an exception (out of memory included) gives
     (None, None, None, "failed: ...") so one failing case does not end the whole run."""
     cuda = device.type == "cuda"
     try:
@@ -72,10 +72,10 @@ def timed_run(fn, device: torch.device, warmup=None) -> tuple:
         if cuda:
             torch.cuda.synchronize(device)
         seconds = time.perf_counter() - start
-    except RuntimeError as error:
+    except Exception as error:  # noqa: BLE001: any failure becomes the row's note
         if cuda:
             torch.cuda.empty_cache()
-        return None, None, None, f"failed: {str(error)[:120]}"
+        return None, None, None, f"failed: {type(error).__name__}: {str(error)[:120]}"
     peak = (torch.cuda.max_memory_allocated(device) - before) / 2**20 if cuda else None
     return seconds, peak, result, None
 
@@ -126,7 +126,7 @@ def main(argv=None) -> list:
         parser.error(f"--measure-iterations must lie in [1, {iterations}], got {measured}")
     device = torch.device("cpu" if args.quick or not torch.cuda.is_available() else "cuda")
     warmup = QUICK_WARMUP_ITERATIONS if args.quick else FULL_WARMUP_ITERATIONS
-    rows = []
+    rows = common.Rows(f"{BENCH}_quick" if args.quick else BENCH, device, args.out)
     for case in QUICK_CASES if args.quick else FULL_CASES:
         rows.append(measure_case(case, device, iterations, measured, warmup, None if args.quick else args.data_root))
         print(rows[-1], flush=True)

@@ -80,7 +80,7 @@ def augment_function(variant: str, params: DSAParams):
     if variant == "published":
         on_cpu = params.to("cpu")
         return lambda x: published_dsa(x, on_cpu)
-    return torch.compile(lambda x: reference.dsa(x, params), dynamic=False)
+    return common.compiled(lambda x: reference.dsa(x, params), dynamic=False)
 
 
 def step_function(augment, mode: str, x: torch.Tensor, upstream: torch.Tensor):
@@ -166,7 +166,8 @@ def main(argv=None) -> list[dict]:
     # The interpreter needs seconds per call: a few repetitions are enough for a smoke test.
     timing = dict(warmup=1, reps=2) if args.quick else {}
     peaks = common.device_peaks(device)
-    rows = []
+    name = "dsa_quick" if args.quick else ("dsa" if args.dtype == "fp32" else "dsa_bf16")
+    rows = common.Rows(name, device, args.out)
     for case in cases:
         for strategy in args.strategies:
             for mode in MODES:
@@ -175,7 +176,6 @@ def main(argv=None) -> list[dict]:
                                         peaks, compile_note, timing))
                     print(f"{rows[-1]['case']} {impl} ({variant}): {rows[-1]['ms']} ms",
                           flush=True)
-    name = "dsa_quick" if args.quick else ("dsa" if args.dtype == "fp32" else "dsa_bf16")
     common.finish(name, rows, device, args.out)
     return rows
 

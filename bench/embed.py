@@ -76,7 +76,7 @@ def embedding_function(impl: str, bank: ConvNetBank, nets):
     def loop(x):
         return torch.stack([net.embed(x) for net in nets])
 
-    return loop if impl == "eager" else torch.compile(loop)
+    return loop if impl == "eager" else common.compiled(loop)
 
 
 def measure_network(case, impl: str, device, dtype, peaks, compile_note, ablation=False):
@@ -170,7 +170,8 @@ def main(argv=None) -> list[dict]:
         compile_note = ("skipped on CPU: compiling each shape takes longer than the smoke "
                         "test's budget")
     peaks = common.device_peaks(device)
-    rows = []
+    name = "embed_quick" if args.quick else ("embed" if args.dtype == "fp32" else "embed_bf16")
+    rows = common.Rows(name, device, args.out)
     for case in network_cases:
         for impl in ("ours", "eager", "compile"):
             rows.append(measure_network(case, impl, device, dtype, peaks, compile_note))
@@ -184,7 +185,6 @@ def main(argv=None) -> list[dict]:
                 rows.append(measure_epilogue(case, mode, impl, device, dtype, peaks,
                                              compile_note))
                 print(f"{rows[-1]['case']} {impl}: {rows[-1]['ms']} ms", flush=True)
-    name = "embed_quick" if args.quick else ("embed" if args.dtype == "fp32" else "embed_bf16")
     common.finish(name, rows, device, args.out)
     return rows
 

@@ -74,7 +74,7 @@ def main(argv=None) -> list:
     args = parser.parse_args(argv)
     epochs = args.epochs or (QUICK_EPOCHS if args.quick else FULL_EPOCHS)
     device = torch.device("cpu" if args.quick or not torch.cuda.is_available() else "cuda")
-    rows = []
+    rows = common.Rows(f"{BENCH}_quick" if args.quick else BENCH, device, args.out)
     for case in QUICK_CASES if args.quick else FULL_CASES:
         for impl in PATHS:
             rows.append(measure(case, impl, epochs, device))

@@ -68,7 +68,7 @@ def loss_function(impl: str, kernel: str, mode: str):
     def eager(x, y):
         return reference.mmd(x, y, kernel, **options)
 
-    return eager if impl == "eager" else torch.compile(eager)
+    return eager if impl == "eager" else common.compiled(eager)
 
 
 def step_function(loss_fn, mode: str, x: torch.Tensor, y: torch.Tensor):
@@ -131,7 +131,8 @@ def main(argv=None) -> list[dict]:
         compile_note = ("skipped on CPU: compiling each shape takes longer than the smoke "
                         "test's budget")
     peaks = common.device_peaks(device)
-    rows = []
+    name = "mmd_quick" if args.quick else ("mmd" if args.dtype == "fp32" else "mmd_bf16")
+    rows = common.Rows(name, device, args.out)
     for case in cases:
         for kernel in args.kernels:
             for mode in MODES:
@@ -139,7 +140,6 @@ def main(argv=None) -> list[dict]:
                     rows.append(measure(case, kernel, mode, impl, device, dtype, peaks,
                                         compile_note))
                     print(f"{rows[-1]['case']} {impl}: {rows[-1]['ms']} ms", flush=True)
-    name = "mmd_quick" if args.quick else ("mmd" if args.dtype == "fp32" else "mmd_bf16")
     common.finish(name, rows, device, args.out)
     return rows
 

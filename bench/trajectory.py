@@ -15,7 +15,7 @@ import argparse
 
 import torch
 
-from bench.common import device_peaks, peak_memory_mb, print_table, row, time_ms, write_results
+from bench.common import Rows, device_peaks, measure, print_table, row
 from condense_engine.models import FunctionalConvNet
 from condense_engine.ops import trajectory_match
 from condense_engine.ops.trajectory import dsa_augment
@@ -35,7 +35,9 @@ def forward_flops(net: FunctionalConvNet, size: int) -> float:
     return flops + 2.0 * net.feature_dim * net.num_classes
 
 
-def run(quick: bool, device: torch.device) -> list:
+def run(quick: bool, device: torch.device, rows: list) -> list:
+    """Append one row per (IPC, steps, mode) to `rows`; a case that fails (out of memory: the
+    unrolled mode at many steps) gets a row saying so."""
     if quick:
         classes, size, width, depth = 4, 8, 16, 2
         cases, steps_list = [(2, 8)], (2, 4)
@@ -49,7 +51,6 @@ def run(quick: bool, device: torch.device) -> list:
     lr = torch.tensor(0.01, device=device)
     augment = dsa_augment("color_crop_cutout_flip_scale_rotate")
     peaks = device_peaks(device)
-    rows = []
     for ipc, batch_syn in cases:
         images = torch.randn(classes * ipc, 3, size, size, generator=generator).to(device)
         labels = torch.arange(classes, device=device).repeat_interleave(ipc)
@@ -59,12 +60,13 @@ def run(quick: bool, device: torch.device) -> list:
                 def iteration():
                     trajectory_match(images, labels, lr, start, target, net, steps=steps, batch_size=batch,
                                      memory=memory, augment=augment, seed=0)
-                ms = time_ms(iteration, device, warmup=1, reps=3)
-                memory_mb = peak_memory_mb(iteration, device)
+                ms, memory_mb, failure = measure(iteration, device, warmup=1, reps=3)
                 flops = FORWARDS_PER_STEP[memory] * steps * batch * forward_flops(net, size)
+                note = f"{classes} classes {size}px ConvNet w{width} d{depth}, DSA"
                 rows.append(row("trajectory", f"ipc{ipc}_batch{batch}_steps{steps}_{memory}", "ours", ms,
                                 flops=flops, peak_mem_mb=memory_mb, peaks=peaks,
-                                note=f"{classes} classes {size}px ConvNet w{width} d{depth}, DSA"))
+                                note=f"{note}; {failure}" if failure else note))
+                print(f"{rows[-1]['case']}: {ms} ms, {memory_mb} MB", flush=True)
     return rows
 
 
@@ -74,12 +76,16 @@ def main() -> None:
     parser.add_argument("--out", default=None, help="results JSON (default bench/results/trajectory.json)")
     args = parser.parse_args()
     device = torch.device("cpu" if args.quick or not torch.cuda.is_available() else "cuda")
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-    rows = run(args.quick, device)
+    rows = Rows("trajectory", device, args.out) if not args.quick or args.out else []
+    benchmark_setting = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = device.type == "cuda"  # restored for the benches run after
+    try:
+        run(args.quick, device, rows)
+    finally:
+        torch.backends.cudnn.benchmark = benchmark_setting
     print_table(rows)
-    if not args.quick or args.out:
-        print(f"wrote {write_results('trajectory', rows, device, args.out)}")
+    if isinstance(rows, Rows):
+        print(f"wrote {rows.path}")
 
 
 if __name__ == "__main__":

@@ -15,22 +15,25 @@ ROOT = os.path.join(os.path.dirname(__file__), "..")
 
 
 def _backends():
-    found = ["torch"]
-    if has_native("gather_normalize", "cpu") is None:
-        found.append("native")
+    """(backend, device) pairs to test: the native op on every device it is built for."""
+    found = [("torch", "cpu")]
+    for device in ("cpu", "cuda"):
+        if (device == "cpu" or torch.cuda.is_available()) and has_native("gather_normalize", device) is None:
+            found.append(("native", device))
     return found
 
 
-@pytest.mark.parametrize("backend", _backends())
+@pytest.mark.parametrize("backend,device", _backends())
 @pytest.mark.parametrize("channels,size", [(1, (28, 28)), (3, (7, 5))])
-def test_matches_reference(backend, channels, size):
+def test_matches_reference(backend, device, channels, size):
     images = torch.randint(0, 256, (50, channels, *size), dtype=torch.uint8)
     index = torch.randint(0, 50, (33,))
     mean, std = [0.1 * (c + 1) for c in range(channels)], [0.3] * channels
-    out = ops.gather_normalize(images, index, mean, std, backend=backend)
+    out = ops.gather_normalize(images.to(device), index.to(device), mean, std, backend=backend)
     expected = reference(images, index, torch.tensor(mean), torch.tensor(std))
-    assert out.shape == (33, channels, *size) and out.dtype == torch.float32
-    torch.testing.assert_close(out, expected, rtol=1e-6, atol=1e-6)
+    assert out.shape == (33, channels, *size) and out.dtype == torch.float32 and out.device.type == device
+    tolerance = 1e-6 if device == "cpu" else 1e-5  # the CUDA build uses fast math
+    torch.testing.assert_close(out.cpu(), expected, rtol=tolerance, atol=tolerance)
 
 
 def test_native_extension_is_built():

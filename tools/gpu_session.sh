@@ -4,15 +4,16 @@
 # calls while it stays warm):
 #   bash tools/gpu_session.sh install      # build _C with its CUDA part against the machine's torch
 #   bash tools/gpu_session.sh tests        # the test suite on the GPU
-#   bash tools/gpu_session.sh bench [NAME ...]   # benchmarks (default: all); condense_time is
-#                                          # extrapolated from 2000 measured iterations
+#   bash tools/gpu_session.sh bench NAME [NAME ...]   # benchmarks (default: all; one or two per
+#                                          # call); condense_time is extrapolated from 2000 iterations
 #   bash tools/gpu_session.sh all          # the three in turn (only when time allows)
 # TinyImageNet (real, 200 classes) on the GPU: stage it here first,
 #   bash ../shared/tools/stage.sh /work/data/tiny-imagenet-200 .stage/tiny 50   (note the file count)
 # then one device call per part, back to back so the machine stays warm, each carrying that part:
 #   bash tools/gpu_session.sh tiny-part .stage/tiny/part-aa       (carry: [".stage/tiny/part-aa"])
 #   bash tools/gpu_session.sh tiny-unpack FILE_COUNT              # rebuilds the tree, checks the count
-#   bash tools/gpu_session.sh tiny-accuracy IPC [ITERATIONS [EPOCHS]]   # DM and M3D, rows into results/
+#   bash tools/gpu_session.sh tiny-accuracy IPC [ITERATIONS [EPOCHS]]   # DM and M3D, in the background
+#   bash tools/gpu_session.sh wait [SECONDS]      # poll it (each call < 10 min), rows into results/
 # Logs and results accumulate in $GPU_SESSION_DIR (default /tmp/gpu-session) and every step packs
 # them into $OUT/gpu-results.tgz. Unpack that into bench/ here and commit bench/results/*.json,
 # the PNGs and the regenerated bench/RESULTS.md.
@@ -34,31 +35,39 @@ install() {
     cat "$work/device.txt"
     if ! FORCE_CUDA=1 python3 -m pip install --no-build-isolation --no-deps -e . > "$work/install.log" 2>&1; then
         tail -40 "$work/install.log"
+        echo "CUDA build failed; building the CPU extension so the rest can still run" >&2
+        python3 -m pip install --no-build-isolation --no-deps -e . >> "$work/install.log" 2>&1 || return 1
         return 1
     fi
     python3 -c "import condense_engine._C as c; print('extension with CUDA:', c.with_cuda)"
 }
 
+# Every long command runs under `timeout` so that the step still packs what it has before the
+# device call's own 10-minute limit.
+limit=${STEP_TIMEOUT:-540}
+
 tests() {
-    python3 -m pytest -q -n 4 --timeout 600 tests 2>&1 | tee "$work/tests.log" | tail -25
+    timeout "$limit" python3 -m pytest -q -n 8 --timeout 300 tests 2>&1 | tee "$work/tests.log" | tail -25
     return "${PIPESTATUS[0]}"
 }
 
+# One benchmark at a time, each under the time limit: every bench writes its file row by row,
+# so one cut off by the limit still returns the cases it finished.
 bench() {
-    local names=("$@") kernels=() code=0
+    local names=("$@") code=0
     [[ ${#names[@]} -eq 0 ]] && names=(mmd dsa embed trajectory dm_iteration evaluate condense_time)
-    for name in "${names[@]}"; do [[ $name != condense_time ]] && kernels+=("$name"); done
-    if [[ ${#kernels[@]} -gt 0 ]]; then
-        python3 -m bench --only "${kernels[@]}" --results-dir "$work/results" --report "$work/RESULTS.md" \
-            2>&1 | tee -a "$work/bench.log" | tail -60
-        code=${PIPESTATUS[0]}
-    fi
-    if [[ " ${names[*]} " == *" condense_time "* ]]; then
-        python3 -m bench.condense_time --measure-iterations 2000 --out "$work/results/condense_time.json" \
-            2>&1 | tee -a "$work/bench.log" | tail -10
+    for name in "${names[@]}"; do
+        if [[ $name == condense_time ]]; then
+            timeout "$limit" python3 -m bench.condense_time --measure-iterations 2000 \
+                --out "$work/results/condense_time.json" 2>&1 | tee -a "$work/bench.log" | tail -10
+        else
+            timeout "$limit" python3 -m bench --only "$name" --results-dir "$work/results" --no-report \
+                2>&1 | tee -a "$work/bench.log" | tail -40
+        fi
         [[ ${PIPESTATUS[0]} -ne 0 ]] && code=1
-        python3 -m bench.report --results-dir "$work/results" --out "$work/RESULTS.md" || code=1
-    fi
+        pack
+    done
+    python3 -m bench.report --results-dir "$work/results" --out "$work/RESULTS.md" || code=1
     return $code
 }
 
@@ -76,13 +85,27 @@ tiny_unpack() {
     [[ $found -eq $expected ]] && rm -rf "$work/tiny-parts"
 }
 
+# Accuracy runs outlast one call: they start in a new process session (setsid), which the device
+# tool leaves running between calls while the machine stays held; `wait` polls them.
 tiny_accuracy() {
     local ipc=${1:?tiny-accuracy needs an IPC} iterations=${2:-} epochs=${3:-1000}
-    python3 -m bench.accuracy --methods dm m3d --datasets tinyimagenet --ipcs "$ipc" \
+    setsid nohup python3 -m bench.accuracy --methods dm m3d --datasets tinyimagenet --ipcs "$ipc" \
         ${iterations:+--iterations "$iterations"} --epochs "$epochs" --device cuda \
         --data-root "$work/data" --out "$work/results/accuracy-$(date -u +%Y%m%d-%H%M%S)-tiny-ipc$ipc.json" \
-        --results-dir "$work/results" --report "$work/RESULTS.md" 2>&1 | tee -a "$work/accuracy.log" | tail -20
-    return "${PIPESTATUS[0]}"
+        --results-dir "$work/results" --report "$work/RESULTS.md" >> "$work/accuracy.log" 2>&1 < /dev/null &
+    echo $! > "$work/background.pid"
+    echo "started TinyImageNet IPC $ipc in the background (pid $!); poll with: wait SECONDS"
+}
+
+wait_background() {
+    local seconds=${1:-500} pid
+    pid=$(cat "$work/background.pid" 2>/dev/null) || { echo "nothing runs in the background"; return 0; }
+    for ((waited = 0; waited < seconds; waited += 10)); do
+        kill -0 "$pid" 2>/dev/null || break
+        sleep 10
+    done
+    tail -20 "$work/accuracy.log"
+    if kill -0 "$pid" 2>/dev/null; then echo "still running (pid $pid)"; else echo "finished"; rm -f "$work/background.pid"; fi
 }
 
 case $step in
@@ -93,7 +116,8 @@ case $step in
     tiny-part) tiny_part "$@" || status=1 ;;
     tiny-unpack) tiny_unpack "$@" || status=1 ;;
     tiny-accuracy) tiny_accuracy "$@" || status=1 ;;
-    *) echo "unknown step $step (install | tests | bench [NAME ...] | all | tiny-part | tiny-unpack | tiny-accuracy)" >&2
+    wait) wait_background "$@" || status=1 ;;
+    *) echo "unknown step $step (install | tests | bench [NAME ...] | all | tiny-part | tiny-unpack | tiny-accuracy | wait)" >&2
        status=2 ;;
 esac
 pack
