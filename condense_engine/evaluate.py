@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from condense_engine import models
-from condense_engine.models.layers import forward_chunk
+from condense_engine.models.layers import ACTIVATION_CHANNELS, forward_chunk
 from condense_engine.datasets import ClassSampler, ImageDataset
 from condense_engine.evaluate_batched import train_and_test_batched, unbatchable_reason
 from condense_engine.ops.dsa import DSAParams, default_strategy, dsa
@@ -85,8 +85,6 @@ def train_and_test(model: torch.nn.Module, images: torch.Tensor, labels: torch.T
 
 #: Test images per forward off the CPU (the CPU takes smaller batches: models.layers.forward_chunk).
 TEST_BATCH = 1024
-#: Channels of the widest full-resolution activation assumed when sizing CPU test batches (ConvNet's).
-TEST_ACTIVATION_CHANNELS = 128
 
 
 @torch.no_grad()
@@ -101,7 +99,7 @@ def accuracy(model: torch.nn.Module, test_set: ImageDataset, batch_size: int | N
     device = next(model.parameters()).device
     if batch_size is None:
         height, width = test_set.image_size
-        batch_size = forward_chunk(device, TEST_ACTIVATION_CHANNELS * height * width * 4, TEST_BATCH)
+        batch_size = forward_chunk(device, ACTIVATION_CHANNELS * height * width * 4, TEST_BATCH)
     correct = 0
     for start in range(0, len(test_set), batch_size):
         index = torch.arange(start, min(start + batch_size, len(test_set)))

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 import condense_engine as ce
 from condense_engine import ops
 from condense_engine.methods import get_method
-from condense_engine.methods.dc import DC, DSA
+from condense_engine.methods.dc import DC, DSA, default_class_chunk
 from condense_engine.models import ConvNet, get_model
 from condense_engine.reference import match_dist as reference
 from tests.toy_data import distill_interrupted, toy_dataset
@@ -149,3 +149,10 @@ def test_resume_after_interruption_is_bit_identical(method, tmp_path):
     assert not torch.equal(other.images, full.images)
 
 
+
+
+def test_default_class_chunk_bounds_each_vmapped_pass_by_memory():
+    assert default_class_chunk("cuda", 10, (3, 32, 32), 10) == 10      # CIFAR-10 IPC 10 synthetic set
+    assert default_class_chunk("cuda", 256, (3, 32, 32), 10) == 8      # its real batches of 256
+    assert default_class_chunk("cuda", 256, (3, 64, 64), 200) == 2     # TinyImageNet's
+    assert default_class_chunk("cpu", 256, (3, 64, 64), 200) == 1

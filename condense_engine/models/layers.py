@@ -24,6 +24,11 @@ CPU_ACTIVATION_BYTES = 8 << 20
 ACCELERATOR_ACTIVATION_BYTES = 4 << 30
 
 
+#: Channels of the widest full-resolution activation assumed when a model's own is unknown
+#: (the ConvNets' width), to size batches by memory.
+ACTIVATION_CHANNELS = 128
+
+
 def forward_chunk(device, bytes_per_image: int, total: int) -> int:
     """Images per forward call for a batch whose samples are independent: as many as keep the
     largest activation within the device's bound (CPU_ACTIVATION_BYTES on the CPU,
