@@ -4,8 +4,8 @@ import torch
 
 import condense_engine as ce
 from condense_engine import ops
-from condense_engine.methods.dm import M3D
-from condense_engine.models import ConvNetBank
+from condense_engine.methods.dm import DM, M3D
+from condense_engine.models import ConvNetBank, layers
 from condense_engine.reference import mmd as reference_mmd
 from tests.toy_data import FAST, toy_dataset
 
@@ -95,3 +95,30 @@ def test_first_order_weight_is_the_kernel_slope_at_the_data(kernel):
                             estimator="biased", include_xx=True, reduction="sum")
     slope = float(mmd) / float(shift.pow(2).sum())
     assert slope == pytest.approx(float(method.first_order_weight(real)), rel=0.1)
+
+
+@pytest.mark.parametrize("method,options", [
+    (DM, {}), (M3D, {}), (M3D, dict(kernel="poly")), (M3D, dict(sigmas=(2.0, 5.0))), (M3D, dict(normalize=False))])
+def test_class_groups_give_the_one_pass_loss_and_gradient(method, options, monkeypatch):
+    """backward_loss in groups of classes (forced by a tiny activation bound) equals one pass."""
+    m = method("toy", 2, **dict(FAST, **options))
+    m.num_classes = 5
+    bank = ConvNetBank(2, channel=1, width=8, im_size=(12, 12), generator=torch.Generator().manual_seed(0))
+    bank.requires_grad_(False)
+    real = torch.randn(5 * 6, 1, 12, 12, generator=torch.Generator().manual_seed(1))
+    pixels = torch.randn(5 * 2, 1, 12, 12, generator=torch.Generator().manual_seed(2), requires_grad=True)
+    embedded = []
+    embed = bank.embed
+    monkeypatch.setattr(bank, "embed", lambda x: embedded.append(len(x)) or embed(x))
+    results = []
+    # 2 classes × 2 images × SAVED_PER_SYN_IMAGE × 2 nets × width 8 × 12 × 12 fp32: 2 classes a pass
+    for bound in (layers.CPU_ACTIVATION_BYTES, 2 * 2 * 2 * 2 * 8 * 12 * 12 * 4):
+        monkeypatch.setattr(layers, "CPU_ACTIVATION_BYTES", bound)
+        pixels.grad = None
+        loss = m.backward_loss(bank, real, pixels * 1.5, 2)
+        results.append((loss, pixels.grad.clone()))
+    assert embedded == [30, 10, 30, 4, 4, 2]
+    (whole, whole_grad), (grouped, grouped_grad) = results
+    assert whole_grad.abs().sum() > 0
+    torch.testing.assert_close(grouped, whole)
+    torch.testing.assert_close(grouped_grad, whole_grad)

@@ -21,8 +21,13 @@ from condense_engine import ops
 from condense_engine.methods.augment import matched_batches
 from condense_engine.methods.base import Method, register
 from condense_engine.models import ConvNetBank, convnet_config
+from condense_engine.models.layers import forward_chunk
 from condense_engine.ops.mmd import sigma_tensor
 from condense_engine.reference import mmd as reference_mmd
+
+#: Full-resolution activations the embedding keeps per synthetic image and net for the backward
+#: (the conv output the fused epilogue recomputes from, and the next block's input is a quarter).
+SAVED_PER_SYN_IMAGE = 2
 
 
 @register("dm")
@@ -60,14 +65,56 @@ class DM(Method):
         """Σ over classes, mean over the bank's nets, of the kernel MMD² of the embeddings."""
         with torch.no_grad():
             real_feats = bank.embed(real)
-        syn_feats = bank.embed(syn)
-        nets, classes, dim = real_feats.shape[0], self.num_classes, real_feats.shape[-1]
-        return self.feature_loss(real_feats.reshape(nets * classes, -1, dim),
-                                 syn_feats.reshape(nets * classes, per_class, dim)) / nets
+        return self.class_group_loss(real_feats, bank.embed(syn), per_class)
+
+    def class_group_loss(self, real_feats: torch.Tensor, syn_feats: torch.Tensor, per_class: int,
+                         **fixed) -> torch.Tensor:
+        """embed_loss's sum over the classes whose (k, n, d) features are given (class-major)."""
+        nets, dim = real_feats.shape[0], real_feats.shape[-1]
+        rows = nets * (syn_feats.shape[1] // per_class)
+        return self.feature_loss(real_feats.reshape(rows, -1, dim), syn_feats.reshape(rows, per_class, dim),
+                                 **fixed) / nets
 
     def feature_loss(self, real_feats: torch.Tensor, syn_feats: torch.Tensor) -> torch.Tensor:
         """Σ over (net, class) rows of the MMD² between (rows, N, d) real and (rows, M, d) synthetic features."""
         return ops.mmd(real_feats, syn_feats, **self.kernel_options, reduction="sum")
+
+    def group_constants(self, real_feats: torch.Tensor) -> dict:
+        """feature_loss options that must come from every class when classes go in groups."""
+        return {}
+
+    def backward_loss(self, bank, real: torch.Tensor, syn: torch.Tensor, per_class: int) -> torch.Tensor:
+        """embed_loss back-propagated into syn's graph; returns it detached.
+
+        When one pass over the synthetic set would keep more activations for the backward than
+        the device's bound (`forward_chunk`; e.g. M3D's 40 000 decoded images of TinyImageNet
+        IPC 50), the classes go in groups, one forward and backward each. The loss is a sum over
+        classes and every constant of the loss comes from all classes (`group_constants`), so
+        the gradient is the one-pass gradient.
+        """
+        per_image = SAVED_PER_SYN_IMAGE * bank.k * bank.config["width"] * syn.shape[2] * syn.shape[3] * 4
+        group = forward_chunk(syn.device, per_class * per_image, self.num_classes)
+        if bank.config["norm"] == "batchnorm" and bank.training:
+            group = self.num_classes  # its batch statistics mix the classes: one pass, as published
+        if group >= self.num_classes:
+            loss = self.embed_loss(bank, real, syn, per_class)
+            loss.backward()
+            return loss.detach()
+        with torch.no_grad():
+            real_feats = bank.embed(real)
+        fixed = self.group_constants(real_feats)
+        real_per_class = real.shape[0] // self.num_classes
+        pixels = syn.detach().requires_grad_(True)
+        total = torch.zeros((), device=syn.device)
+        for first in range(0, self.num_classes, group):
+            last = min(first + group, self.num_classes)
+            part = self.class_group_loss(real_feats[:, first * real_per_class:last * real_per_class],
+                                         bank.embed(pixels[first * per_class:last * per_class]), per_class,
+                                         **fixed)
+            part.backward()
+            total += part.detach()
+        syn.backward(pixels.grad)
+        return total
 
     def step(self, synset, iteration):
         if iteration % self.options["model_steps"] == 0 or self.bank is None:
@@ -75,11 +122,10 @@ class DM(Method):
             self.bank.requires_grad_(False)
         real, syn, per_class = matched_batches(self.sampler, synset, self.options["batch_real"], self.strategy,
                                                self.generator)
-        loss = self.embed_loss(self.bank, real, syn, per_class)
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        loss = self.backward_loss(self.bank, real, syn, per_class)
         self.optimizer.step()
-        return {"loss": loss.detach()}
+        return {"loss": loss}
 
     def state_dict(self):
         return {"optimizer": self.optimizer.state_dict()}
@@ -129,9 +175,24 @@ class M3D(DM):
             multi_formation_init(synset, sampler, factor, self.ipc)
         super().init(synset, dataset, sampler, generator, device)
 
-    def feature_loss(self, real_feats: torch.Tensor, syn_feats: torch.Tensor) -> torch.Tensor:
-        loss = super().feature_loss(real_feats, syn_feats)
-        return loss / self.first_order_weight(real_feats) if self.options["normalize"] else loss
+    def feature_loss(self, real_feats: torch.Tensor, syn_feats: torch.Tensor, weight=None, sigmas=None) -> torch.Tensor:
+        """The kernel MMD² sum, divided by `weight` (None: first_order_weight of these real
+        features) when normalising; `sigmas` overrides the Gaussian bandwidths (None: the option)."""
+        options = dict(self.kernel_options, **({} if sigmas is None else {"sigmas": sigmas}))
+        loss = ops.mmd(real_feats, syn_feats, **options, reduction="sum")
+        if not self.options["normalize"]:
+            return loss
+        return loss / (self.first_order_weight(real_feats) if weight is None else weight)
+
+    def group_constants(self, real_feats: torch.Tensor) -> dict:
+        """The normalising weight and the data-scaled bandwidths of all classes' (k, n, d) features."""
+        by_class = real_feats.reshape(real_feats.shape[0] * self.num_classes, -1, real_feats.shape[-1])
+        fixed = {}
+        if self.options["normalize"]:
+            fixed["weight"] = self.first_order_weight(by_class)
+        if self.options["kernel"] == "gaussian" and self.options["sigmas"] is None:
+            fixed["sigmas"] = reference_mmd.default_sigmas(by_class)
+        return fixed
 
     def first_order_weight(self, real_feats: torch.Tensor) -> torch.Tensor:
         """w in MMD²_kernel ≈ w·‖mean real − mean syn‖² + higher orders, at the real data's scale."""
