@@ -3,7 +3,8 @@
     python -m bench.condense_time [--iterations N] [--measure-iterations K] [--data-root DIR]
                                   [--quick] [--out PATH]
 
-Cases, DM at IPC 50 with batch_real 256 and the whole train set resident on the device:
+Cases, DM at IPC 50 with batch_real 256 and the whole train set resident on the device, in fp32
+and with bf16 embeddings (precision="bf16", the loss in fp32):
 CIFAR-10 (50 000 × 3×32×32, target ≤ 60 s for 20 000 iterations on one H100) and TinyImageNet
 (100 000 × 3×64×64, target ≤ 20 min). The real train set is read from <data-root>/<name> when
 that folder exists, else a random uint8 stand-in of the same shape is used; the row's note says
@@ -30,11 +31,14 @@ from bench.accuracy import DEFAULT_DATA_ROOT
 
 BENCH = "condense_time"
 ISSUE_ITERATIONS = 20000
-FULL_CASES = [  # name, data set, classes, images per class, channels, size, ipc, batch_real, target seconds
-    ("cifar10-ipc50-dm", "cifar10", 10, 5000, 3, 32, 50, 256, 60.0),
-    ("tiny-ipc50-dm", "tinyimagenet", 200, 500, 3, 64, 50, 256, 20 * 60.0),
+# name, data set, classes, images per class, channels, size, ipc, batch_real, target seconds, DM options
+FULL_CASES = [
+    ("cifar10-ipc50-dm", "cifar10", 10, 5000, 3, 32, 50, 256, 60.0, {}),
+    ("cifar10-ipc50-dm-bf16", "cifar10", 10, 5000, 3, 32, 50, 256, 60.0, dict(precision="bf16")),
+    ("tiny-ipc50-dm", "tinyimagenet", 200, 500, 3, 64, 50, 256, 20 * 60.0, {}),
+    ("tiny-ipc50-dm-bf16", "tinyimagenet", 200, 500, 3, 64, 50, 256, 20 * 60.0, dict(precision="bf16")),
 ]
-QUICK_CASES = [("quick-ipc2-dm", "quick", 3, 12, 3, 16, 2, 8, None)]
+QUICK_CASES = [("quick-ipc2-dm", "quick", 3, 12, 3, 16, 2, 8, None, {})]
 FULL_WARMUP_ITERATIONS, QUICK_WARMUP_ITERATIONS = 20, 1
 QUICK_ITERATIONS = 4
 
@@ -83,13 +87,13 @@ def timed_run(fn, device: torch.device, warmup=None) -> tuple:
 def measure_case(case, device: torch.device, iterations: int, measured: int, warmup: int,
                  data_root: str | None) -> dict:
     """One row: `measured` timed iterations of DM on the case, extrapolated to `iterations`."""
-    name, dataset, classes, per_class, channels, size, ipc, batch_real, target = case
+    name, dataset, classes, per_class, channels, size, ipc, batch_real, target, options = case
     data, source = train_set(dataset, classes, per_class, channels, size, data_root)
     data = data.to(device)
 
     def condense(steps: int):
         return ce.distill(data, method="dm", ipc=ipc, iterations=steps, device=device, progress=False,
-                          batch_real=batch_real)
+                          batch_real=batch_real, **options)
 
     seconds, peak, synset, failure = timed_run(lambda: condense(measured), device, lambda: condense(warmup))
     if failure:
@@ -103,7 +107,7 @@ def measure_case(case, device: torch.device, iterations: int, measured: int, war
     against = f", target {target:g} s" if target else ""
     result = common.row(BENCH, name, "ours", 1e3 * loop_seconds / measured, peak_mem_mb=peak,
                         note=f"{extrapolated:.4g} s for {iterations} iterations ({how}){against}; "
-                             f"ms = per iteration; {source}")
+                             f"ms = per iteration; {source}; DM {options.get('precision', 'fp32')}")
     return dict(result, iterations_run=measured, iterations_target=iterations, seconds_measured=seconds,
                 seconds_extrapolated=extrapolated, setup_seconds=setup_seconds, target_seconds=target)
 

@@ -113,3 +113,24 @@ def test_log_is_json_lines(tmp_path):
     records = [json.loads(line) for line in log.read_text().splitlines()]
     assert [r["iteration"] for r in records] == [1, 2, 3]
     assert all(math.isfinite(r["loss"]) for r in records)
+
+
+def test_bf16_precision_follows_fp32_and_bad_precision_is_refused():
+    """bf16 autocast embeddings give the fp32 step's loss and pixel gradient to bf16 accuracy."""
+    data = toy_dataset()
+    bank = ConvNetBank(1, channel=1, width=32, im_size=(12, 12), generator=torch.Generator().manual_seed(3))
+    real = torch.randn(3 * 8, 1, 12, 12, generator=torch.Generator().manual_seed(4))
+    pixels = torch.randn(3 * 2, 1, 12, 12, generator=torch.Generator().manual_seed(5), requires_grad=True)
+    results = {}
+    for precision in ("fp32", "bf16"):
+        method = DM(data.name, 2, **dict(FAST, precision=precision))
+        method.num_classes = 3
+        pixels.grad = None
+        results[precision] = (method.backward_loss(bank, real, pixels * 1.0, 2), pixels.grad.clone())
+    (loss32, grad32), (loss16, grad16) = results["fp32"], results["bf16"]
+    assert loss16.dtype == torch.float32 and not torch.equal(grad16, grad32)
+    torch.testing.assert_close(loss16, loss32, rtol=5e-2, atol=0)
+    cosine = torch.nn.functional.cosine_similarity(grad16.flatten(), grad32.flatten(), dim=0)
+    assert cosine > 0.99, cosine
+    with pytest.raises(ValueError, match="precision"):
+        ce.distill(data, method="dm", ipc=2, iterations=1, progress=False, device="cpu", precision="fp16", **FAST)

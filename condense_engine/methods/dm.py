@@ -28,6 +28,7 @@ from condense_engine.reference import mmd as reference_mmd
 #: Full-resolution activations the embedding keeps per synthetic image and net for the backward
 #: (the conv output the fused epilogue recomputes from, and the next block's input is a quarter).
 SAVED_PER_SYN_IMAGE = 2
+PRECISIONS = ("fp32", "bf16")
 
 
 @register("dm")
@@ -42,6 +43,7 @@ class DM(Method):
         model_steps=1,      # image updates per sampled network (published: 1)
         dsa=True,
         dsa_strategy=None,  # None: the published default for the data set
+        precision="fp32",   # "bf16": embeddings under bf16 autocast (tensor cores); the loss stays fp32
     )
     overrides = [
         (("cifar10",), range(100, 1251), dict(lr_img=10.0)),  # DM README, IPC 100–1250
@@ -49,6 +51,8 @@ class DM(Method):
     kernel_options = dict(kernel="linear")
 
     def init(self, synset, dataset, sampler, generator, device):
+        if self.options["precision"] not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {self.options['precision']!r}")
         self.sampler, self.generator, self.device = sampler, generator, device
         self.num_classes = dataset.num_classes
         self.arch = dict(convnet_config(self.options["model"]), channel=dataset.channels,
@@ -64,8 +68,14 @@ class DM(Method):
     def embed_loss(self, bank, real: torch.Tensor, syn: torch.Tensor, per_class: int) -> torch.Tensor:
         """Σ over classes, mean over the bank's nets, of the kernel MMD² of the embeddings."""
         with torch.no_grad():
-            real_feats = bank.embed(real)
-        return self.class_group_loss(real_feats, bank.embed(syn), per_class)
+            real_feats = self.embed(bank, real)
+        return self.class_group_loss(real_feats, self.embed(bank, syn), per_class)
+
+    def embed(self, bank, images: torch.Tensor) -> torch.Tensor:
+        """bank.embed(images) in the method's precision, returned as fp32 features."""
+        bf16 = self.options["precision"] == "bf16"
+        with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=bf16):
+            return bank.embed(images).float()
 
     def class_group_loss(self, real_feats: torch.Tensor, syn_feats: torch.Tensor, per_class: int,
                          **fixed) -> torch.Tensor:
@@ -101,7 +111,7 @@ class DM(Method):
             loss.backward()
             return loss.detach()
         with torch.no_grad():
-            real_feats = bank.embed(real)
+            real_feats = self.embed(bank, real)
         fixed = self.group_constants(real_feats)
         real_per_class = real.shape[0] // self.num_classes
         pixels = syn.detach().requires_grad_(True)
@@ -109,7 +119,7 @@ class DM(Method):
         for first in range(0, self.num_classes, group):
             last = min(first + group, self.num_classes)
             part = self.class_group_loss(real_feats[:, first * real_per_class:last * real_per_class],
-                                         bank.embed(pixels[first * per_class:last * per_class]), per_class,
+                                         self.embed(bank, pixels[first * per_class:last * per_class]), per_class,
                                          **fixed)
             part.backward()
             total += part.detach()
