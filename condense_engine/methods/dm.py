@@ -104,9 +104,7 @@ class DM(Method):
         """
         per_image = SAVED_PER_SYN_IMAGE * bank.k * bank.config["width"] * syn.shape[2] * syn.shape[3] * 4
         group = forward_chunk(syn.device, per_class * per_image, self.num_classes)
-        if bank.config["norm"] == "batchnorm" and bank.training:
-            group = self.num_classes  # its batch statistics mix the classes: one pass, as published
-        if group >= self.num_classes:
+        if group >= self.num_classes or not bank.images_independent:  # BatchNorm mixes classes: one pass
             loss = self.embed_loss(bank, real, syn, per_class)
             loss.backward()
             return loss.detach()

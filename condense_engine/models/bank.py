@@ -180,6 +180,12 @@ class ConvNetBank(nn.Module):
                     tensor.data = part.view_as(tensor)
         return self
 
+    @property
+    def images_independent(self) -> bool:
+        """Whether an image's features depend on that image alone: true unless BatchNorm is in
+        training mode, where batch statistics mix the batch."""
+        return self.config["norm"] != "batchnorm" or not self.training
+
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """Features of every net for the batch x (n, C, H, W), shape (k, n, d).
 
@@ -190,7 +196,7 @@ class ConvNetBank(nn.Module):
         a GPU); the features agree to float rounding.
         """
         chunk = len(x)
-        if self.config["norm"] != "batchnorm" or not self.training:
+        if self.images_independent:
             per_image = self.k * self.config["width"] * x.shape[2] * x.shape[3] * x.element_size()
             chunk = forward_chunk(x.device, per_image, len(x))
         if chunk >= len(x):
