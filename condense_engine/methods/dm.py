@@ -85,9 +85,10 @@ class DM(Method):
         return self.feature_loss(real_feats.reshape(rows, -1, dim), syn_feats.reshape(rows, per_class, dim),
                                  **fixed) / nets
 
-    def feature_loss(self, real_feats: torch.Tensor, syn_feats: torch.Tensor) -> torch.Tensor:
-        """Σ over (net, class) rows of the MMD² between (rows, N, d) real and (rows, M, d) synthetic features."""
-        return ops.mmd(real_feats, syn_feats, **self.kernel_options, reduction="sum")
+    def feature_loss(self, real_feats: torch.Tensor, syn_feats: torch.Tensor, **kernel) -> torch.Tensor:
+        """Σ over (net, class) rows of the MMD² between (rows, N, d) real and (rows, M, d) synthetic
+        features; `kernel` overrides entries of kernel_options."""
+        return ops.mmd(real_feats, syn_feats, **dict(self.kernel_options, **kernel), reduction="sum")
 
     def group_constants(self, real_feats: torch.Tensor) -> dict:
         """feature_loss options that must come from every class when classes go in groups."""
@@ -186,8 +187,7 @@ class M3D(DM):
     def feature_loss(self, real_feats: torch.Tensor, syn_feats: torch.Tensor, weight=None, sigmas=None) -> torch.Tensor:
         """The kernel MMD² sum, divided by `weight` (None: first_order_weight of these real
         features) when normalising; `sigmas` overrides the Gaussian bandwidths (None: the option)."""
-        options = dict(self.kernel_options, **({} if sigmas is None else {"sigmas": sigmas}))
-        loss = ops.mmd(real_feats, syn_feats, **options, reduction="sum")
+        loss = super().feature_loss(real_feats, syn_feats, **({} if sigmas is None else {"sigmas": sigmas}))
         if not self.options["normalize"]:
             return loss
         return loss / (self.first_order_weight(real_feats) if weight is None else weight)
@@ -196,20 +196,21 @@ class M3D(DM):
         """The normalising weight and the data-scaled bandwidths of all classes' (k, n, d) features."""
         by_class = real_feats.reshape(real_feats.shape[0] * self.num_classes, -1, real_feats.shape[-1])
         fixed = {}
-        if self.options["normalize"]:
-            fixed["weight"] = self.first_order_weight(by_class)
         if self.options["kernel"] == "gaussian" and self.options["sigmas"] is None:
             fixed["sigmas"] = reference_mmd.default_sigmas(by_class)
+        if self.options["normalize"]:
+            fixed["weight"] = self.first_order_weight(by_class, fixed.get("sigmas"))
         return fixed
 
-    def first_order_weight(self, real_feats: torch.Tensor) -> torch.Tensor:
-        """w in MMD²_kernel ≈ w·‖mean real − mean syn‖² + higher orders, at the real data's scale."""
+    def first_order_weight(self, real_feats: torch.Tensor, sigmas: torch.Tensor | None = None) -> torch.Tensor:
+        """w in MMD²_kernel ≈ w·‖mean real − mean syn‖² + higher orders, at the real data's scale
+        (`sigmas`: the Gaussian bandwidths when already computed, else from the option)."""
         feats = real_feats.detach().float()
         if self.options["kernel"] == "poly":
             degree, gamma = self.options["degree"], reference_mmd.default_gamma(feats.shape[-1])
             typical_inner = feats.mean(-2).pow(2).sum(-1).mean()
             return degree * gamma * (gamma * typical_inner + 1.0).pow(degree - 1)
-        variance = sigma_tensor(self.options["sigmas"], feats).pow(2)
+        variance = (sigma_tensor(self.options["sigmas"], feats) if sigmas is None else sigmas).pow(2)
         return (torch.exp(-reference_mmd.mean_sq_distance(feats) / (2.0 * variance)) / variance).mean()
 
 
