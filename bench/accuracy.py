@@ -26,12 +26,14 @@ import torch
 
 import condense_engine as ce
 from bench import common
+from condense_engine.checkpoint import load_checkpoint
 from condense_engine.cli import parse_option
 from condense_engine.methods import get_method
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_DATA_ROOT = os.path.join(REPO_ROOT, "..", "shared", "data")
 FULL_EPOCHS = 1000
+CHECKPOINT_EVERY = 250  # --save-dir: iterations between checkpoints
 # --quick: IPC 1, a few iterations and epochs, and every 10th test image (CPU test time is mostly
 # the ConvNet forward over the test set).
 QUICK = dict(dataset="default", ipcs=[1], iterations=2, epochs=4, repeats=1, test_stride=10,
@@ -173,24 +175,81 @@ def default_out_path(device: torch.device, quick: bool, results_dir: str = commo
     raise RuntimeError(f"no free results file name for stamp {stamp} in {results_dir}")
 
 
+def cell_folder(save_dir: str, method: str, dataset: str, ipc: int, iterations: int, seed: int) -> str:
+    """Where `--save-dir` keeps one cell's checkpoint, log and finished set."""
+    return os.path.join(save_dir, f"{method}-{dataset}-ipc{ipc}-it{iterations}-seed{seed}")
+
+
+def distill_cell(train, method: str, ipc: int, iterations: int, device: torch.device, seed: int, options: dict,
+                 folder: str | None) -> tuple[ce.SyntheticSet, dict]:
+    """Distil one cell; with `folder`, resumably: a finished set there is reused, a checkpoint
+    there is continued (it is written every CHECKPOINT_EVERY iterations and on SIGTERM), and the
+    finished set is saved. Returns the set and what to record about the run (seconds, resumes)."""
+    if folder is None:
+        start = time.perf_counter()
+        synset = ce.distill(train, method=method, ipc=ipc, iterations=iterations, device=device, seed=seed,
+                            progress=False, **options)
+        return synset, dict(seconds=time.perf_counter() - start)
+    os.makedirs(folder, exist_ok=True)
+    finished, checkpoint = os.path.join(folder, "synset.pt"), os.path.join(folder, "checkpoint.pt")
+    if os.path.exists(finished):
+        synset = ce.SyntheticSet.load(finished)
+        expected = get_method(method)(train.name, ipc, **options).options | dict(iterations=iterations)
+        if synset.meta.get("options") != expected or synset.meta.get("seed") != seed:
+            raise ValueError(f"{finished} was distilled with other options or seed: it has "
+                             f"{synset.meta.get('options')} (seed {synset.meta.get('seed')}), this run asks for "
+                             f"{expected} (seed {seed}); remove it or pick another --save-dir")
+        return synset, dict(seconds=synset.meta["run_seconds"], reused=finished)
+    resumed_from = load_checkpoint(checkpoint)["iteration"] if os.path.exists(checkpoint) else 0
+    log = os.path.join(folder, "log.jsonl")
+    seconds = earlier_seconds(log, resumed_from) if resumed_from else 0.0
+    start = time.perf_counter()
+    synset = ce.distill(train, method=method, ipc=ipc, iterations=iterations, device=device, seed=seed,
+                        progress=False, checkpoint=checkpoint, checkpoint_every=CHECKPOINT_EVERY, resume=True,
+                        log=log, **options)
+    seconds += time.perf_counter() - start
+    synset.meta["run_seconds"] = seconds
+    synset.save(finished)
+    return synset, dict(seconds=seconds, resumed_from=resumed_from) if resumed_from else dict(seconds=seconds)
+
+
+def earlier_seconds(log: str, resumed_from: int) -> float:
+    """Distillation seconds that the processes before a resume from iteration `resumed_from`
+    spent on the iterations kept. Each process logs seconds since its own start, so a record
+    whose iteration or seconds go back starts the next process's segment; a segment counts up
+    to the iteration before the next one starts (the last one up to `resumed_from`), not the
+    iterations after its last checkpoint that were done again."""
+    segments, previous = [], None
+    with open(log) as lines:
+        for line in lines:
+            record = json.loads(line)
+            if (previous is None or record["iteration"] <= previous["iteration"]
+                    or record["seconds"] < previous["seconds"]):
+                segments.append({})
+            segments[-1][record["iteration"]] = record["seconds"]
+            previous = record
+    ends = [min(later) - 1 for later in segments[1:]] + [resumed_from]
+    return sum(max((s for i, s in segment.items() if i <= end), default=0.0) for segment, end in zip(segments, ends))
+
+
 def measure(method: str, dataset: str, train, test, ipc: int, *, iterations: int | None, epochs: int,
-            repeats: int, device: torch.device, seed: int, options: dict, baseline: bool = True) -> dict:
+            repeats: int, device: torch.device, seed: int, options: dict, baseline: bool = True,
+            save_dir: str | None = None) -> dict:
     """Distil one set and evaluate it (with the random-real baseline unless `baseline` is
-    False, e.g. when another row of the same data set and schedule has it); one result row."""
+    False, e.g. when another row of the same data set and schedule has it); one result row.
+    With `save_dir`, the cell can be stopped and resumed and its set is kept (see distill_cell)."""
     published = get_method(method)(train.name, ipc).options
     changed = {key: (value, published[key]) for key, value in options.items() if published.get(key) != value}
     default_iterations = published["iterations"]
     iterations = default_iterations if iterations is None else iterations
-    start = time.perf_counter()
-    synset = ce.distill(train, method=method, ipc=ipc, iterations=iterations, device=device, seed=seed,
-                        progress=False, **options)
+    folder = cell_folder(save_dir, method, dataset, ipc, iterations, seed) if save_dir else None
+    synset, run = distill_cell(train, method, ipc, iterations, device, seed, options, folder)
     method_options = {key: synset.meta["options"][key] for key in REPORTED_OPTIONS.get(synset.meta["method"], ())}
-    seconds = time.perf_counter() - start
     start = time.perf_counter()
     report = ce.evaluate(synset, test, model="ConvNet", repeats=repeats, epochs=epochs, seed=seed,
                          baseline=baseline, train_set=train, device=device)
     return dict(method=method, dataset=dataset, ipc=ipc, acc_mean=100 * report.mean,
-                acc_std=100 * report.std, repeats=repeats, iterations=iterations, seconds=seconds,
+                acc_std=100 * report.std, repeats=repeats, iterations=iterations, seconds=run.pop("seconds"), **run,
                 device=common.device_name(device),
                 baseline_random=dict(mean=100 * report.baseline.mean, std=100 * report.baseline.std)
                 if baseline else None,
@@ -281,6 +340,9 @@ def main(argv=None) -> list[dict]:
                         help="skip the random-real baseline (saves its evaluation when another run has it)")
     parser.add_argument("--quick", action="store_true",
                         help="CPU smoke run: embedded MNIST subset, IPC 1, a few iterations and epochs")
+    parser.add_argument("--save-dir", help="keep each cell's checkpoint, log and set in a folder here, so a "
+                             "stopped run continues where it was and a finished set is evaluated again "
+                             "rather than distilled again")
     parser.add_argument("--out", help="results file (default bench/results/accuracy-<device>-<date>.json)")
     parser.add_argument("--results-dir", default=common.RESULTS_DIR, help="folder RESULTS.md is built from")
     parser.add_argument("--report", default=os.path.join(REPO_ROOT, "bench", "RESULTS.md"),
@@ -291,7 +353,7 @@ def main(argv=None) -> list[dict]:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     options = dict(args.options)
     if args.quick:
-        args.datasets, args.ipcs, options = [QUICK["dataset"]], QUICK["ipcs"], QUICK["options"]
+        args.datasets, args.ipcs, options = [QUICK["dataset"]], QUICK["ipcs"], QUICK["options"] | options
         args.iterations, args.epochs, args.repeats = QUICK["iterations"], QUICK["epochs"], QUICK["repeats"]
     out = args.out or default_out_path(device, args.quick)
     rows = []
@@ -305,7 +367,7 @@ def main(argv=None) -> list[dict]:
             for ipc in args.ipcs:
                 rows.append(measure(method, dataset, train, test, ipc, iterations=args.iterations,
                                     epochs=args.epochs, repeats=args.repeats, device=device, seed=args.seed,
-                                    options=options, baseline=not args.no_baseline))
+                                    options=options, baseline=not args.no_baseline, save_dir=args.save_dir))
                 row = rows[-1]
                 base = f"{row['baseline_random']['mean']:.2f}" if row["baseline_random"] else "–"
                 print(f"{method} {dataset} ipc {ipc}: {row['acc_mean']:.2f} ± {row['acc_std']:.2f} % "

@@ -12,6 +12,7 @@ from PIL import Image
 
 from bench import accuracy, condense_time, report, run_all
 from bench.baselines.dm_per_class import class_loss
+import condense_engine as ce
 from condense_engine import bench_cli
 from condense_engine.methods.dm import DM, M3D
 
@@ -192,6 +193,38 @@ def test_accuracy_m3d_rows_record_its_own_defaults_and_may_skip_the_baseline(tmp
     row, = accuracy.main(["--quick", "--methods", "m3d", "--no-baseline", "--out", str(out), "--no-report"])
     assert row["baseline_random"] is None
     assert row["method_options"] == dict(kernel="gaussian", factor=2, normalize=True, lr_img=1.0, model_steps=1)
+
+
+def test_accuracy_save_dir_resumes_a_stopped_cell_and_reuses_a_finished_one(tmp_path):
+    save_dir = tmp_path / "sets"
+    args = ["--quick", "--methods", "dm", "--no-baseline", "--no-report", "--save-dir", str(save_dir)]
+    first, = accuracy.main(args + ["--out", str(tmp_path / "a_quick.json")])
+    folder, = save_dir.iterdir()
+    finished = ce.SyntheticSet.load(folder / "synset.pt")
+    assert {"synset.pt", "checkpoint.pt", "log.jsonl"} <= {p.name for p in folder.iterdir()}
+    assert "resumed_from" not in first and "reused" not in first
+
+    (folder / "synset.pt").unlink()  # stopped after its last checkpoint: the rerun only loads it
+    resumed, = accuracy.main(args + ["--out", str(tmp_path / "b_quick.json")])
+    assert resumed["resumed_from"] == accuracy.QUICK["iterations"]
+    assert 0 < resumed["seconds"] <= first["seconds"]
+    assert torch.equal(ce.SyntheticSet.load(folder / "synset.pt").images, finished.images)
+
+    reused, = accuracy.main(args + ["--out", str(tmp_path / "c_quick.json")])
+    assert reused["reused"] == str(folder / "synset.pt") and reused["seconds"] == resumed["seconds"]
+    assert reused["acc_mean"] == resumed["acc_mean"]
+
+    with pytest.raises(ValueError, match="other options or seed"):
+        accuracy.main(args + ["--set", "batch_real=8", "--out", str(tmp_path / "d_quick.json")])
+
+
+def test_earlier_seconds_counts_each_process_up_to_where_the_next_resumed(tmp_path):
+    log = tmp_path / "log.jsonl"
+    # process 1 ran to iteration 6 and checkpointed at 4; process 2 resumed at 4, ran to 7,
+    # checkpointed at 6; the third resumes from 6.
+    records = [(1, 1.0), (2, 2.0), (3, 3.0), (4, 4.0), (5, 5.0), (6, 6.0), (5, 0.5), (6, 1.5), (7, 2.5)]
+    log.write_text("".join(json.dumps(dict(iteration=i, seconds=s)) + "\n" for i, s in records))
+    assert accuracy.earlier_seconds(str(log), 6) == pytest.approx(4.0 + 1.5)
 
 
 def test_condense_bench_finds_the_checkout_or_says_it_needs_one(tmp_path, monkeypatch, capsys):
