@@ -167,6 +167,15 @@ class Rows(list):
         write_results(self.name, self, self.device, self.out)
 
 
+def compile_skip_reason(no_compile: bool, device: torch.device) -> str | None:
+    """Why a bench leaves out its torch.compile rows, or None when it times them."""
+    if no_compile:
+        return "--no-compile"
+    if device.type == "cpu":
+        return "on CPU, compiling each shape takes longer than the smoke test's budget"
+    return None
+
+
 def compiled(fn, **options):
     """torch.compile(fn) with Dynamo's caches cleared first. A bench compiles the same code
     object once per case; past Dynamo's recompile limit (8) it would silently run the rest

@@ -157,12 +157,7 @@ def main(argv=None) -> list[dict]:
     cases = QUICK_CASES if args.quick else FULL_CASES
     if args.cases:
         cases = [case for case in cases if case[0] in args.cases]
-    compile_note = None
-    if args.no_compile:
-        compile_note = "--no-compile"
-    elif device.type == "cpu":
-        compile_note = ("on CPU, compiling each shape takes longer than the smoke test's "
-                        "budget")
+    compile_note = common.compile_skip_reason(args.no_compile, device)
     # The interpreter needs seconds per call: a few repetitions are enough for a smoke test.
     timing = dict(warmup=1, reps=2) if args.quick else {}
     peaks = common.device_peaks(device)

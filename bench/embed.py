@@ -86,7 +86,7 @@ def measure_network(case, impl: str, device, dtype, peaks, compile_note, ablatio
     counts = dict(flops=flops, peaks=peaks, dtype=dtype)
     note = "ablation: ConvNetBank with the torch epilogue" if ablation else None
     if impl == "compile" and compile_note:
-        return common.row("embed", name, impl, None, note=compile_note, **counts)
+        return common.row("embed", name, impl, None, note=f"skipped: {compile_note}", **counts)
     generator = torch.Generator(device=device).manual_seed(0)
     bank = ConvNetBank(k, 3, width=width, depth=depth, im_size=(side, side),
                        generator=torch.Generator().manual_seed(0), device=device, dtype=dtype,
@@ -118,7 +118,7 @@ def measure_epilogue(case, mode: str, impl: str, device, dtype, peaks, compile_n
                   peaks=peaks, dtype=dtype)
     label = f"{name}/{mode}"
     if impl == "compile" and compile_note:
-        return common.row("embed", label, impl, None, note=compile_note, **counts)
+        return common.row("embed", label, impl, None, note=f"skipped: {compile_note}", **counts)
     generator = torch.Generator(device=device).manual_seed(0)
     x = torch.randn(n, channels, height, width, device=device, generator=generator).to(dtype)
     weight = (1.0 + 0.1 * torch.randn(channels, device=device, generator=generator)).to(dtype)
@@ -163,12 +163,7 @@ def main(argv=None) -> list[dict]:
     if args.cases:
         network_cases = [case for case in network_cases if case[0] in args.cases]
         epilogue_cases = [case for case in epilogue_cases if case[0] in args.cases]
-    compile_note = None
-    if args.no_compile:
-        compile_note = "skipped: --no-compile"
-    elif device.type == "cpu":
-        compile_note = ("skipped on CPU: compiling each shape takes longer than the smoke "
-                        "test's budget")
+    compile_note = common.compile_skip_reason(args.no_compile, device)
     peaks = common.device_peaks(device)
     name = "embed_quick" if args.quick else ("embed" if args.dtype == "fp32" else "embed_bf16")
     rows = common.Rows(name, device, args.out)

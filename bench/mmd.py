@@ -93,7 +93,7 @@ def measure(case, kernel: str, mode: str, impl: str, device: torch.device, dtype
                   bytes_moved=byte_count(mode, classes, n, m, dim, dtype.itemsize),
                   peaks=peaks, dtype=dtype)
     if impl == "compile" and compile_note:
-        return common.row("mmd", label, impl, None, note=compile_note, **counts)
+        return common.row("mmd", label, impl, None, note=f"skipped: {compile_note}", **counts)
     generator = torch.Generator(device=device).manual_seed(0)
     x = torch.randn(classes, n, dim, device=device, generator=generator).to(dtype)
     y = (0.9 * torch.randn(classes, m, dim, device=device, generator=generator) + 0.1).to(dtype)
@@ -124,12 +124,7 @@ def main(argv=None) -> list[dict]:
     cases = QUICK_CASES if args.quick else FULL_CASES
     if args.cases:
         cases = [case for case in cases if case[0] in args.cases]
-    compile_note = None
-    if args.no_compile:
-        compile_note = "skipped: --no-compile"
-    elif device.type == "cpu":
-        compile_note = ("skipped on CPU: compiling each shape takes longer than the smoke "
-                        "test's budget")
+    compile_note = common.compile_skip_reason(args.no_compile, device)
     peaks = common.device_peaks(device)
     name = "mmd_quick" if args.quick else ("mmd" if args.dtype == "fp32" else "mmd_bf16")
     rows = common.Rows(name, device, args.out)
