@@ -26,8 +26,8 @@ mkdir -p "$out" "$work/results"
 export PYTHONUNBUFFERED=1
 status=0
 
-# The staged data set stays on the machine; only logs and results come back.
-pack() { tar czf "$out/gpu-results.tgz" --exclude=./data --exclude=./tiny-parts -C "$work" .; }
+# The staged data set and the distilled sets (.pt) stay on the machine; only logs and results come back.
+pack() { tar czf "$out/gpu-results.tgz" --exclude=./data --exclude=./tiny-parts --exclude='*.pt' -C "$work" .; }
 
 install() {
     nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv > "$work/device.txt" 2>&1
@@ -91,7 +91,7 @@ tiny_accuracy() {
     local ipc=${1:?tiny-accuracy needs an IPC} iterations=${2:-} epochs=${3:-1000}
     setsid nohup python3 -m bench.accuracy --methods dm m3d --datasets tinyimagenet --ipcs "$ipc" \
         ${iterations:+--iterations "$iterations"} --epochs "$epochs" --device cuda \
-        --data-root "$work/data" --out "$work/results/accuracy-$(date -u +%Y%m%d-%H%M%S)-tiny-ipc$ipc.json" \
+        --data-root "$work/data" --save-dir "$work/sets" --out "$work/results/accuracy-$(date -u +%Y%m%d-%H%M%S)-tiny-ipc$ipc.json" \
         --results-dir "$work/results" --report "$work/RESULTS.md" >> "$work/accuracy.log" 2>&1 < /dev/null &
     echo $! > "$work/background.pid"
     echo "started TinyImageNet IPC $ipc in the background (pid $!); poll with: wait SECONDS"
@@ -105,6 +105,7 @@ wait_background() {
         sleep 10
     done
     tail -20 "$work/accuracy.log"
+    for log in "$work"/sets/*/log.jsonl; do [ -f "$log" ] && echo "$(basename "$(dirname "$log")"): $(tail -n 1 "$log")"; done
     if kill -0 "$pid" 2>/dev/null; then echo "still running (pid $pid)"; else echo "finished"; rm -f "$work/background.pid"; fi
 }
 
