@@ -185,11 +185,13 @@ def distill_cell(train, method: str, ipc: int, iterations: int, device: torch.de
     """Distil one cell; with `folder`, resumably: a finished set there is reused, a checkpoint
     there is continued (it is written every CHECKPOINT_EVERY iterations and on SIGTERM), and the
     finished set is saved. Returns the set and what to record about the run (seconds, resumes)."""
+    def run(**resumable) -> ce.SyntheticSet:
+        return ce.distill(train, method=method, ipc=ipc, iterations=iterations, device=device, seed=seed,
+                          progress=False, **resumable, **options)
+
     if folder is None:
         start = time.perf_counter()
-        synset = ce.distill(train, method=method, ipc=ipc, iterations=iterations, device=device, seed=seed,
-                            progress=False, **options)
-        return synset, dict(seconds=time.perf_counter() - start)
+        return run(), dict(seconds=time.perf_counter() - start)
     os.makedirs(folder, exist_ok=True)
     finished, checkpoint = os.path.join(folder, "synset.pt"), os.path.join(folder, "checkpoint.pt")
     if os.path.exists(finished):
@@ -204,9 +206,7 @@ def distill_cell(train, method: str, ipc: int, iterations: int, device: torch.de
     log = os.path.join(folder, "log.jsonl")
     seconds = earlier_seconds(log, resumed_from) if resumed_from else 0.0
     start = time.perf_counter()
-    synset = ce.distill(train, method=method, ipc=ipc, iterations=iterations, device=device, seed=seed,
-                        progress=False, checkpoint=checkpoint, checkpoint_every=CHECKPOINT_EVERY, resume=True,
-                        log=log, **options)
+    synset = run(checkpoint=checkpoint, checkpoint_every=CHECKPOINT_EVERY, resume=True, log=log)
     seconds += time.perf_counter() - start
     synset.meta["run_seconds"] = seconds
     synset.save(finished)
