@@ -17,9 +17,11 @@ shared/reference/methods.md §13 (and the sections it cites), each with its sour
 """
 import argparse
 import datetime
+import glob
 import json
 import os
 import re
+import shutil
 import time
 
 import torch
@@ -28,6 +30,7 @@ import condense_engine as ce
 from bench import common
 from condense_engine.checkpoint import load_checkpoint
 from condense_engine.cli import parse_option
+from condense_engine.driver import without_total
 from condense_engine.methods import get_method
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -180,11 +183,31 @@ def cell_folder(save_dir: str, method: str, dataset: str, ipc: int, iterations: 
     return os.path.join(save_dir, f"{method}-{dataset}-ipc{ipc}-it{iterations}-seed{seed}")
 
 
+def shorter_cell(folder: str, iterations: int, config: dict) -> tuple[str, int] | None:
+    """The folder beside `folder` of the same cell with the most iterations below `iterations`
+    whose checkpoint belongs to `config` up to the iteration count, and that count; None if
+    there is none. Its last state is where a longer run of the same cell passes (no method's
+    step reads the total), so the longer run can start there."""
+    head, tail = re.match(r"(.*-it)\d+(-seed\d+)$", folder).groups()
+    best = None
+    for candidate in glob.glob(glob.escape(head) + "*" + glob.escape(tail)):
+        match = re.fullmatch(re.escape(head) + r"(\d+)" + re.escape(tail), candidate)
+        checkpoint = os.path.join(candidate, "checkpoint.pt")
+        if not match or int(match.group(1)) >= iterations or not os.path.exists(checkpoint):
+            continue
+        state = load_checkpoint(checkpoint)
+        if without_total(state["config"]) == without_total(config) and (best is None or state["iteration"] > best[1]):
+            best = (candidate, state["iteration"])
+    return best
+
+
 def distill_cell(train, method: str, ipc: int, iterations: int, device: torch.device, seed: int, options: dict,
                  folder: str | None) -> tuple[ce.SyntheticSet, dict]:
     """Distil one cell; with `folder`, resumably: a finished set there is reused, a checkpoint
-    there is continued (it is written every CHECKPOINT_EVERY iterations and on SIGTERM), and the
-    finished set is saved. Returns the set and what to record about the run (seconds, resumes)."""
+    there is continued (it is written every CHECKPOINT_EVERY iterations and on SIGTERM), a new
+    cell starts from the last state of the same cell run with fewer iterations (`shorter_cell`;
+    its checkpoint and log are copied, and its seconds count), and the finished set is saved.
+    Returns the set and what to record about the run (seconds, resumes, extension)."""
     def run(**resumable) -> ce.SyntheticSet:
         return ce.distill(train, method=method, ipc=ipc, iterations=iterations, device=device, seed=seed,
                           progress=False, **resumable, **options)
@@ -192,25 +215,41 @@ def distill_cell(train, method: str, ipc: int, iterations: int, device: torch.de
     if folder is None:
         start = time.perf_counter()
         return run(), dict(seconds=time.perf_counter() - start)
-    os.makedirs(folder, exist_ok=True)
     finished, checkpoint = os.path.join(folder, "synset.pt"), os.path.join(folder, "checkpoint.pt")
+    log, extension = os.path.join(folder, "log.jsonl"), os.path.join(folder, "extended_from.json")
+    algorithm = get_method(method)(train.name, ipc, **options)
+    expected = algorithm.options | dict(iterations=iterations)
     if os.path.exists(finished):
         synset = ce.SyntheticSet.load(finished)
-        expected = get_method(method)(train.name, ipc, **options).options | dict(iterations=iterations)
         if synset.meta.get("options") != expected or synset.meta.get("seed") != seed:
             raise ValueError(f"{finished} was distilled with other options or seed: it has "
                              f"{synset.meta.get('options')} (seed {synset.meta.get('seed')}), this run asks for "
                              f"{expected} (seed {seed}); remove it or pick another --save-dir")
-        return synset, dict(seconds=synset.meta["run_seconds"], reused=finished)
+        return synset, dict(seconds=synset.meta["run_seconds"], reused=finished,
+                            **({"extended_from": synset.meta["extended_from"]} if "extended_from" in synset.meta else {}))
+    if not os.path.exists(checkpoint):
+        config = dict(method=algorithm.name, dataset=train.name, ipc=ipc, seed=seed, options=expected)
+        shorter = shorter_cell(folder, iterations, config)
+        if shorter:
+            os.makedirs(folder, exist_ok=True)
+            for name in ("log.jsonl", "checkpoint.pt"):  # the checkpoint last: it marks the copy complete
+                shutil.copyfile(os.path.join(shorter[0], name), os.path.join(folder, name) + ".part")
+                os.replace(os.path.join(folder, name) + ".part", os.path.join(folder, name))
+            with open(extension, "w") as out:
+                json.dump(dict(folder=shorter[0], iteration=shorter[1]), out)
+    os.makedirs(folder, exist_ok=True)
+    extended = json.load(open(extension)) if os.path.exists(extension) else None
     resumed_from = load_checkpoint(checkpoint)["iteration"] if os.path.exists(checkpoint) else 0
-    log = os.path.join(folder, "log.jsonl")
     seconds = earlier_seconds(log, resumed_from) if resumed_from else 0.0
     start = time.perf_counter()
     synset = run(checkpoint=checkpoint, checkpoint_every=CHECKPOINT_EVERY, resume=True, log=log)
     seconds += time.perf_counter() - start
     synset.meta["run_seconds"] = seconds
+    if extended:
+        synset.meta["extended_from"] = extended
     synset.save(finished)
-    return synset, dict(seconds=seconds, resumed_from=resumed_from) if resumed_from else dict(seconds=seconds)
+    return synset, dict(seconds=seconds, **({"resumed_from": resumed_from} if resumed_from else {}),
+                        **({"extended_from": extended} if extended else {}))
 
 
 def earlier_seconds(log: str, resumed_from: int) -> float:
@@ -294,8 +333,11 @@ def accuracy_section(files: list[tuple[str, dict]]) -> str:
 
 def schedule_text(row: dict) -> str:
     """The row's schedule label, then its method options that are not the published ones (a
-    method's own defaults, e.g. M3D's factor), then its note (e.g. why it was superseded)."""
+    method's own defaults, e.g. M3D's factor), whether it extends a shorter run of the same cell
+    (its seconds include that run's), then its note (e.g. why it was superseded)."""
     text = row.get("schedule", "–")
+    if row.get("extended_from"):
+        text += f"; continues the {row['extended_from']['iteration']}-iteration run of this cell"
     if row.get("method_options"):
         text += "; options " + ", ".join(f"{key}={value}" for key, value in sorted(row["method_options"].items()))
     return text + (f"; **{row['note']}**" if row.get("note") else "")

@@ -124,7 +124,8 @@ def distill(dataset, method: str = "dm", ipc: int = 10, iterations: int | None =
     Method options (e.g. lr_img, batch_real) pass through `**options`; defaults come from the
     method's table for the data set and IPC. With `checkpoint` set, the state is written
     atomically every `checkpoint_every` iterations and when SIGTERM/SIGINT arrives, and
-    `resume=True` continues from it (bit-identically on CPU). `test_set` with `eval_every > 0`
+    `resume=True` continues from it (bit-identically on CPU), also when it was written by the
+    same run with fewer iterations, which extends that run. `test_set` with `eval_every > 0`
     evaluates the set periodically (`eval_options` go to `ce.evaluate`).
 
     `sync_every` (a positive int; None: 1 on the CPU, ACCELERATOR_SYNC_EVERY elsewhere) is how
@@ -252,14 +253,24 @@ def evaluate_now(synset: SyntheticSet, test_set: ImageDataset, eval_options: dic
 
 
 def _restore(path: str, config: dict, synset: SyntheticSet, algorithm, generator) -> int:
+    """Load a checkpoint of this run, or of the same run with fewer iterations: no method's step
+    reads the total, so continuing a shorter run's last state is the longer run exactly."""
     state = load_checkpoint(path, map_location="cpu")
-    if state["config"] != config:
+    if without_total(state["config"]) != without_total(config):
         raise ValueError(f"{path} belongs to another run: it has {state['config']}, this run is {config}")
+    total = config["options"]["iterations"]
+    if state["iteration"] > total:
+        raise ValueError(f"{path} is at iteration {state['iteration']}, beyond this run's {total} iterations")
     with torch.no_grad():
         synset.images.copy_(state["images"].to(synset.images.device))
     algorithm.load_state_dict(state["method"])
     restore_rng_state(state["rng"], generators=[generator])
     return int(state["iteration"])
+
+
+def without_total(config: dict) -> dict:
+    """A run's config without its iteration count: runs equal under it differ only in length."""
+    return dict(config, options={k: v for k, v in config["options"].items() if k != "iterations"})
 
 
 def _progress(enabled: bool, start: int, total: int, name: str):

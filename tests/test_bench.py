@@ -14,6 +14,7 @@ from bench import accuracy, condense_time, report, run_all
 from bench.baselines.dm_per_class import class_loss
 import condense_engine as ce
 from condense_engine import bench_cli
+from condense_engine.checkpoint import load_checkpoint
 from condense_engine.methods.dm import DM, M3D
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -165,6 +166,8 @@ def test_accuracy_rows_show_our_own_method_defaults_and_notes():
     row = dict(schedule="REDUCED (x)", method_options=dict(factor=2, kernel="gaussian"), note="superseded: old defaults")
     assert accuracy.schedule_text(row) == "REDUCED (x); options factor=2, kernel=gaussian; **superseded: old defaults**"
     assert accuracy.schedule_text(dict(schedule="published schedule")) == "published schedule"
+    assert accuracy.schedule_text(dict(schedule="S", extended_from=dict(folder="f", iteration=6000))) == \
+        "S; continues the 6000-iteration run of this cell"
 
 
 def test_schedule_label_only_calls_the_full_schedule_published():
@@ -216,6 +219,29 @@ def test_accuracy_save_dir_resumes_a_stopped_cell_and_reuses_a_finished_one(tmp_
 
     with pytest.raises(ValueError, match="other options or seed"):
         accuracy.main(args + ["--set", "batch_real=8", "--out", str(tmp_path / "d_quick.json")])
+
+
+def test_accuracy_save_dir_extends_the_same_cell_run_shorter(tmp_path, monkeypatch):
+    """A longer cell starts from the last state of the same cell with fewer iterations and
+    lands exactly where a run from scratch does; a shorter cell with other options is not used."""
+    save_dir, scratch = tmp_path / "sets", tmp_path / "scratch"
+    args = ["--quick", "--methods", "dm", "--no-baseline", "--no-report"]
+    short, = accuracy.main(args + ["--save-dir", str(save_dir), "--out", str(tmp_path / "a_quick.json")])
+    monkeypatch.setitem(accuracy.QUICK, "iterations", 3)
+    other, = accuracy.main(args + ["--set", "batch_real=8", "--save-dir", str(save_dir), "--out", str(tmp_path / "b_quick.json")])
+    assert "extended_from" not in other  # the 2-iteration cell has batch_real 16
+    monkeypatch.setitem(accuracy.QUICK, "iterations", 4)
+    long, = accuracy.main(args + ["--save-dir", str(save_dir), "--out", str(tmp_path / "d_quick.json")])
+    source = str(save_dir / "dm-default-ipc1-it2-seed0")
+    assert long["extended_from"] == dict(folder=source, iteration=2) and long["resumed_from"] == 2
+    assert long["seconds"] > short["seconds"]
+    from_scratch, = accuracy.main(args + ["--save-dir", str(scratch), "--out", str(tmp_path / "e_quick.json")])
+    assert "extended_from" not in from_scratch
+    extended = ce.SyntheticSet.load(save_dir / "dm-default-ipc1-it4-seed0" / "synset.pt")
+    assert torch.equal(extended.images, ce.SyntheticSet.load(scratch / "dm-default-ipc1-it4-seed0" / "synset.pt").images)
+    assert load_checkpoint(os.path.join(source, "checkpoint.pt"))["iteration"] == 2  # the shorter cell is kept
+    reused, = accuracy.main(args + ["--save-dir", str(save_dir), "--out", str(tmp_path / "f_quick.json")])
+    assert reused["extended_from"] == long["extended_from"] and reused["acc_mean"] == long["acc_mean"]
 
 
 def test_earlier_seconds_counts_each_process_up_to_where_the_next_resumed(tmp_path):

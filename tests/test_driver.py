@@ -154,6 +154,30 @@ def test_stop_signal_reads_back_and_resume_is_bit_identical(tmp_path):
     assert _without_seconds(_records(log)) == _without_seconds(_records(full_log))
 
 
+@pytest.mark.parametrize("method,options", [
+    ("dm", FAST), ("m3d", FAST), ("dsa", dict(outer_loop=2, inner_loop=1, batch_real=8, model="ConvNetW32"))])
+def test_a_finished_shorter_run_extends_to_the_longer_run(method, options, tmp_path):
+    """No step reads the total, so resuming a 2-iteration run's final checkpoint with
+    iterations=4 must give the 4-iteration run bit for bit."""
+    data = toy_dataset()
+    run = dict(method=method, ipc=2, seed=1, progress=False, device="cpu", **options)
+    longer = ce.distill(data, iterations=4, **run)
+    ckpt = str(tmp_path / "ckpt.pt")
+    shorter = ce.distill(data, iterations=2, checkpoint=ckpt, **run)
+    assert not torch.equal(shorter.images, longer.images)
+    extended = ce.distill(data, iterations=4, checkpoint=ckpt, resume=True, **run)
+    assert torch.equal(extended.images, longer.images)
+    assert load_checkpoint(ckpt)["iteration"] == 4 and extended.meta["options"]["iterations"] == 4
+
+
+def test_resume_rejects_a_checkpoint_beyond_the_run(tmp_path):
+    data = toy_dataset()
+    ckpt = str(tmp_path / "ckpt.pt")
+    ce.distill(data, iterations=3, checkpoint=ckpt, **RUN)
+    with pytest.raises(ValueError, match="iteration 3, beyond this run's 2 iterations"):
+        ce.distill(data, iterations=2, checkpoint=ckpt, resume=True, **RUN)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 @pytest.mark.parametrize("method,options", [
     ("dm", FAST), ("m3d", FAST), ("dsa", dict(outer_loop=2, inner_loop=1, batch_real=8, model="ConvNetW32"))])
