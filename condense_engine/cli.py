@@ -63,7 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint-every", type=int, default=500, help="iterations between checkpoints (500)")
     p.add_argument("--sync-every", type=int, default=None,
                    help="iterations between reading the loss back from the device (1 on CPU, 10 on a GPU)")
-    p.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint.pt")
+    p.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint.pt; with a larger --iterations, "
+                   "extend that run to the longer schedule (on the CPU, bit for bit the longer run)")
     p.add_argument("--eval-every", type=int, default=0, help="evaluate every N iterations (0: never)")
     p.add_argument("--evaluate", action="store_true", help="evaluate the result and write report.json")
     p.add_argument("--quiet", action="store_true", help="no progress bar")

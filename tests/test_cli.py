@@ -43,6 +43,23 @@ def test_distill_evaluate_show_round_trip(tmp_path, capsys):
     assert "accuracy_mean" in json.loads((tmp_path / "e.json").read_text())
 
 
+def test_resume_with_more_iterations_extends_a_finished_run(tmp_path):
+    from condense_engine.synset import SyntheticSet
+
+    def distill(out, iterations, *extra):
+        return main(["distill", "--dataset", "default", "--ipc", "1", "--iterations", str(iterations),
+                     "--set", "batch_real=4", "--set", "model='ConvNetW32'", "--out", str(out), "--quiet",
+                     "--device", "cpu", *extra])
+
+    assert distill(tmp_path / "long", 4) == 0
+    assert distill(tmp_path / "run", 2) == 0
+    assert distill(tmp_path / "run", 4, "--resume") == 0
+    extended = SyntheticSet.load(tmp_path / "run" / "synset.pt")
+    assert extended.meta["iterations"] == 4
+    assert extended.images.equal(SyntheticSet.load(tmp_path / "long" / "synset.pt").images)
+    assert [json.loads(line)["iteration"] for line in open(tmp_path / "run" / "log.jsonl")] == [1, 2, 3, 4]
+
+
 def test_errors_are_one_line_and_exit_2(tmp_path, capsys):
     assert main(["distill", "--dataset", "mnist", "--root", str(tmp_path / "nowhere"), "--quiet",
                  "--out", str(tmp_path / "o")]) == 2
