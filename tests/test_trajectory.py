@@ -202,6 +202,7 @@ def test_labels_gradient_only_when_soft_labels_require_grad():
     (dict(labels=torch.zeros(8, 4, dtype=torch.float32)), "labels"),
     (dict(lr=torch.tensor([0.1, 0.2], dtype=DOUBLE)), "lr"),
     (dict(lr=float("nan")), "lr"),
+    (dict(lr=torch.tensor(float("inf"), dtype=DOUBLE)), "lr"),
     (dict(target=torch.zeros(3, dtype=DOUBLE)), "target"),
     (dict(start=torch.zeros(3, dtype=DOUBLE), target=torch.ones(3, dtype=DOUBLE)), "start"),
     (dict(steps=0), "steps"),

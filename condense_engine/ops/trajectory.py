@@ -5,6 +5,8 @@ See `condense_engine.reference.trajectory` for the three memory modes ("unrolled
 ValueError names the argument) and dispatches; only the PyTorch implementation exists, because
 the work is convolutions and their double backward, which cuDNN/cuBLAS already run.
 """
+import math
+
 import torch
 
 from condense_engine.ops._backend import choose
@@ -38,6 +40,8 @@ def trajectory_match(images, labels, lr, start, target, model, *, steps, batch_s
     follow a permutation order drawn from `seed`; `augment(x, step_seed)` is applied per step.
     Returns loss = ‖θ_steps − target‖² / ‖start − target‖² with grad_images, grad_lr (and
     grad_labels). `memory` picks "unrolled", "exact" or "tesla" (see the reference module).
+    Values are checked (finite lr, start ≠ target) only on CPU: on a GPU a bad value gives a
+    non-finite loss instead of a host sync on every call.
     """
     if not isinstance(images, torch.Tensor) or images.dim() != 4 or not images.is_floating_point():
         raise ValueError(f"images must be a float (N, C, H, W) tensor, got {_describe(images)}")
@@ -70,7 +74,7 @@ def trajectory_match(images, labels, lr, start, target, model, *, steps, batch_s
                          f"got {type(augment).__name__}")
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise ValueError(f"seed must be an int, got {seed!r}")
-    if not bool((start != target).any()):
+    if start.device.type == "cpu" and not bool((start != target).any()):
         raise ValueError("start and target are identical: the normalised loss ‖θ − target‖²/‖start − target‖² "
                          "is undefined")
     choose("trajectory_match", backend, images.device, ("torch",))
@@ -94,12 +98,15 @@ def _check_labels(labels, count: int, images: torch.Tensor) -> None:
 
 
 def _check_lr(lr, start: torch.Tensor) -> torch.Tensor:
-    """The lr as a 0-dim tensor in start's dtype and device; ValueError unless finite scalar."""
+    """The lr as a 0-dim tensor in start's dtype and device; ValueError unless a finite scalar.
+
+    A GPU tensor's value is not read (that would be a host sync every call); a non-finite one shows
+    up as a non-finite loss, which the driver stops on."""
     if isinstance(lr, (int, float)) and not isinstance(lr, bool):
         lr = torch.tensor(float(lr))
     if not isinstance(lr, torch.Tensor) or lr.dim() != 0 or not lr.is_floating_point():
         raise ValueError(f"lr must be a 0-dim float tensor or a float, got {_describe(lr)}")
-    if not torch.isfinite(lr.detach()).item():
+    if lr.device.type == "cpu" and not math.isfinite(lr.item()):
         raise ValueError(f"lr must be finite, got {lr.item()}")
     return lr.detach().to(device=start.device, dtype=start.dtype)
 
