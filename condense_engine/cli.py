@@ -101,14 +101,14 @@ def _load(name: str, root, split: str):
     return datasets.load(name, root=root, split=split)
 
 
-def _evaluate(args, synset, test_set, train_set):
+def _evaluate(args, synset, test_set, train_set, device=None):
     from condense_engine.evaluate import evaluate
 
     reports = []
     for model in args.model or ["ConvNet"]:
         report = evaluate(synset, test_set, model=model, repeats=args.repeats, epochs=args.epochs,
                           lr=args.eval_lr, batch_size=args.eval_batch, dsa=not args.no_dsa, seed=args.seed,
-                          baseline=args.baseline, train_set=train_set, device=args.device)
+                          baseline=args.baseline, train_set=train_set, device=device or args.device)
         print(report, flush=True)
         reports.append(report)
     return reports
@@ -124,6 +124,18 @@ def _report_json(reports, extra: dict) -> dict:
 
 
 def cmd_distill(args) -> int:
+    from condense_engine import distributed
+
+    if not distributed.launched_by_torchrun():
+        return _distill(args, args.device, lead=True)
+    device = distributed.init_from_env(args.device)  # class-sharded: rank 0 writes and evaluates
+    try:
+        return _distill(args, device, lead=distributed.rank() == 0)
+    finally:
+        distributed.leave()
+
+
+def _distill(args, device, lead: bool) -> int:
     import condense_engine as ce
 
     began = time.perf_counter()
@@ -131,18 +143,20 @@ def cmd_distill(args) -> int:
     test = _load(args.dataset, args.root, "test") if (args.evaluate or args.eval_every) else None
     os.makedirs(args.out, exist_ok=True)
     eval_options = dict(repeats=args.repeats, epochs=args.epochs, model=(args.model or ["ConvNet"])[0])
-    synset = ce.distill(train, method=args.method, ipc=args.ipc, iterations=args.iterations, device=args.device,
+    synset = ce.distill(train, method=args.method, ipc=args.ipc, iterations=args.iterations, device=device,
                         seed=args.seed, test_set=test, eval_every=args.eval_every, eval_options=eval_options,
                         checkpoint=os.path.join(args.out, "checkpoint.pt"), checkpoint_every=args.checkpoint_every,
                         sync_every=args.sync_every,
                         resume=args.resume, log=os.path.join(args.out, "log.jsonl"), progress=not args.quiet,
                         **dict(args.options))
     distill_seconds = time.perf_counter() - began
+    if not lead:
+        return 0
     synset.save(os.path.join(args.out, "synset.pt"))
     grid = synset.save_grid(os.path.join(args.out, "grid.png"))
     print(f"synthetic set: {os.path.join(args.out, 'synset.pt')}  grid: {grid}", flush=True)
     if args.evaluate:
-        reports = _evaluate(args, synset, test, train)
+        reports = _evaluate(args, synset, test, train, device)
         schedule = dict(method=args.method, ipc=args.ipc, iterations=synset.meta["iterations"],
                         options=synset.meta["options"], evaluation=reports[0].recipe)
         report = _report_json(reports, dict(dataset=train.name, seconds=round(time.perf_counter() - began, 1),

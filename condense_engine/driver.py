@@ -9,6 +9,11 @@ Reading a value computed on an accelerator makes the host wait for the device, s
 driver keeps each iteration's stats and finiteness flag on the device and reads them back together
 every `sync_every` iterations (and before every checkpoint, evaluation and the end): the log,
 the progress bar and the guard's report are the same as when reading every iteration.
+
+Under torchrun (torch.distributed initialised with several ranks) a method that supports it
+runs class-sharded (`condense_engine.distributed`): every rank takes the same steps on its own
+classes, rank 0 alone logs, shows progress, evaluates and writes checkpoints, and each of those
+first gathers the whole set onto every rank; the ranks agree on a stop signal where they sync.
 """
 import json
 import math
@@ -21,6 +26,7 @@ from condense_engine import __version__
 from condense_engine.checkpoint import (capture_rng_state, load_checkpoint, restore_rng_state, save_checkpoint,
                                         stop_flag_on_signal)
 from condense_engine.datasets import ClassSampler, ImageDataset, from_tensors, from_torch_dataset
+from condense_engine.distributed import class_shard
 from condense_engine.errors import NonFiniteError, NonFiniteLossError
 from condense_engine.methods import get_method
 from condense_engine.synset import SyntheticSet
@@ -149,6 +155,13 @@ def distill(dataset, method: str = "dm", ipc: int = 10, iterations: int | None =
     algorithm = get_method(method)(dataset.name, ipc, **options)
     if iterations is not None:
         algorithm.options["iterations"] = int(iterations)
+    shard = class_shard(dataset.num_classes)
+    if shard.sharded:
+        if not algorithm.class_sharded:
+            raise ValueError(f"method {algorithm.name!r} cannot run class-sharded across {shard.world} ranks; "
+                             f"run it in one process (dm, m3d and echo can)")
+        algorithm.shard = shard
+    lead = shard.rank == 0  # the rank that logs, evaluates and writes
     total = algorithm.iterations
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     sync_every = sync_every or (1 if device.type == "cpu" else ACCELERATOR_SYNC_EVERY)
@@ -157,7 +170,8 @@ def distill(dataset, method: str = "dm", ipc: int = 10, iterations: int | None =
     generator = torch.Generator().manual_seed(seed)
     sampler = ClassSampler(dataset, device=device, generator=generator)
     config = dict(method=algorithm.name, dataset=dataset.name, ipc=ipc, seed=seed, options=algorithm.options)
-    meta = dict(config, iterations=total, version=__version__, normalization=dict(mean=dataset.mean, std=dataset.std))
+    meta = dict(config, iterations=total, version=__version__, normalization=dict(mean=dataset.mean, std=dataset.std),
+                ranks=shard.world)
     synset = initial_synset(dataset, sampler, ipc, generator, meta)
     synset.images = synset.images.to(device)
     synset.labels = synset.labels.to(device)
@@ -168,13 +182,13 @@ def distill(dataset, method: str = "dm", ipc: int = 10, iterations: int | None =
         start = _restore(checkpoint, config, synset, algorithm, generator)
 
     def write_checkpoint(iteration: int) -> None:
-        if checkpoint:
+        if checkpoint and lead:
             save_checkpoint({"iteration": iteration, "config": config, "images": synset.images.detach().cpu(),
                              "method": algorithm.state_dict(), "rng": capture_rng_state(generators=[generator])},
                             checkpoint)
 
-    logger = _JsonLog(log, append=start > 0)
-    bar = _progress(progress, start, total, algorithm.name)
+    logger = _JsonLog(log if lead else None, append=start > 0)
+    bar = _progress(progress and lead, start, total, algorithm.name)
     last_saved = start if (resume and start) else None
     pending = _PendingIterations()
     began = time.perf_counter()
@@ -217,15 +231,22 @@ def distill(dataset, method: str = "dm", ipc: int = 10, iterations: int | None =
                 except NonFiniteError as err:
                     publish(checked_records())  # an earlier pending iteration may be the first bad one
                     fail(iteration, f"values ({err})")
-                pending.add(iteration, time.perf_counter() - began, stats, torch.isfinite(synset.images).all())
+                pending.add(iteration, time.perf_counter() - began, stats,
+                            shard.all_true(torch.isfinite(synset.images).all()))
                 done = iteration + 1
-                stopping = stop.is_set()
                 evaluate_due = test_set is not None and eval_every > 0 and (done % eval_every == 0 or done == total)
-                checkpoint_due = checkpoint and (done % checkpoint_every == 0 or done == total or stopping)
-                if done % sync_every and done != total and not (evaluate_due or checkpoint_due or stopping):
+                scheduled = checkpoint and (done % checkpoint_every == 0 or done == total)
+                at_sync = done % sync_every == 0 or done == total or evaluate_due or scheduled
+                stopping = stop.is_set()
+                if shard.sharded:  # agree where the ranks wait anyway, so all stop after the same iteration
+                    stopping = at_sync and shard.any_rank(stopping)
+                if not (at_sync or stopping):
                     continue
+                checkpoint_due = checkpoint and (scheduled or stopping)
                 records = checked_records()
-                if evaluate_due:
+                if shard.sharded and (evaluate_due or checkpoint_due):
+                    algorithm.gather(synset)
+                if evaluate_due and lead:
                     report = evaluate_now(synset, test_set, eval_options)
                     records[-1]["eval"] = dict(mean=report.mean, std=report.std, accuracies=report.accuracies)
                 publish(records)
@@ -239,6 +260,8 @@ def distill(dataset, method: str = "dm", ipc: int = 10, iterations: int | None =
         logger.close()
         if bar is not None:
             bar.close()
+    if shard.sharded:
+        algorithm.gather(synset)
     synset.images = synset.images.detach()
     synset.meta["seconds"] = round(time.perf_counter() - began, 3)
     return synset

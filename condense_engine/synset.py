@@ -178,17 +178,27 @@ class SyntheticSet:
                        lr=lr, classes=list(self.classes), zca_state=copy.deepcopy(self.zca_state),
                        meta=copy.deepcopy(self.meta))
 
-    def materialize(self) -> tuple:
+    def materialize(self, classes: tuple | None = None) -> tuple:
         """(images, labels) the evaluation trains on, differentiable w.r.t. `images`.
 
         With factor f > 1 (IDC multi-formation) each stored image is cut into an f×f grid of
         tiles (padded at the bottom/right with mid-grey when the size is not divisible by f), each
         tile is upsampled bilinearly to full size, and its label repeated: stored image i yields
         outputs i·f² … i·f² + f² − 1, tiles in row-major order. With factor 1 they are returned as is.
+        `classes=(first, end)` decodes only those classes' images, for a set stored class by class
+        with the same count per class (as `distill` makes it).
         """
+        images, labels = self.images, self.labels
+        if classes is not None:
+            first, end = classes
+            if len(images) % self.num_classes or not 0 <= first < end <= self.num_classes:
+                raise ValueError(f"classes={classes} needs a set of equal-sized classes stored in class order "
+                                 f"and 0 ≤ first < end ≤ {self.num_classes}")
+            per_class = len(images) // self.num_classes
+            images, labels = images[first * per_class:end * per_class], labels[first * per_class:end * per_class]
         if self.factor == 1:
-            return self.images, self.labels
-        factor, images = self.factor, self.images
+            return images, labels
+        factor = self.factor
         count, channels, height, width = images.shape
         tile_height, tile_width = math.ceil(height / factor), math.ceil(width / factor)
         if (tile_height * factor, tile_width * factor) != (height, width):
@@ -201,7 +211,7 @@ class SyntheticSet:
                  .permute(0, 2, 4, 1, 3, 5)
                  .reshape(count * factor * factor, channels, tile_height, tile_width))
         decoded = F.interpolate(tiles, size=(height, width), mode="bilinear", align_corners=False)
-        return decoded, self.labels.repeat_interleave(factor * factor, dim=0)
+        return decoded, labels.repeat_interleave(factor * factor, dim=0)
 
     def to_dict(self) -> dict:
         """The set as a versioned dict of CPU tensors and plain values (what `save` writes).

@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from condense_engine.cli import main
 
@@ -84,3 +85,20 @@ def test_experts_command_trains_a_buffer(tmp_path):
 
     buffer = load_experts(str(out))
     assert len(buffer) == 1
+
+
+def test_distill_under_torchrun_shards_classes_and_rank_0_writes_the_set(tmp_path):
+    from condense_engine.synset import SyntheticSet
+
+    arguments = ["distill", "--dataset", "default", "--ipc", "1", "--iterations", "3", "--set", "batch_real=4",
+                 "--set", "model='ConvNetW32'", "--quiet", "--device", "cpu"]
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+              "-m", "condense_engine.cli", *arguments, "--out", str(tmp_path / "ranks")]
+    result = subprocess.run(launch, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("synthetic set:") == 1
+    assert main([*arguments, "--out", str(tmp_path / "one")]) == 0
+    sharded = SyntheticSet.load(tmp_path / "ranks" / "synset.pt")
+    assert sharded.meta["ranks"] == 2
+    torch.testing.assert_close(sharded.images, SyntheticSet.load(tmp_path / "one" / "synset.pt").images,
+                               rtol=1e-4, atol=1e-4)

@@ -77,6 +77,17 @@ def test_class_subset_counts_and_random_real():
     assert torch.bincount(real_labels).tolist() == [3, 3, 3, 3]
 
 
+def test_sample_range_is_that_slice_of_the_whole_batch_from_the_same_stream():
+    dataset = indexed_dataset()
+    whole, ranged = ds.ClassSampler(dataset, generator=seeded(4)), ds.ClassSampler(dataset, generator=seeded(4))
+    for _ in range(2):  # the second draw checks that both consumed the generator alike
+        images, labels = whole.sample(2)
+        part, part_labels = ranged.sample_range(2, 1, 3)
+        assert torch.equal(part, images[2:6]) and part_labels.tolist() == [1, 1, 2, 2]
+    with pytest.raises(ValueError, match="class range"):
+        ranged.sample_range(2, 3, 3)
+
+
 def test_too_many_per_class_names_the_class():
     sampler = ds.ClassSampler(indexed_dataset())
     with pytest.raises(ValueError, match=r"cannot draw 4 distinct images from class 1 \('1'\): it has only 3"):

@@ -164,6 +164,18 @@ def test_materialize_factor_two_tiles_upsampled_with_repeated_labels():
     assert torch.allclose(images.grad.sum(), torch.tensor(2 * 4 * 16.0))  # each pixel feeds 4×4 outputs
 
 
+@pytest.mark.parametrize("factor", [1, 2])
+def test_materialize_a_class_range_decodes_only_those_classes(factor):
+    syn = SyntheticSet.from_tensors(torch.randn(6, 1, 4, 4), torch.tensor([0, 0, 1, 1, 2, 2]), mean=MEAN, std=STD,
+                                    factor=factor)
+    images, labels = syn.materialize()
+    part, part_labels = syn.materialize(classes=(1, 3))
+    per_class = 2 * factor * factor
+    assert torch.equal(part, images[per_class:]) and torch.equal(part_labels, labels[per_class:])
+    with pytest.raises(ValueError, match="classes"):
+        syn.materialize(classes=(2, 4))
+
+
 def test_materialize_pads_with_grey_when_size_is_not_divisible():
     mean, std = (0.2,), (0.25,)
     syn = SyntheticSet.from_tensors(torch.full((1, 1, 3, 3), 7.0), torch.tensor([0]), mean=mean, std=std, factor=2)

@@ -94,7 +94,21 @@ class ClassSampler:
         device; every call draws afresh. Raises ValueError if a class has fewer than n images.
         """
         chosen = self._class_list(classes)
+        return self._gather(self._draw_rows(n_per_class, chosen, generator), chosen, n_per_class)
+
+    def sample_range(self, n_per_class: int, first: int, end: int,
+                     generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """sample(n_per_class)'s images and labels of classes first..end-1 only: the draw is the
+        one for all classes (the same random stream as sample), but only this range is gathered
+        (a class-sharded rank's real batch)."""
+        if not 0 <= first < end <= self.num_classes:
+            raise ValueError(f"class range must satisfy 0 ≤ first < end ≤ {self.num_classes}, got {first}..{end}")
+        chosen = torch.arange(self.num_classes)
         rows = self._draw_rows(n_per_class, chosen, generator)
+        return self._gather(rows[first * n_per_class:end * n_per_class], chosen[first:end], n_per_class)
+
+    def _gather(self, rows: torch.Tensor, chosen: torch.Tensor, n_per_class: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(float32 network-space images at `rows`, labels of the `chosen` classes × n each)."""
         if self.images.dtype == torch.uint8:
             images = gather_normalize(self.images, rows, self.mean, self.std, check_bounds=False)
         else:

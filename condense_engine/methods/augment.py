@@ -113,17 +113,26 @@ def siamese_dsa(images: torch.Tensor, per_class: int, seeds, strategy: str) -> t
     return SiameseDSA(seeds, strategy)(images, per_class)
 
 
-def matched_batches(sampler, synset, batch_real: int, strategy: str | None, generator: torch.Generator) -> tuple:
+def matched_batches(sampler, synset, batch_real: int, strategy: str | None, generator: torch.Generator,
+                    classes: tuple | None = None) -> tuple:
     """`batch_real` real images of every class and the synthetic images, both class-ordered,
     after one shared Siamese DSA transform per class (none when `strategy` is None).
 
-    Returns (real, syn, synthetic images per class); `syn` stays differentiable w.r.t. the set.
+    `classes=(first, end)` returns only those classes' images (a class-sharded rank's share),
+    drawn from the same random stream as the whole batch, so each class gets the images and the
+    transform it gets in the whole batch. Returns (real, syn, synthetic images per class); `syn`
+    stays differentiable w.r.t. the set.
     """
-    real, _ = sampler.sample(batch_real)
-    syn, _ = synset.materialize()
-    per_class = syn.shape[0] // synset.num_classes
+    first, end = classes or (0, synset.num_classes)
+    if classes is None:
+        real, _ = sampler.sample(batch_real)
+    else:
+        real, _ = sampler.sample_range(batch_real, first, end)
+    syn, _ = synset.materialize(classes)
+    per_class = syn.shape[0] // (end - first)
     if strategy:
-        transform = SiameseDSA(torch.randint(0, 2**31 - 1, (synset.num_classes,), generator=generator), strategy)
+        seeds = torch.randint(0, 2**31 - 1, (synset.num_classes,), generator=generator)
+        transform = SiameseDSA(seeds[first:end], strategy)
         real = transform(real, batch_real)
         syn = transform(syn, per_class)
     return real, syn, per_class

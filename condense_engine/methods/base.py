@@ -47,6 +47,10 @@ class Method:
     name = "base"
     defaults: dict = {}
     overrides: list = []
+    #: Whether the method runs class-sharded across ranks (`condense_engine.distributed`): the
+    #: driver then sets `shard` before init(), and step() embeds and updates only its classes.
+    class_sharded = False
+    shard = None
 
     def __init__(self, dataset_name: str, ipc: int, **options):
         resolved = dict(self.defaults)
@@ -72,6 +76,11 @@ class Method:
 
     def step(self, synset, iteration: int) -> dict:
         raise NotImplementedError
+
+    def gather(self, synset) -> None:
+        """Class-sharded methods: put every rank's classes of the set (and of any per-pixel
+        optimiser state) onto every rank, before a checkpoint, an evaluation or the end."""
+        raise NotImplementedError(f"method {self.name!r} does not run class-sharded")
 
     def state_dict(self) -> dict:
         """Everything beyond the synthetic set and RNGs that an exact resume needs."""

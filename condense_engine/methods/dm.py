@@ -13,12 +13,14 @@ sampled network.
 All classes (and the bank's nets) go through one forward pass, and the loss is one `ops.mmd`
 call over all classes: exactly equivalent to the published per-class loop for nets without
 BatchNorm; with BatchNorm the batch statistics mix classes, as in the published BN branch.
+Without BatchNorm both methods also run class-sharded under torchrun (`condense_engine.distributed`).
 """
 import torch
 import torch.nn.functional as F
 
 from condense_engine import ops
 from condense_engine.methods.augment import matched_batches
+from condense_engine.distributed import ClassShard
 from condense_engine.methods.base import Method, register
 from condense_engine.models import ConvNetBank, convnet_config
 from condense_engine.models.layers import forward_chunk
@@ -49,14 +51,19 @@ class DM(Method):
         (("cifar10",), range(100, 1251), dict(lr_img=10.0)),  # DM README, IPC 100–1250
     ]
     kernel_options = dict(kernel="linear")
+    class_sharded = True
 
     def init(self, synset, dataset, sampler, generator, device):
         if self.options["precision"] not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {self.options['precision']!r}")
         self.sampler, self.generator, self.device = sampler, generator, device
-        self.num_classes = dataset.num_classes
+        self.shard = self.shard or ClassShard.whole(dataset.num_classes)
+        self.num_classes = self.shard.count  # the classes this process embeds
         self.arch = dict(convnet_config(self.options["model"]), channel=dataset.channels,
                          im_size=dataset.image_size)
+        if self.shard.sharded and self.arch["norm"] == "batchnorm":
+            raise ValueError(f"{self.options['model']} uses BatchNorm, whose batch statistics mix classes: it "
+                             f"cannot run class-sharded; use one process or an instance-norm ConvNet")
         self.strategy = None
         if self.options["dsa"]:
             self.strategy = self.options["dsa_strategy"] or ops.default_strategy(dataset.name)
@@ -105,7 +112,8 @@ class DM(Method):
         """
         per_image = SAVED_PER_SYN_IMAGE * bank.k * bank.config["width"] * syn.shape[2] * syn.shape[3] * 4
         group = forward_chunk(syn.device, per_class * per_image, self.num_classes)
-        if group >= self.num_classes or not bank.images_independent:  # BatchNorm mixes classes: one pass
+        sharded = self.shard is not None and self.shard.sharded  # the constants come from every rank
+        if (group >= self.num_classes and not sharded) or not bank.images_independent:  # BatchNorm: one pass
             loss = self.embed_loss(bank, real, syn, per_class)
             loss.backward()
             return loss.detach()
@@ -129,12 +137,22 @@ class DM(Method):
         if iteration % self.options["model_steps"] == 0 or self.bank is None:
             self.bank = ConvNetBank(self.options["nets"], generator=self.generator, **self.arch).to_device(self.device)
             self.bank.requires_grad_(False)
+        classes = (self.shard.first, self.shard.end) if self.shard.sharded else None
         real, syn, per_class = matched_batches(self.sampler, synset, self.options["batch_real"], self.strategy,
-                                               self.generator)
+                                               self.generator, classes)
         self.optimizer.zero_grad(set_to_none=True)
         loss = self.backward_loss(self.bank, real, syn, per_class)
         self.optimizer.step()
-        return {"loss": loss}
+        return {"loss": self.shard.sum(loss)}
+
+    def gather(self, synset) -> None:
+        """Every rank's classes of the stored images and their momentum, onto every rank (a
+        sharded rank updates only its own)."""
+        per_class = len(synset.images) // self.shard.num_classes
+        self.shard.gather_classes(synset.images, per_class)
+        for state in self.optimizer.state.values():
+            if state.get("momentum_buffer") is not None:
+                self.shard.gather_classes(state["momentum_buffer"], per_class)
 
     def state_dict(self):
         return {"optimizer": self.optimizer.state_dict()}
@@ -195,23 +213,30 @@ class M3D(DM):
     def group_constants(self, real_feats: torch.Tensor) -> dict:
         """The normalising weight and the data-scaled bandwidths of all classes' (k, n, d) features."""
         by_class = real_feats.reshape(real_feats.shape[0] * self.num_classes, -1, real_feats.shape[-1])
+        class_mean = self.shard.class_mean if self.shard is not None else torch.mean
+        sq_distance = class_mean(reference_mmd.class_sq_distances(by_class))
         fixed = {}
         if self.options["kernel"] == "gaussian" and self.options["sigmas"] is None:
-            fixed["sigmas"] = reference_mmd.default_sigmas(by_class)
+            fixed["sigmas"] = reference_mmd.sigmas_from_sq_distance(sq_distance)
         if self.options["normalize"]:
-            fixed["weight"] = self.first_order_weight(by_class, fixed.get("sigmas"))
+            fixed["weight"] = self.first_order_weight(by_class, fixed.get("sigmas"), sq_distance, class_mean)
         return fixed
 
-    def first_order_weight(self, real_feats: torch.Tensor, sigmas: torch.Tensor | None = None) -> torch.Tensor:
+    def first_order_weight(self, real_feats: torch.Tensor, sigmas: torch.Tensor | None = None,
+                           sq_distance: torch.Tensor | None = None, class_mean=torch.mean) -> torch.Tensor:
         """w in MMD²_kernel ≈ w·‖mean real − mean syn‖² + higher orders, at the real data's scale
-        (`sigmas`: the Gaussian bandwidths when already computed, else from the option)."""
+        (`sigmas` and `sq_distance`: the Gaussian bandwidths and the mean squared distance of two
+        real features when already computed; `class_mean` averages per-class values, across
+        ranks when class-sharded)."""
         feats = real_feats.detach().float()
         if self.options["kernel"] == "poly":
             degree, gamma = self.options["degree"], reference_mmd.default_gamma(feats.shape[-1])
-            typical_inner = feats.mean(-2).pow(2).sum(-1).mean()
+            typical_inner = class_mean(feats.mean(-2).pow(2).sum(-1))
             return degree * gamma * (gamma * typical_inner + 1.0).pow(degree - 1)
         variance = (sigma_tensor(self.options["sigmas"], feats) if sigmas is None else sigmas).pow(2)
-        return (torch.exp(-reference_mmd.mean_sq_distance(feats) / (2.0 * variance)) / variance).mean()
+        if sq_distance is None:
+            sq_distance = reference_mmd.mean_sq_distance(feats)
+        return (torch.exp(-sq_distance / (2.0 * variance)) / variance).mean()
 
 
 def multi_formation_init(synset, sampler, factor: int, ipc: int) -> None:

@@ -27,16 +27,26 @@ def default_sigmas(x: torch.Tensor) -> torch.Tensor:
     feature scale of the embedding network is unknown. Computed from `x` only and detached,
     so the loss's bandwidth does not move with the synthetic features it is optimising.
     """
-    return mean_sq_distance(x).clamp_min(1e-12).sqrt() * _sigma_factors(x.device)
+    return sigmas_from_sq_distance(mean_sq_distance(x))
+
+
+def sigmas_from_sq_distance(sq_distance: torch.Tensor) -> torch.Tensor:
+    """default_sigmas given σ₀² (the mean squared distance of two real features of a class)."""
+    return sq_distance.clamp_min(1e-12).sqrt() * _sigma_factors(sq_distance.device)
 
 
 def mean_sq_distance(x: torch.Tensor) -> torch.Tensor:
     """Mean squared distance between two features of a class ((N, d) or (C, N, d)), averaged
     over classes, detached: 2·(mean‖a‖² − ‖mean a‖²) per class, O(N·d)."""
+    return class_sq_distances(x).mean()
+
+
+def class_sq_distances(x: torch.Tensor) -> torch.Tensor:
+    """mean_sq_distance of each class of (N, d) or (C, N, d) features, shape (C,), detached."""
     feats = x.detach().float()
     if feats.dim() == 2:
         feats = feats.unsqueeze(0)
-    return (2.0 * (feats.pow(2).sum(-1).mean(-1) - feats.mean(1).pow(2).sum(-1))).mean()
+    return 2.0 * (feats.pow(2).sum(-1).mean(-1) - feats.mean(1).pow(2).sum(-1))
 
 
 @functools.lru_cache(maxsize=16)

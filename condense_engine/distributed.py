@@ -1,0 +1,146 @@
+"""Class-sharded distillation across processes (`torchrun`): each rank owns a slice of the classes.
+
+Distribution matching's loss is a sum over classes and each class's gradient reaches only its
+own synthetic images, so the classes split across ranks with no per-iteration exchange of
+images or gradients. Every rank runs the same random stream (same seed: the same real-batch
+draws, DSA seeds and random networks as a single process), embeds only its classes and updates
+only their images; the summed loss, the finiteness flag and, for M3D, the few statistics that
+come from all classes are all-reduced as device tensors (no host sync). The images (and their
+optimiser state) are gathered when a checkpoint, an evaluation or the end needs the whole set,
+so a checkpoint has the single-process format and resumes under any number of ranks.
+"""
+import dataclasses
+import datetime
+import os
+
+import torch
+import torch.distributed as dist
+
+#: How long a rank waits in a collective (torchrun launches) before giving up.
+COLLECTIVE_TIMEOUT_HOURS = 2
+
+
+@dataclasses.dataclass(frozen=True)
+class ClassShard:
+    """Classes first..end-1 of num_classes belong to this rank (rank of world)."""
+    rank: int
+    world: int
+    first: int
+    end: int
+    num_classes: int
+
+    @classmethod
+    def whole(cls, num_classes: int) -> "ClassShard":
+        """One process owning every class."""
+        return cls(rank=0, world=1, first=0, end=num_classes, num_classes=num_classes)
+
+    @property
+    def sharded(self) -> bool:
+        return self.world > 1
+
+    @property
+    def count(self) -> int:
+        return self.end - self.first
+
+    def bounds(self, rank: int) -> tuple:
+        """(first, end) of `rank`'s classes: contiguous, sizes differing by at most one."""
+        base, extra = divmod(self.num_classes, self.world)
+        first = rank * base + min(rank, extra)
+        return first, first + base + (rank < extra)
+
+    def class_mean(self, per_class: torch.Tensor) -> torch.Tensor:
+        """The mean over all classes of per-class values (this rank's classes, last dim or
+        rows: any shape whose size is a multiple of count), all-reduced across ranks."""
+        if not self.sharded:
+            return per_class.mean()
+        return self.sum(per_class.sum()) / (per_class.numel() // self.count * self.num_classes)
+
+    def sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        """`tensor` summed over ranks (itself when not sharded); differentiable only unsharded."""
+        if not self.sharded:
+            return tensor
+        total = tensor.detach().clone()
+        dist.all_reduce(total, op=dist.ReduceOp.SUM)
+        return total
+
+    def all_true(self, flag: torch.Tensor) -> torch.Tensor:
+        """A 0-d bool tensor: `flag` holds on every rank."""
+        if not self.sharded:
+            return flag
+        value = flag.to(torch.int32).reshape(1)
+        dist.all_reduce(value, op=dist.ReduceOp.MIN)
+        return value[0].bool()
+
+    def any_rank(self, flag: bool) -> bool:
+        """A host flag that is true on some rank (a sync: call where the host waits anyway)."""
+        if not self.sharded:
+            return flag
+        value = torch.tensor([int(flag)], device=_collective_device())
+        dist.all_reduce(value, op=dist.ReduceOp.MAX)
+        return bool(value.item())
+
+    def gather_classes(self, tensor: torch.Tensor, per_class: int) -> None:
+        """Fill `tensor`'s class-ordered rows (per_class per class) of every rank's classes from
+        that rank, in place, so each rank holds the whole tensor."""
+        if not self.sharded:
+            return
+        rows = tensor.detach()
+        size = max(self.bounds(r)[1] - self.bounds(r)[0] for r in range(self.world)) * per_class
+        padded = rows.new_zeros((size, *rows.shape[1:]))
+        padded[:self.count * per_class] = rows[self.first * per_class:self.end * per_class]
+        parts = [torch.empty_like(padded) for _ in range(self.world)]
+        dist.all_gather(parts, padded.contiguous())
+        with torch.no_grad():
+            for rank, part in enumerate(parts):
+                first, end = self.bounds(rank)
+                rows[first * per_class:end * per_class] = part[:(end - first) * per_class]
+
+
+def class_shard(num_classes: int) -> ClassShard:
+    """This process's share of the classes: all of them unless torch.distributed is initialised
+    with more than one rank. ValueError when there are more ranks than classes."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return ClassShard.whole(num_classes)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    if world > num_classes:
+        raise ValueError(f"{world} ranks but only {num_classes} classes: class sharding needs at most one rank "
+                         f"per class")
+    first, end = ClassShard(rank, world, 0, 0, num_classes).bounds(rank)
+    return ClassShard(rank=rank, world=world, first=first, end=end, num_classes=num_classes)
+
+
+def launched_by_torchrun() -> bool:
+    """True when the environment names a multi-process launch (WORLD_SIZE > 1, as torchrun sets)."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def init_from_env(device: str | None) -> torch.device:
+    """Join the process group torchrun describes (NCCL on GPUs, else Gloo); this rank's device.
+
+    The timeout is long because the other ranks wait in their next collective while rank 0
+    evaluates (--eval-every), which can take many minutes on a large set."""
+    use_cuda = (device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if use_cuda else "gloo", timeout=datetime.timedelta(hours=COLLECTIVE_TIMEOUT_HOURS))
+    return torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
+
+
+def rank() -> int:
+    """This process's rank (0 outside a process group)."""
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def leave() -> None:
+    """Leave the process group init_from_env joined."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def _collective_device() -> torch.device:
+    """Where a host flag must live for the process group's backend."""
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")

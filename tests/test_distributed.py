@@ -1,0 +1,146 @@
+"""Class-sharded DM/M3D across processes (Gloo on the CPU) equals the one-process run.
+
+Each test spawns `world` processes that join a process group and call ce.distill exactly as a
+torchrun launch would; every rank saves what it got, and the test compares with one process.
+"""
+import datetime
+import json
+import os
+import signal
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import condense_engine as ce
+from condense_engine.distributed import ClassShard
+from condense_engine.methods.dm import DM
+from condense_engine.models import ConvNetBank
+from tests.toy_data import FAST, toy_dataset
+
+RUN = dict(ipc=2, iterations=4, seed=0, device="cpu", progress=False)
+
+
+def _count_embedded(monkeypatch_setattr) -> list:
+    """Make ConvNetBank.embed count the images it embeds; returns the growing count ([n])."""
+    count, embed = [0], ConvNetBank.embed
+
+    def counted(self, x):
+        count[0] += len(x)
+        return embed(self, x)
+    monkeypatch_setattr(ConvNetBank, "embed", counted)
+    return count
+
+
+def _rank_main(rank: int, world: int, folder: str, calls: list) -> None:
+    """One rank: join the group, run each (distill kwargs) call, save the set (and how many
+    images this rank embedded) or the error."""
+    torch.set_num_threads(1)
+    embedded = _count_embedded(lambda owner, name, value: setattr(owner, name, value))
+    dist.init_process_group("gloo", init_method=f"file://{folder}/store", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=60))  # a rank left waiting fails the test
+    try:
+        for index, kwargs in enumerate(calls):
+            kwargs = dict(kwargs)
+            data = toy_dataset(classes=kwargs.pop("classes", 3))
+            if kwargs.pop("sigterm_rank", None) == rank:
+                _sigterm_after(kwargs.pop("sigterm_after"))
+            kwargs.pop("sigterm_after", None)
+            for key in ("checkpoint", "log"):
+                if key in kwargs:
+                    kwargs[key] = os.path.join(folder, kwargs[key])
+            try:
+                embedded[0] = 0
+                synset = ce.distill(data, **kwargs)
+                torch.save(dict(images=synset.images, embedded=embedded[0]),
+                           os.path.join(folder, f"images-{index}-{rank}.pt"))
+            except (ValueError, KeyboardInterrupt) as err:
+                with open(os.path.join(folder, f"error-{index}-{rank}.txt"), "w", encoding="utf-8") as f:
+                    f.write(str(err))
+    finally:
+        dist.destroy_process_group()
+
+
+def _sigterm_after(steps: int) -> None:
+    """This process sends itself SIGTERM after its `steps`-th DM step (as a cluster would)."""
+    step, calls = DM.step, []
+
+    def counted(self, synset, iteration):
+        out = step(self, synset, iteration)
+        calls.append(iteration)
+        if len(calls) == steps:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return out
+    DM.step = counted
+
+
+def _run_ranks(world: int, folder, calls: list) -> None:
+    mp.spawn(_rank_main, args=(world, str(folder), calls), nprocs=world, join=True)
+
+
+def _losses(path) -> list:
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line)["loss"] for line in f]
+
+
+@pytest.mark.parametrize("world, method, options", [
+    (2, "dm", {}),
+    (2, "m3d", {}),
+    (3, "m3d", dict(kernel="poly", factor=1, classes=5)),
+])
+def test_sharded_run_gives_every_rank_the_one_process_set_and_log(tmp_path, world, method, options, monkeypatch):
+    call = dict(RUN, method=method, log="log.jsonl", **FAST, **options)
+    _run_ranks(world, tmp_path, [call])
+    single = dict(call, log=str(tmp_path / "single.jsonl"))
+    embedded = _count_embedded(monkeypatch.setattr)
+    expected = ce.distill(toy_dataset(classes=single.pop("classes", 3)), **single).images
+    shares = []
+    for rank in range(world):
+        got = torch.load(tmp_path / f"images-0-{rank}.pt")
+        torch.testing.assert_close(got["images"], expected, rtol=1e-4, atol=1e-4)
+        shares.append(got["embedded"])
+    assert sum(shares) == embedded[0] and max(shares) < embedded[0]  # each rank embeds only its classes
+    assert not torch.equal(expected, ce.distill(toy_dataset(classes=options.get("classes", 3)),
+                                                **dict(single, iterations=0, log=None)).images)
+    # rank 0 alone writes the log (two writers would double its lines), with the summed loss
+    torch.testing.assert_close(_losses(tmp_path / "log.jsonl"), _losses(tmp_path / "single.jsonl"), rtol=1e-4, atol=0)
+
+
+def test_a_sharded_checkpoint_extends_in_one_process(tmp_path):
+    """Rank 0 writes the one-process checkpoint format: two ranks run 3 iterations, one
+    process resumes it to 6, and the set is the 6-iteration one-process set."""
+    call = dict(RUN, method="m3d", iterations=3, checkpoint="checkpoint.pt", **FAST)
+    _run_ranks(2, tmp_path, [call])
+    resumed = ce.distill(toy_dataset(), **dict(call, iterations=6, checkpoint=str(tmp_path / "checkpoint.pt"),
+                                               resume=True))
+    straight = ce.distill(toy_dataset(), **dict(call, iterations=6, checkpoint=None))
+    torch.testing.assert_close(resumed.images, straight.images, rtol=1e-4, atol=1e-4)
+
+
+def test_a_signal_to_one_rank_stops_all_after_the_same_iteration_with_a_resumable_checkpoint(tmp_path):
+    call = dict(RUN, method="dm", iterations=6, checkpoint="checkpoint.pt", **FAST)
+    _run_ranks(2, tmp_path, [dict(call, sigterm_rank=1, sigterm_after=2)])
+    for rank in range(2):
+        assert "stopped by signal after iteration 2" in (tmp_path / f"error-0-{rank}.txt").read_text()
+    resumed = ce.distill(toy_dataset(), **dict(call, checkpoint=str(tmp_path / "checkpoint.pt"), resume=True))
+    straight = ce.distill(toy_dataset(), **dict(call, checkpoint=None))
+    torch.testing.assert_close(resumed.images, straight.images, rtol=1e-4, atol=1e-4)
+
+
+def test_methods_and_models_that_cannot_shard_are_refused_on_every_rank(tmp_path):
+    calls = [dict(RUN, method="dc", **FAST), dict(RUN, method="dm", **dict(FAST, model="ConvNetBN"))]
+    _run_ranks(2, tmp_path, calls)
+    for rank in range(2):
+        assert "cannot run class-sharded" in (tmp_path / f"error-0-{rank}.txt").read_text()
+        assert "BatchNorm" in (tmp_path / f"error-1-{rank}.txt").read_text()
+
+
+@pytest.mark.parametrize("classes, world", [(10, 3), (200, 8), (5, 5)])
+def test_shards_cover_every_class_once_with_sizes_within_one(classes, world):
+    shard = ClassShard(rank=0, world=world, first=0, end=0, num_classes=classes)
+    bounds = [shard.bounds(rank) for rank in range(world)]
+    assert bounds[0][0] == 0 and bounds[-1][1] == classes
+    assert all(end == next_first for (_, end), (next_first, _) in zip(bounds, bounds[1:]))
+    sizes = [end - first for first, end in bounds]
+    assert max(sizes) - min(sizes) <= 1 and min(sizes) >= 1
