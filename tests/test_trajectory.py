@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from condense_engine.models import FunctionalConvNet
-from condense_engine.ops import trajectory_match
+from condense_engine.ops import trajectory_match, unroll
 from condense_engine.ops.trajectory import dsa_augment, schedule
 
 DOUBLE = torch.float64
@@ -227,3 +227,58 @@ def test_unavailable_backend_is_refused():
     net, images, labels, lr, start, target = _problem()
     with pytest.raises(RuntimeError, match="triton"):
         trajectory_match(images, labels, lr, start, target, net, steps=1, batch_size=4, backend="triton")
+
+
+def _unroll_problem(soft=False):
+    """_problem's student with DD's loss: cross-entropy of the last parameters on a real batch,
+    after cycling two fixed batches three times at one lr per step."""
+    net, images, labels, _, start, _ = _problem(soft=soft)
+    generator = torch.Generator().manual_seed(11)
+    real = torch.randn(12, 3, 8, 8, generator=generator, dtype=DOUBLE)
+    real_labels = torch.randint(0, 4, (12,), generator=generator)
+    batches = [torch.tensor([0, 2, 4, 6]), torch.tensor([1, 3, 5, 7])] * 3
+    lrs = 0.05 + 0.01 * torch.rand(len(batches), generator=generator, dtype=DOUBLE)
+    terminal = lambda params: F.cross_entropy(net.forward(real, params), real_labels)  # noqa: E731
+    return net, images, labels, lrs, start, batches, terminal
+
+
+@pytest.mark.parametrize("soft", [False, True], ids=["hard", "soft"])
+def test_unroll_exact_equals_unrolled_for_any_terminal_loss_and_per_step_lrs(soft):
+    net, images, labels, lrs, start, batches, terminal = _unroll_problem(soft)
+    exact = unroll(images, labels, lrs, start, net, batches, terminal, memory="exact")
+    unrolled = unroll(images, labels, lrs, start, net, batches, terminal, memory="unrolled")
+    assert exact.grad_lr.shape == lrs.shape
+    torch.testing.assert_close(exact.loss, unrolled.loss, rtol=1e-12, atol=0)
+    torch.testing.assert_close(exact.grad_images, unrolled.grad_images, rtol=1e-9, atol=1e-14)
+    torch.testing.assert_close(exact.grad_lr, unrolled.grad_lr, rtol=1e-9, atol=1e-14)
+    if soft:
+        torch.testing.assert_close(exact.grad_labels, unrolled.grad_labels, rtol=1e-9, atol=1e-14)
+
+
+def test_unroll_per_step_lr_gradient_matches_finite_differences():
+    net, images, labels, lrs, start, batches, terminal = _unroll_problem()
+    result = unroll(images, labels, lrs, start, net, batches, terminal, memory="exact")
+    step, h = 3, 1e-6
+    bump = torch.zeros_like(lrs)
+    bump[step] = h
+    up = unroll(images, labels, lrs + bump, start, net, batches, terminal).loss
+    down = unroll(images, labels, lrs - bump, start, net, batches, terminal).loss
+    torch.testing.assert_close(result.grad_lr[step], (up - down) / (2 * h), rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(lrs=torch.full((5,), 0.1, dtype=DOUBLE)), "one float per step"),
+    (dict(batches=[torch.tensor([0, 8])]), "outside"),
+    (dict(batches=[]), "batches"),
+    (dict(terminal=3.0), "terminal"),
+    (dict(memory="tesla"), "tesla"),
+])
+def test_unroll_refuses_bad_inputs_by_name(change, message):
+    net, images, labels, lrs, start, batches, terminal = _unroll_problem()
+    arguments = dict(lrs=lrs, batches=batches, terminal=terminal, memory="exact")
+    arguments.update(change)
+    if "batches" in change and "lrs" not in change:
+        arguments["lrs"] = torch.tensor(0.05, dtype=DOUBLE)
+    with pytest.raises(ValueError, match=message):
+        unroll(images, labels, arguments["lrs"], start, net, arguments["batches"], arguments["terminal"],
+               memory=arguments["memory"])

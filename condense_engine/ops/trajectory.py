@@ -43,37 +43,16 @@ def trajectory_match(images, labels, lr, start, target, model, *, steps, batch_s
     Values are checked (finite lr, start ≠ target) only on CPU: on a GPU a bad value gives a
     non-finite loss instead of a host sync on every call.
     """
-    if not isinstance(images, torch.Tensor) or images.dim() != 4 or not images.is_floating_point():
-        raise ValueError(f"images must be a float (N, C, H, W) tensor, got {_describe(images)}")
-    count = images.shape[0]
-    if count < 1:
-        raise ValueError("images must hold at least one image")
-    _check_labels(labels, count, images)
-    if not isinstance(start, torch.Tensor) or start.dim() != 1 or not start.is_floating_point():
-        raise ValueError(f"start must be a float flat parameter vector (P,), got {_describe(start)}")
+    count = _check_student(images, labels, start, model)
     if not isinstance(target, torch.Tensor) or target.shape != start.shape or target.dtype != start.dtype:
         raise ValueError(f"target must match start ({start.dtype} {tuple(start.shape)}), got {_describe(target)}")
-    expected = getattr(model, "num_params", None)
-    if not callable(getattr(model, "forward", None)):
-        raise ValueError(f"model must expose forward(x, flat_params), got {type(model).__name__}")
-    if expected is not None and start.numel() != expected:
-        raise ValueError(f"start has {start.numel()} values but model has {expected} parameters")
-    for name, tensor in (("start", start), ("target", target)):
-        if tensor.device != images.device:
-            raise ValueError(f"{name} is on {tensor.device} but images are on {images.device}")
-    if images.dtype != start.dtype:
-        raise ValueError(f"images ({images.dtype}) and start ({start.dtype}) must share a dtype")
+    if target.device != images.device:
+        raise ValueError(f"target is on {target.device} but images are on {images.device}")
     lr = _check_lr(lr, start)
     for name, value in (("steps", steps), ("batch_size", batch_size)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be a positive int, got {value!r}")
-    if memory not in MEMORY_MODES:
-        raise ValueError(f"memory must be one of {MEMORY_MODES}, got {memory!r}")
-    if augment is not None and not callable(augment):
-        raise ValueError(f"augment must be None or a callable (x, step_seed), "
-                         f"got {type(augment).__name__}")
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise ValueError(f"seed must be an int, got {seed!r}")
+    _check_modes(memory, augment, seed)
     if start.device.type == "cpu" and not bool((start != target).any()):
         raise ValueError("start and target are identical: the normalised loss ‖θ − target‖²/‖start − target‖² "
                          "is undefined")
@@ -95,6 +74,77 @@ def _check_labels(labels, count: int, images: torch.Tensor) -> None:
         raise ValueError(f"soft labels ({labels.dtype}) and images ({images.dtype}) must share a dtype")
     if labels.device != images.device:
         raise ValueError(f"labels are on {labels.device} but images are on {images.device}")
+
+
+def unroll(images, labels, lr, start, model, batches, terminal, *, memory="exact", augment=None, seed=0,
+           backend=None) -> TrajectoryResult:
+    """Any loss of a student after SGD steps on the synthetic set, with its exact gradients.
+
+    One step per entry of `batches` (int64 row indices into `images`) from `start`, step k at
+    lr[k] (`lr`: one float per step, or a 0-dim tensor or float for all); the loss is
+    `terminal(θ_last)` (a differentiable function of the flat parameters to a 0-dim tensor; DD:
+    the cross-entropy on a real batch). `augment(x, step_seed)` gets one seed per step drawn from
+    `seed`. Returns the loss with grad_images, grad_lr (shaped like `lr`) and grad_labels for
+    soft labels that require grad; "exact" memory keeps one step's activations whatever the
+    number of steps, "unrolled" is plain autograd ("tesla" applies to trajectory_match only).
+    """
+    count = _check_student(images, labels, start, model)
+    if not isinstance(batches, (list, tuple)) or not batches:
+        raise ValueError(f"batches must be a non-empty list of index tensors, got {_describe(batches)}")
+    for batch in batches:
+        if not isinstance(batch, torch.Tensor) or batch.dtype != torch.int64 or batch.dim() != 1 or not len(batch):
+            raise ValueError(f"batches must hold non-empty 1-D int64 index tensors, got {_describe(batch)}")
+        if batch.device.type == "cpu" and (int(batch.min()) < 0 or int(batch.max()) >= count):
+            raise ValueError(f"batches index rows outside the {count} images")
+    if isinstance(lr, torch.Tensor) and lr.dim() == 1:
+        if len(lr) != len(batches) or not lr.is_floating_point():
+            raise ValueError(f"lr must hold one float per step ({len(batches)}), got {_describe(lr)}")
+        if lr.device.type == "cpu" and not bool(torch.isfinite(lr.detach()).all()):
+            raise ValueError("lr must be finite")
+        lr = lr.detach().to(device=start.device, dtype=start.dtype)
+    else:
+        lr = _check_lr(lr, start)
+    if not callable(terminal):
+        raise ValueError(f"terminal must be a callable (flat_params) -> loss, got {type(terminal).__name__}")
+    if memory == "tesla":
+        raise ValueError("memory='tesla' is trajectory matching's approximation; unroll takes 'exact' or 'unrolled'")
+    _check_modes(memory, augment, seed)
+    choose("unroll", backend, images.device, ("torch",))
+    step_seeds = torch.randint(0, 2**31 - 1, (len(batches),), generator=torch.Generator().manual_seed(seed)).tolist()
+    return reference.unroll(images, labels, lr, start, model, list(batches), step_seeds, terminal, memory=memory,
+                            augment=augment)
+
+
+def _check_student(images, labels, start, model) -> int:
+    """ValueErrors for the synthetic images, labels, start parameters and model; the image count."""
+    if not isinstance(images, torch.Tensor) or images.dim() != 4 or not images.is_floating_point():
+        raise ValueError(f"images must be a float (N, C, H, W) tensor, got {_describe(images)}")
+    count = images.shape[0]
+    if count < 1:
+        raise ValueError("images must hold at least one image")
+    _check_labels(labels, count, images)
+    if not isinstance(start, torch.Tensor) or start.dim() != 1 or not start.is_floating_point():
+        raise ValueError(f"start must be a float flat parameter vector (P,), got {_describe(start)}")
+    expected = getattr(model, "num_params", None)
+    if not callable(getattr(model, "forward", None)):
+        raise ValueError(f"model must expose forward(x, flat_params), got {type(model).__name__}")
+    if expected is not None and start.numel() != expected:
+        raise ValueError(f"start has {start.numel()} values but model has {expected} parameters")
+    if start.device != images.device:
+        raise ValueError(f"start is on {start.device} but images are on {images.device}")
+    if images.dtype != start.dtype:
+        raise ValueError(f"images ({images.dtype}) and start ({start.dtype}) must share a dtype")
+    return count
+
+
+def _check_modes(memory, augment, seed) -> None:
+    if memory not in MEMORY_MODES:
+        raise ValueError(f"memory must be one of {MEMORY_MODES}, got {memory!r}")
+    if augment is not None and not callable(augment):
+        raise ValueError(f"augment must be None or a callable (x, step_seed), "
+                         f"got {type(augment).__name__}")
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ValueError(f"seed must be an int, got {seed!r}")
 
 
 def _check_lr(lr, start: torch.Tensor) -> torch.Tensor:

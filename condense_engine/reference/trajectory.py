@@ -21,6 +21,10 @@ L = ‖θ_N − θ*‖² / ‖θ_0 − θ*‖². Three ways to get dL/dx, dL/dα
 The minibatch order (a random permutation, consumed in chunks of `batch_size` and redrawn when
 used up, as in MTT) and one augmentation seed per step are drawn from `seed` before any step runs,
 so every mode sees identical batches and identical augmentations.
+
+`unroll` is the same machinery for any loss L = terminal(θ_N) and one lr per step (DD: the
+cross-entropy of θ_N on real data): the adjoint starts at a_N = ∇terminal(θ_N), and dL/dα_k =
+−g_k·a_{k+1}.
 """
 from dataclasses import dataclass
 
@@ -72,50 +76,63 @@ def trajectory_match(images, labels, lr, start, target, model, *, steps, batch_s
                      memory="unrolled", augment=None, seed=0) -> TrajectoryResult:
     """Trajectory-matching loss and gradients (inputs already validated by ops.trajectory_match)."""
     batches, step_seeds = schedule(images.shape[0], steps, batch_size, seed)
+    start, target = start.detach(), target.detach()
+    initial_distance = (start - target).pow(2).sum()
+    return unroll(images, labels, lr, start, model, batches, step_seeds,
+                  lambda params: (params - target).pow(2).sum() / initial_distance, memory=memory, augment=augment)
+
+
+def unroll(images, labels, lr, start, model, batches, step_seeds, terminal, *, memory="unrolled",
+           augment=None) -> TrajectoryResult:
+    """L = terminal(θ_N) after one SGD step per batch (row indices into `images`) from `start`;
+    `lr` is 0-dim (one lr for all steps) or holds one lr per step, and grad_lr has its shape.
+    "tesla" needs a 0-dim lr. Inputs are validated by the ops layer."""
     device = images.device
     batches = [batch.to(device) for batch in batches]
     want_labels = labels.is_floating_point() and labels.requires_grad
-    start, target = start.detach(), target.detach()
-    initial_distance = (start - target).pow(2).sum()
-    inputs = (images.detach(), labels.detach(), lr.detach(), start, target, initial_distance, model,
-              batches, step_seeds, augment, want_labels)
+    inputs = (images.detach(), labels.detach(), lr.detach(), start.detach(), terminal, model, batches, step_seeds,
+              augment, want_labels)
     if memory == "unrolled":
         return _unrolled(*inputs)
     return _adjoint(*inputs, exact=memory == "exact")
 
 
-def _unrolled(images, labels, lr, start, target, initial_distance, model, batches, step_seeds, augment,
-              want_labels):
+def _lr_at(lr: torch.Tensor, step: int) -> torch.Tensor:
+    return lr if lr.dim() == 0 else lr[step]
+
+
+def _unrolled(images, labels, lr, start, terminal, model, batches, step_seeds, augment, want_labels):
     """Autograd through every step (the published MTT computation)."""
     with torch.enable_grad():
         images = images.requires_grad_(True)
         lr = lr.requires_grad_(True)
         labels = labels.requires_grad_(want_labels)
         params = start.clone().requires_grad_(True)
-        for batch, step_seed in zip(batches, step_seeds):
+        for step, (batch, step_seed) in enumerate(zip(batches, step_seeds)):
             grad = _step_gradient(model, images[batch], labels[batch], params, augment, step_seed, True)
-            params = params - lr * grad
-        loss = (params - target).pow(2).sum() / initial_distance
+            params = params - _lr_at(lr, step) * grad
+        loss = terminal(params)
         inputs = [images, lr] + ([labels] if want_labels else [])
         grads = torch.autograd.grad(loss, inputs)
     return TrajectoryResult(loss.detach(), grads[0], grads[1], grads[2] if want_labels else None)
 
 
-def _adjoint(images, labels, lr, start, target, initial_distance, model, batches, step_seeds, augment,
-             want_labels, exact):
+def _adjoint(images, labels, lr, start, terminal, model, batches, step_seeds, augment, want_labels, exact):
     """The "exact" (`exact=True`) and "tesla" modes: a graph-free forward, then one step's graph at a time."""
     visited = []             # θ_0 … θ_{N−1}: the only per-step state kept
     gradient_sum = torch.zeros_like(start)
     params = start
     with torch.enable_grad():
-        for batch, step_seed in zip(batches, step_seeds):
+        for step, (batch, step_seed) in enumerate(zip(batches, step_seeds)):
             visited.append(params)
             leaf = params.detach().requires_grad_(True)
             grad = _step_gradient(model, images[batch], labels[batch], leaf, augment, step_seed, False)
             gradient_sum += grad
-            params = params - lr * grad
-    loss = (params - target).pow(2).sum() / initial_distance
-    adjoint = 2.0 * (params - target) / initial_distance      # a_N = dL/dθ_N
+            params = params - _lr_at(lr, step) * grad
+        final = params.detach().requires_grad_(True)
+        loss = terminal(final)
+        adjoint = torch.autograd.grad(loss, final)[0]          # a_N = dL/dθ_N
+    loss = loss.detach()
     grad_lr = torch.zeros_like(lr) if exact else -(gradient_sum * adjoint).sum()
     grad_images = torch.zeros_like(images)
     grad_labels = torch.zeros_like(labels) if want_labels else None
@@ -123,12 +140,17 @@ def _adjoint(images, labels, lr, start, target, initial_distance, model, batches
         batch = batches[k]
         step_grad, products = _vector_products(model, images[batch], labels[batch], visited[k], augment,
                                                step_seeds[k], adjoint, want_labels, exact)
-        grad_images.index_add_(0, batch, -lr * products[0])
+        step_lr = _lr_at(lr, k)
+        grad_images.index_add_(0, batch, -step_lr * products[0])
         if want_labels:
-            grad_labels.index_add_(0, batch, -lr * products[1])
+            grad_labels.index_add_(0, batch, -step_lr * products[1])
         if exact:
-            grad_lr = grad_lr - (step_grad * adjoint).sum()
-            adjoint = adjoint - lr * products[-1]          # a_k = a_{k+1} − α·H_k a_{k+1}
+            step_lr_grad = -(step_grad * adjoint).sum()
+            if lr.dim() == 0:
+                grad_lr = grad_lr + step_lr_grad
+            else:
+                grad_lr[k] = step_lr_grad
+            adjoint = adjoint - step_lr * products[-1]     # a_k = a_{k+1} − α_k·H_k a_{k+1}
     return TrajectoryResult(loss, grad_images, grad_lr, grad_labels)
 
 
