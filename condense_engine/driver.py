@@ -264,6 +264,7 @@ def distill(dataset, method: str = "dm", ipc: int = 10, iterations: int | None =
             bar.close()
     if shard.sharded:
         algorithm.gather(synset)
+    algorithm.finish(synset)
     synset.images = synset.images.detach()
     synset.meta["seconds"] = round(time.perf_counter() - began, 3)
     return synset

@@ -82,6 +82,10 @@ class Method:
         optimiser state) onto every rank, before a checkpoint, an evaluation or the end."""
         raise NotImplementedError(f"method {self.name!r} does not run class-sharded")
 
+    def finish(self, synset) -> None:
+        """Called once at the end of a run: put anything learned beside the images (e.g. step
+        sizes) into the set."""
+
     def state_dict(self) -> dict:
         """Everything beyond the synthetic set and RNGs that an exact resume needs."""
         return {}

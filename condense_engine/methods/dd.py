@@ -1,0 +1,136 @@
+"""DD: the original dataset distillation by unrolled training (Wang et al. 2018; methods.md §2).
+
+The set is split into S batches (`distill_steps`, each holding ipc/S images of every class). Each
+iteration initialises fresh networks, trains them for T = S·`distill_epochs` plain SGD steps on
+the batches in turn, step t at its own learned step size η_t, and takes the cross-entropy of the
+trained network on a real batch as the loss; Adam (betas 0.5, 0.999) moves the pixels and the
+step sizes (stored as softplus⁻¹(η) like the published code) down its gradient. The published
+code walks the steps back with Hessian-vector products; `ops.unroll` does exactly that
+(memory="exact": one step's activations whatever T is), or autograd through the unroll.
+
+Deviations, all data: the student is a ConvNet of the engine's family (published: LeNet on
+MNIST, AlexCifarNet on CIFAR-10), the real batch is class-balanced (published: a shuffled
+loader batch), and "400 epochs over the loader, lr ×0.5 every 40" are written as iterations for
+each data set's size at batch 1024. The learned step sizes go into the set's meta ("step_lrs").
+"""
+import math
+
+import torch
+import torch.nn.functional as F
+
+from condense_engine import ops
+from condense_engine.methods.base import Method, register
+from condense_engine.models import FunctionalConvNet, convnet_config
+
+INITS = ("noise", "real")
+MEMORY = ("exact", "unrolled")
+
+
+def _passes(images: int, passes: int = 400, every: int = 40, batch: int = 1024) -> dict:
+    """`iterations` and `decay_every` for `passes` loader passes over `images` at `batch`."""
+    per_pass = -(-images // batch)
+    return dict(iterations=passes * per_pass, decay_every=every * per_pass)
+
+
+@register("dd")
+class DD(Method):
+    defaults = dict(
+        **_passes(60000),   # MNIST / Fashion-MNIST: 400 passes of 59 batches = 23 600 iterations
+        distill_steps=None,  # S, the batches the set is split into (published 10; None: min(10, ipc))
+        distill_epochs=3,   # passes over the S batches per unroll (published 3)
+        distill_lr=0.02,    # initial step size of every step (published default)
+        lr_img=0.01,        # Adam lr on the pixels and the raw step sizes
+        decay=0.5,          # StepLR factor every decay_every iterations
+        batch_real=1024,    # real images per iteration for the loss (split evenly over classes)
+        nets=1,             # fresh networks per iteration, gradients averaged (published code: 1)
+        model="ConvNet",
+        init="noise",       # "noise": N(0, 1) pixels as published; "real": the driver's real images
+        memory="exact",     # ops.unroll memory mode
+    )
+    overrides = [
+        (("cifar10", "cifar100"), None, dict(**_passes(50000), distill_lr=0.001)),  # README: 0.001 on CIFAR-10
+        (("svhn",), None, _passes(73257)),
+        (("tinyimagenet",), None, _passes(100000)),
+    ]
+
+    def init(self, synset, dataset, sampler, generator, device):
+        steps = self.options["distill_steps"] or min(10, self.ipc)
+        if self.ipc % steps:
+            raise ValueError(f"distill_steps={steps} must divide ipc={self.ipc}: each step's batch holds the same "
+                             f"number of images of every class")
+        if self.options["init"] not in INITS or self.options["memory"] not in MEMORY:
+            raise ValueError(f"init must be one of {INITS} and memory one of {MEMORY}, got "
+                             f"{self.options['init']!r} and {self.options['memory']!r}")
+        per_step = self.options["batch_real"] // dataset.num_classes
+        if per_step < 1:
+            raise ValueError(f"batch_real={self.options['batch_real']} gives no real image per class "
+                             f"({dataset.num_classes} classes)")
+        self.sampler, self.generator, self.device = sampler, generator, device
+        self.real_per_class = per_step
+        self.student = FunctionalConvNet(dataset.channels, dataset.num_classes, im_size=dataset.image_size,
+                                         **convnet_config(self.options["model"]))
+        self.batches = self.step_batches(dataset.num_classes, self.ipc, steps, device) * self.options["distill_epochs"]
+        if self.options["init"] == "noise":
+            synset.images = torch.randn(synset.images.shape, generator=generator).to(device)
+        synset.images.requires_grad_(True)
+        raw = math.log(math.expm1(float(self.options["distill_lr"])))  # softplus(raw) = distill_lr
+        self.raw_lrs = torch.full((len(self.batches),), raw, device=device, requires_grad=True)
+        self.optimizer = torch.optim.Adam([synset.images, self.raw_lrs], lr=self.options["lr_img"],
+                                          betas=(0.5, 0.999))
+
+    @staticmethod
+    def step_batches(classes: int, ipc: int, steps: int, device) -> list:
+        """S index batches of a class-ordered set: batch s holds images s·m … (s+1)·m − 1 of
+        every class (m = ipc / S)."""
+        per_step = ipc // steps
+        rows = torch.arange(classes * ipc).view(classes, steps, per_step)
+        return [rows[:, s].reshape(-1).to(device) for s in range(steps)]
+
+    def fresh_params(self) -> torch.Tensor:
+        """A freshly initialised student as published: Xavier-normal weights (gain 1), zero
+        biases, unit norm scales; drawn from the method's generator."""
+        pieces = []
+        for name, shape in zip(self.student.names, self.student.shapes):
+            if len(shape) > 1:
+                fan_in = shape[1] * (torch.Size(shape[2:]).numel())
+                fan_out = shape[0] * (torch.Size(shape[2:]).numel())
+                std = (2.0 / (fan_in + fan_out)) ** 0.5
+                pieces.append(torch.randn(shape, generator=self.generator) * std)
+            elif name.endswith("bias"):
+                pieces.append(torch.zeros(shape))
+            else:
+                pieces.append(torch.ones(shape))
+        return torch.cat([p.reshape(-1) for p in pieces]).to(self.device)
+
+    def step(self, synset, iteration):
+        for group in self.optimizer.param_groups:  # StepLR as a function of the iteration: resume-exact
+            group["lr"] = self.options["lr_img"] * self.options["decay"] ** (iteration // self.options["decay_every"])
+        real, real_labels = self.sampler.sample(self.real_per_class)
+        lrs = F.softplus(self.raw_lrs.detach())
+        grad_images = torch.zeros_like(synset.images)
+        grad_lrs = torch.zeros_like(lrs)
+        loss = torch.zeros((), device=self.device)
+        nets = self.options["nets"]
+        for _ in range(nets):
+            result = ops.unroll(synset.images.detach(), synset.labels, lrs, self.fresh_params(), self.student,
+                                self.batches, lambda params: F.cross_entropy(self.student.forward(real, params),
+                                                                             real_labels),
+                                memory=self.options["memory"])
+            grad_images += result.grad_images / nets
+            grad_lrs += result.grad_lr / nets
+            loss += result.loss / nets
+        synset.images.grad = grad_images
+        self.raw_lrs.grad = grad_lrs * torch.sigmoid(self.raw_lrs.detach())  # d softplus(raw) / d raw
+        self.optimizer.step()
+        return {"loss": loss, "lr_mean": lrs.mean()}
+
+    def finish(self, synset):
+        synset.meta["step_lrs"] = F.softplus(self.raw_lrs.detach()).cpu().tolist()
+
+    def state_dict(self):
+        return {"optimizer": self.optimizer.state_dict(), "raw_lrs": self.raw_lrs.detach().cpu()}
+
+    def load_state_dict(self, state):
+        self.optimizer.load_state_dict(state["optimizer"])
+        with torch.no_grad():
+            self.raw_lrs.copy_(state["raw_lrs"].to(self.raw_lrs.device))
