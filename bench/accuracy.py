@@ -57,6 +57,9 @@ PUBLISHED = {
         "cifar10": {1: (28.3, 0.5), 10: (44.9, 0.5), 50: (53.9, 0.5)},
         "cifar100": {1: (12.8, 0.3), 10: (25.2, 0.3)},
         "tinyimagenet": {1: (5.3, 0.1), 10: (12.9, 0.1)}}),
+    "dd": ("methods.md §2: CIFAR-10 via AutoPalette table (2nd); MNIST unverified (U)", {
+        "mnist": {10: (79.5, 8.1)},
+        "cifar10": {10: (36.8, 1.2)}}),
     "dsa": ("methods.md §4, 2nd: KIP table, DATM T1, DANCE T1", {
         "mnist": {1: (88.7, 0.6), 10: (97.8, 0.1), 50: (99.2, 0.1)},
         "fashion-mnist": {1: (70.6, 0.6), 10: (84.6, 0.3), 50: (88.7, 0.2)},
@@ -104,6 +107,8 @@ FULL_DATA = {"mnist": "99.6 (U)", "fashion-mnist": "93.5±0.1", "cifar10": "84.8
 PUBLISHED_RECIPES = {
     "random": "random real subset evaluated like DC/DSA: ConvNet-3, SGD lr 0.01",
     "dc": "ConvNet-3, SGD lr 0.01, 300 epochs DC-augmentation (1000 on MNIST), 5 sets × 20 models",
+    "dd": "random-init DD as quoted by DC: LeNet/AlexCifarNet trained with the learned step schedule, "
+          "not the DC protocol",
     "dsa": "ConvNet-3, SGD lr 0.01, 1000 epochs with DSA, batch 256, 5 sets × 20 models",
     "dm": "ConvNet-3, SGD lr 0.01, 1000 epochs with DSA, batch 256, 5 sets × 20 models "
           "(README commands: 5 × 5)",
