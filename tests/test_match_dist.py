@@ -100,13 +100,14 @@ def test_reference_closed_forms():
     assert float(reference.match_dist([weight], [2 * weight])) == pytest.approx(float(expected), abs=1e-6)
 
 
-def test_reference_mse_and_cos_use_every_parameter():
+def test_reference_mse_l1_and_cos_use_every_parameter():
     real, syn = _grads([(3, 4), (3,)], seed=5)
     flat_real = torch.cat([g.reshape(-1) for g in real])
     flat_syn = torch.cat([g.reshape(-1) for g in syn])
     mse = ops.match_dist(real, syn, metric="mse")
     cos = ops.match_dist(real, syn, metric="cos")
     torch.testing.assert_close(mse, (flat_syn - flat_real).pow(2).sum())
+    torch.testing.assert_close(ops.match_dist(real, syn, metric="l1"), (flat_syn - flat_real).abs().sum())
     cosine = (flat_real @ flat_syn) / (flat_real.norm() * flat_syn.norm() + 1e-6)
     torch.testing.assert_close(cos, 1 - cosine)
     per_class = [_grads([(3, 4), (3,)], seed=s) for s in (6, 7)]
@@ -148,7 +149,7 @@ def test_bad_input():
     with pytest.raises(ValueError, match=r"grads_real\[0\] must be float32"):
         ops.match_dist([torch.ones(3, 4, dtype=torch.int64), real[1]], syn)
     with pytest.raises(ValueError, match="metric"):
-        ops.match_dist(real, syn, metric="l1")
+        ops.match_dist(real, syn, metric="l2")
     with pytest.raises(ValueError, match="class dimension"):
         ops.match_dist([torch.ones(2, 3, 4), torch.ones(3, 4)], [torch.ones(2, 3, 4), torch.ones(3, 4)],
                        batched=True)

@@ -20,7 +20,8 @@ def match_dist(grads_real, grads_syn, *, metric: str = "ours", batched: bool = F
 
     metric "ours" (published default): per parameter with ≥ 2 dims, reshape to (out, -1) and sum
     1 − cos over the rows (1e-6 added to the norm product); 1-D parameters contribute nothing.
-    "mse": Σ (syn − real)²; "cos": 1 − cos of all gradients concatenated (1-D ones included).
+    "mse": Σ (syn − real)²; "l1": Σ |syn − real|; "cos": 1 − cos of all gradients concatenated
+    (1-D ones included).
     `batched`: each tensor has a leading class dimension C and the per-class distances are
     summed. Differentiable w.r.t. both lists (normally `grads_syn`, built with create_graph).
     Empty lists, or only 1-D parameters under "ours", give 0 (a constant).
