@@ -136,3 +136,27 @@ def matched_batches(sampler, synset, batch_real: int, strategy: str | None, gene
         real = transform(real, batch_real)
         syn = transform(syn, per_class)
     return real, syn, per_class
+
+
+
+def cutmix(images: torch.Tensor, labels: torch.Tensor, beta: float, generator: torch.Generator) -> tuple:
+    """CutMix (Yun et al. 2019) as IDC trains with it: a box of area ≈ (1 − λ), λ ~ Beta(β, β),
+    cut from a shuffled copy of the batch is pasted at the same place into every image.
+
+    Returns (mixed images, the pasted images' labels, the kept fraction λ recomputed from the
+    clipped box); the loss is λ·CE(labels) + (1 − λ)·CE(pasted labels). Randomness comes from
+    the CPU `generator` only.
+    """
+    height, width = images.shape[-2:]
+    draws = np.random.default_rng(int(torch.randint(0, 2**62, (), generator=generator)))
+    lam = float(draws.beta(beta, beta))
+    cut = (1.0 - lam) ** 0.5
+    box_h, box_w = int(height * cut), int(width * cut)
+    center_y, center_x = int(draws.integers(height)), int(draws.integers(width))
+    top, bottom = max(center_y - box_h // 2, 0), min(center_y + box_h // 2, height)
+    left, right = max(center_x - box_w // 2, 0), min(center_x + box_w // 2, width)
+    order = torch.randperm(len(images), generator=generator).to(images.device)
+    mixed = images.clone()
+    mixed[..., top:bottom, left:right] = images[order][..., top:bottom, left:right]
+    kept = 1.0 - (bottom - top) * (right - left) / (height * width)
+    return mixed, labels[order], kept
