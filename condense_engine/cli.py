@@ -35,7 +35,9 @@ def _add_eval_args(parser, *, epochs: int, repeats: int) -> None:
     group.add_argument("--repeats", type=int, default=repeats, help=f"fresh models per architecture ({repeats})")
     group.add_argument("--epochs", type=int, default=epochs, help=f"training epochs per model ({epochs})")
     group.add_argument("--eval-lr", type=float, default=None, help="lr (default: the set's learned lr, else 0.01)")
-    group.add_argument("--eval-batch", type=int, default=256, help="training batch size (256)")
+    group.add_argument("--eval-batch", type=int, default=None, help="training batch size (the recipe's: 256, IDC 64)")
+    group.add_argument("--recipe", choices=("dc", "idc"), default="dc",
+                       help="dc: the standard protocol; idc: IDC's (batch 64, multistep lr, CutMix)")
     group.add_argument("--no-dsa", action="store_true", help="train without DSA augmentation")
     group.add_argument("--baseline", action="store_true",
                        help="also train on random real images of the same IPC (needs the train split)")
@@ -108,7 +110,8 @@ def _evaluate(args, synset, test_set, train_set, device=None):
     for model in args.model or ["ConvNet"]:
         report = evaluate(synset, test_set, model=model, repeats=args.repeats, epochs=args.epochs,
                           lr=args.eval_lr, batch_size=args.eval_batch, dsa=not args.no_dsa, seed=args.seed,
-                          baseline=args.baseline, train_set=train_set, device=device or args.device)
+                          baseline=args.baseline, train_set=train_set, device=device or args.device,
+                          recipe=args.recipe)
         print(report, flush=True)
         reports.append(report)
     return reports
@@ -142,7 +145,8 @@ def _distill(args, device, lead: bool) -> int:
     train = _load(args.dataset, args.root, "train")
     test = _load(args.dataset, args.root, "test") if (args.evaluate or args.eval_every) else None
     os.makedirs(args.out, exist_ok=True)
-    eval_options = dict(repeats=args.repeats, epochs=args.epochs, model=(args.model or ["ConvNet"])[0])
+    eval_options = dict(repeats=args.repeats, epochs=args.epochs, model=(args.model or ["ConvNet"])[0],
+                        recipe=args.recipe)
     synset = ce.distill(train, method=args.method, ipc=args.ipc, iterations=args.iterations, device=device,
                         seed=args.seed, test_set=test, eval_every=args.eval_every, eval_options=eval_options,
                         checkpoint=os.path.join(args.out, "checkpoint.pt"), checkpoint_every=args.checkpoint_every,

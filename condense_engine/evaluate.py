@@ -6,6 +6,10 @@ optimiser is re-created, which resets momentum, as published), per-sample DSA on
 batch, accuracy after the last epoch; mean ± std over `repeats`. `baseline=True` also trains on
 random real subsets of the same size under the same recipe, the number a synthetic set must beat.
 
+`recipe="idc"` is IDC's evaluation instead (methods.md §9.4): batch 64, lr ×0.2 at 2/3 and 5/6
+of the epochs (momentum kept), DSA colour/crop/flip/scale/rotate (no flip on MNIST and SVHN, no
+cutout since CutMix replaces it) and CutMix (β = 1) on half the batches. It runs the loop.
+
 The repeats train together as one vmapped model (evaluate_batched.py) on an accelerator when the
 model allows it, else one after another; both give the same weights up to float rounding.
 """
@@ -18,7 +22,13 @@ from condense_engine import models
 from condense_engine.models.layers import ACTIVATION_CHANNELS, forward_chunk
 from condense_engine.datasets import ClassSampler, ImageDataset
 from condense_engine.evaluate_batched import train_and_test_batched, unbatchable_reason
+from condense_engine.methods.augment import cutmix
 from condense_engine.ops.dsa import DSAParams, default_strategy, dsa
+
+RECIPES = ("dc", "idc")
+#: IDC's evaluation: (epoch fraction, lr factor) milestones, CutMix probability and β, batch.
+IDC_MILESTONES = ((2 / 3, 0.2), (5 / 6, 0.2))
+IDC_CUTMIX_PROB, IDC_CUTMIX_BETA, IDC_BATCH = 0.5, 1.0, 64
 
 
 @dataclass
@@ -56,16 +66,21 @@ class EvalReport:
 
 def train_and_test(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor,
                    test_set: ImageDataset, *, epochs: int, lr: float, batch_size: int,
-                   strategy: str | None, generator: torch.Generator) -> tuple[float, float]:
-    """Train `model` on (images, labels) with the published recipe; return (test acc, last loss)."""
+                   strategy: str | None, generator: torch.Generator, recipe: str = "dc") -> tuple[float, float]:
+    """Train `model` on (images, labels) with the published recipe ("dc", or IDC's "idc"; see
+    the module docstring); return (test acc, last loss)."""
     device = images.device
     lr_now = float(lr)
     optimizer = torch.optim.SGD(model.parameters(), lr=lr_now, momentum=0.9, weight_decay=5e-4)
     decay_at = epochs // 2
+    milestones = {int(epochs * fraction): factor for fraction, factor in IDC_MILESTONES}
     loss = torch.tensor(float("nan"))
     model.train()
     for epoch in range(epochs):
-        if epoch == decay_at and epoch > 0:
+        if recipe == "idc" and epoch in milestones and epoch > 0:
+            for group in optimizer.param_groups:
+                group["lr"] *= milestones[epoch]
+        elif recipe == "dc" and epoch == decay_at and epoch > 0:
             lr_now *= 0.1
             optimizer = torch.optim.SGD(model.parameters(), lr=lr_now, momentum=0.9, weight_decay=5e-4)
         order = torch.randperm(len(images), generator=generator).to(device)
@@ -76,7 +91,12 @@ def train_and_test(model: torch.nn.Module, images: torch.Tensor, labels: torch.T
                 params = DSAParams.sample(len(batch), strategy, size=tuple(batch.shape[2:]), siamese=False,
                                           generator=generator, device=device)
                 batch = dsa(batch, params)
-            loss = F.cross_entropy(model(batch), labels[index])
+            if recipe == "idc" and float(torch.rand((), generator=generator)) < IDC_CUTMIX_PROB:
+                batch, pasted, kept = cutmix(batch, labels[index], IDC_CUTMIX_BETA, generator)
+                logits = model(batch)
+                loss = kept * F.cross_entropy(logits, labels[index]) + (1 - kept) * F.cross_entropy(logits, pasted)
+            else:
+                loss = F.cross_entropy(model(batch), labels[index])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -128,10 +148,23 @@ def fresh_models(model: str, repeats: int, seed: int, channel: int, num_classes:
 CPU_LOOP_REASON = "on CPU the loop is faster than the vmapped model; batched=True forces batching"
 
 
-def _loop_reason(batched: bool | None, model: str, nets: list, images: torch.Tensor) -> str | None:
+def _default_eval_strategy(dataset: str, recipe: str) -> str:
+    """The data set's published DSA strategy; IDC's evaluation: no cutout, no flip on digits."""
+    if recipe != "idc":
+        return default_strategy(dataset)
+    key = dataset.lower().replace("-", "").replace("_", "")
+    return "color_crop_scale_rotate" if key in ("mnist", "svhn") else "color_crop_flip_scale_rotate"
+
+
+def _loop_reason(batched: bool | None, model: str, nets: list, images: torch.Tensor,
+                 recipe: str = "dc") -> str | None:
     """Why the repeats train one after another, or None to train them together (see evaluate)."""
     if batched is False:
         return "batched=False"
+    if recipe == "idc":
+        if batched:
+            raise ValueError("batched=True, but the idc recipe (CutMix, multistep lr) runs the loop")
+        return "the idc recipe (CutMix, multistep lr) runs the loop"
     reason = unbatchable_reason(model, nets, images)
     if batched and reason is not None:
         raise ValueError(f"batched=True, but the repeats cannot be batched: {reason}")
@@ -141,7 +174,7 @@ def _loop_reason(batched: bool | None, model: str, nets: list, images: torch.Ten
 
 
 def _train_repeats(images, labels, test_set, *, model, repeats, epochs, lr, batch_size, strategy,
-                   seed, channel, num_classes, im_size, batched, draw=None) -> tuple[list, list, dict]:
+                   seed, channel, num_classes, im_size, batched, recipe="dc", draw=None) -> tuple[list, list, dict]:
     """Train `repeats` fresh models, repeat r seeded by seed·1000 + r. Return their accuracies,
     last losses and the path taken: {"path": "batched"} or {"path": "loop", "loop_reason": ...}.
 
@@ -152,9 +185,9 @@ def _train_repeats(images, labels, test_set, *, model, repeats, epochs, lr, batc
     sets = [draw(g) if draw is not None else (images, labels) for g in generators]
     nets = fresh_models(model, repeats, seed, channel, num_classes, im_size, images.device)
     train = dict(test_set=test_set, epochs=epochs, lr=lr, batch_size=batch_size, strategy=strategy)
-    reason = _loop_reason(batched, model, nets, images)
+    reason = _loop_reason(batched, model, nets, images, recipe)
     if reason is not None:
-        results = [train_and_test(net, *pair, **train, generator=g)
+        results = [train_and_test(net, *pair, **train, generator=g, recipe=recipe)
                    for net, pair, g in zip(nets, sets, generators)]
         accs, losses = (list(column) for column in zip(*results))
         return accs, losses, dict(path="loop", loop_reason=reason)
@@ -170,17 +203,24 @@ def _train_repeats(images, labels, test_set, *, model, repeats, epochs, lr, batc
 
 
 def evaluate(synset, test_set: ImageDataset, model: str = "ConvNet", repeats: int = 5,
-             epochs: int = 1000, lr: float | None = None, batch_size: int = 256, dsa: bool = True,
+             epochs: int = 1000, lr: float | None = None, batch_size: int | None = None, dsa: bool = True,
              seed: int = 0, *, baseline: bool = False, train_set: ImageDataset | None = None,
-             dsa_strategy: str | None = None, device=None, batched: bool | None = None) -> EvalReport:
+             dsa_strategy: str | None = None, device=None, batched: bool | None = None,
+             recipe: str = "dc") -> EvalReport:
     """Train `repeats` fresh `model`s on `synset` and report their test accuracy (SPEC §6).
 
+    `recipe` "dc" is the standard protocol, "idc" IDC's (see the module docstring); batch_size
+    None is the recipe's (256 or 64).
     `lr=None` takes the set's learned lr when it has one, else 0.01. `baseline=True` needs
     `train_set` and adds the random-real baseline of the same images per class. `batched=True`
     trains the repeats together as one vmapped model (ValueError if the model does not allow
     it), False one after another, None batched when the model allows it and the device is not
     the CPU (where the loop is faster). `recipe["path"]` says which ran, and why when it looped.
     """
+    if recipe not in RECIPES:
+        raise ValueError(f"recipe must be one of {RECIPES}, got {recipe!r}")
+    if batch_size is None:
+        batch_size = IDC_BATCH if recipe == "idc" else 256
     if repeats < 1 or epochs < 1 or batch_size < 1:
         raise ValueError(f"repeats, epochs and batch_size must be ≥ 1, got {repeats}, {epochs}, {batch_size}")
     if baseline and train_set is None:
@@ -195,20 +235,21 @@ def evaluate(synset, test_set: ImageDataset, model: str = "ConvNet", repeats: in
         raise ValueError("the synthetic set holds non-finite pixels")
     if lr is None:
         lr = float(synset.lr) if synset.lr is not None else 0.01
-    strategy = (dsa_strategy or default_strategy(test_set.name)) if dsa else None
-    recipe = dict(model=model, repeats=repeats, epochs=epochs, lr=lr, batch_size=batch_size,
-                  dsa_strategy=strategy, optimizer="SGD(momentum=0.9, weight_decay=5e-4)",
-                  schedule="lr x0.1 at epochs//2", seed=seed)
+    strategy = (dsa_strategy or _default_eval_strategy(test_set.name, recipe)) if dsa else None
+    schedule = "lr x0.2 at 2/3 and 5/6 of the epochs; CutMix p 0.5" if recipe == "idc" else "lr x0.1 at epochs//2"
+    described = dict(model=model, repeats=repeats, epochs=epochs, lr=lr, batch_size=batch_size,
+                     dsa_strategy=strategy, optimizer="SGD(momentum=0.9, weight_decay=5e-4)",
+                     schedule=schedule, seed=seed, recipe=recipe)
     shape = dict(channel=test_set.channels, num_classes=test_set.num_classes, im_size=test_set.image_size)
     run = dict(model=model, repeats=repeats, epochs=epochs, lr=lr, batch_size=batch_size,
-               strategy=strategy, seed=seed, batched=batched, **shape)
+               strategy=strategy, seed=seed, batched=batched, recipe=recipe, **shape)
     accs, losses, path = _train_repeats(images, labels, test_set, **run)
-    recipe.update(path)
-    report = EvalReport(model, accs, recipe, losses=losses)
+    described.update(path)
+    report = EvalReport(model, accs, described, losses=losses)
     if baseline:
         ipc = int(synset.ipc)
         sampler = ClassSampler(train_set, device=device)
-        base_recipe = dict(recipe, lr=0.01, images_per_class=ipc)
+        base_recipe = dict(described, lr=0.01, images_per_class=ipc)
         accs, losses, path = _train_repeats(images, labels, test_set, **dict(run, lr=0.01),
                                             draw=lambda g: sampler.random_real(ipc, g))
         report.baseline = EvalReport(model, accs, dict(base_recipe, **path), losses=losses)

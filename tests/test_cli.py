@@ -40,8 +40,11 @@ def test_distill_evaluate_show_round_trip(tmp_path, capsys):
     assert main(["show", str(out / "synset.pt"), "--out", str(tmp_path / "g.png")]) == 0
     assert os.path.getsize(tmp_path / "g.png") > 0
     assert main(["evaluate", str(out / "synset.pt"), "--model", "ConvNetW32", "--epochs", "1",
-                 "--repeats", "1", "--out", str(tmp_path / "e.json"), "--device", "cpu"]) == 0
-    assert "accuracy_mean" in json.loads((tmp_path / "e.json").read_text())
+                 "--repeats", "1", "--out", str(tmp_path / "e.json"), "--device", "cpu", "--recipe", "idc"]) == 0
+    evaluated = json.loads((tmp_path / "e.json").read_text())
+    assert "accuracy_mean" in evaluated
+    assert evaluated["evaluations"][0]["recipe"]["recipe"] == "idc"
+    assert evaluated["evaluations"][0]["recipe"]["batch_size"] == 64
 
 
 def test_resume_with_more_iterations_extends_a_finished_run(tmp_path):

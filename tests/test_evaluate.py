@@ -64,6 +64,36 @@ def test_uses_learned_lr_and_decays_at_half(monkeypatch):
     assert all(s[1:] == (0.9, 5e-4) for s in seen)
 
 
+def test_idc_recipe_keeps_momentum_and_decays_at_two_thirds_and_five_sixths(monkeypatch):
+    steps = []
+    original = torch.optim.SGD
+
+    class RecordingSGD(original):
+        def step(self, closure=None):
+            steps.append(self.param_groups[0]["lr"])
+            return super().step(closure)
+
+    monkeypatch.setattr(torch.optim, "SGD", RecordingSGD)
+    train, test = _separable(2), _separable(3, seed=1)
+    report = ce.evaluate(_synset(train), test, model="ConvNetW32", repeats=1, epochs=6, recipe="idc")
+    assert steps == pytest.approx([0.01] * 4 + [0.002, 0.0004])  # one optimiser: 6 images, batch 64
+    assert report.recipe["batch_size"] == 64 and report.recipe["recipe"] == "idc"
+    assert report.recipe["dsa_strategy"] == "color_crop_flip_scale_rotate" and "CutMix" in report.recipe["schedule"]
+
+
+def test_idc_recipe_learns_with_cutmix_repeats_exactly_and_refuses_batching():
+    train, test = _separable(4), _separable(30, seed=1)
+    runs = [ce.evaluate(_synset(train), test, model="ConvNetW32", repeats=1, epochs=40, dsa=False, recipe="idc",
+                        seed=2) for _ in range(2)]
+    assert runs[0].accuracies == runs[1].accuracies and runs[0].mean > 0.9
+    assert runs[0].losses != ce.evaluate(_synset(train), test, model="ConvNetW32", repeats=1, epochs=40, dsa=False,
+                                         seed=2).losses
+    with pytest.raises(ValueError, match="idc recipe"):
+        ce.evaluate(_synset(train), test, model="ConvNetW32", repeats=1, epochs=1, recipe="idc", batched=True)
+    with pytest.raises(ValueError, match="recipe"):
+        ce.evaluate(_synset(train), test, model="ConvNetW32", repeats=1, epochs=1, recipe="kip")
+
+
 def test_seeded_runs_repeat_exactly():
     train, test = _separable(3), _separable(5, seed=1)
     a = ce.evaluate(_synset(train), test, model="ConvNetW32", repeats=1, epochs=3, seed=4, device="cpu")
