@@ -157,7 +157,8 @@ def test_stop_signal_reads_back_and_resume_is_bit_identical(tmp_path):
 @pytest.mark.parametrize("method,options", [
     ("dm", FAST), ("m3d", FAST), ("dsa", dict(outer_loop=2, inner_loop=1, batch_real=8, model="ConvNetW32")),
     ("dd", dict(batch_real=24, model="ConvNetW32", distill_steps=2, distill_epochs=2, decay_every=3)),
-    ("idc", dict(inner_steps=1, batch_real=4, real_per_epoch=12, batch_net=6, model="ConvNetW32"))])
+    ("idc", dict(inner_steps=1, batch_real=4, real_per_epoch=12, batch_net=6, model="ConvNetW32")),
+    ("dq", dict(bins=2, batch_net=16, model="ConvNetW32"))])
 def test_a_finished_shorter_run_extends_to_the_longer_run(method, options, tmp_path):
     """No step reads the total, so resuming a 2-iteration run's final checkpoint with
     iterations=4 must give the 4-iteration run bit for bit."""
