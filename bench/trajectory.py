@@ -10,14 +10,19 @@ from its conv/linear layers (2·MACs per image); per student step the unrolled m
 forwards (forward 1, backward 2, backward of the backward ≈ 6; reference/ecosystem.md), the
 exact and tesla modes ≈ 12 (the graph-free step, then a recomputed step and its double backward):
 about 4/3 of the unrolled work for memory that does not grow with the steps.
+
+`ops.unroll` is timed the same way on DD's shapes (IPC 10 split into S = 10 batches, 3 epochs:
+30 steps at their own step sizes, the cross-entropy on a 1024-image real batch as the loss; the
+terminal forward and backward add ≈ 3·1024 forwards), "unrolled" vs "exact".
 """
 import argparse
 
 import torch
+import torch.nn.functional as F
 
 from bench.common import Rows, device_peaks, measure, print_table, row
 from condense_engine.models import FunctionalConvNet
-from condense_engine.ops import trajectory_match
+from condense_engine.ops import trajectory_match, unroll
 from condense_engine.ops.trajectory import dsa_augment
 
 MODES = ("unrolled", "exact", "tesla")
@@ -70,6 +75,41 @@ def run(quick: bool, device: torch.device, rows: list) -> list:
     return rows
 
 
+def run_unroll(quick: bool, device: torch.device, rows: list) -> list:
+    """Append one row per (steps, mode) of `ops.unroll` on DD's shapes to `rows`."""
+    if quick:
+        classes, size, width, depth, ipc, real_batch, epochs_list = 4, 8, 16, 2, 2, 16, (1, 2)
+    else:
+        classes, size, width, depth, ipc, real_batch, epochs_list = 10, 32, 128, 3, 10, 1024, (3, 6)
+    net = FunctionalConvNet(3, classes, width=width, depth=depth, im_size=(size, size))
+    generator = torch.Generator().manual_seed(1)
+    start = net.init_params(0, device=device)
+    images = torch.randn(classes * ipc, 3, size, size, generator=generator).to(device)
+    labels = torch.arange(classes, device=device).repeat_interleave(ipc)
+    real = torch.randn(real_batch, 3, size, size, generator=generator).to(device)
+    real_labels = torch.arange(real_batch, device=device) % classes
+    rows_per_step = torch.arange(classes * ipc, device=device).view(classes, ipc)
+    batches = [rows_per_step[:, s] for s in range(ipc)]  # S = ipc batches of one image per class
+
+    def terminal(params):
+        return F.cross_entropy(net.forward(real, params), real_labels)
+
+    peaks = device_peaks(device)
+    for epochs in epochs_list:
+        steps = epochs * len(batches)
+        lrs = torch.full((steps,), 0.02, device=device)
+        for memory in ("unrolled", "exact"):
+            def iteration():
+                unroll(images, labels, lrs, start, net, batches * epochs, terminal, memory=memory)
+            ms, memory_mb, failure = measure(iteration, device, warmup=1, reps=3)
+            flops = (FORWARDS_PER_STEP[memory] * steps * classes + 3 * real_batch) * forward_flops(net, size)
+            note = f"DD: {classes} classes {size}px ConvNet w{width} d{depth}, real batch {real_batch}, no DSA"
+            rows.append(row("trajectory", f"unroll_dd_ipc{ipc}_steps{steps}_{memory}", "ours", ms, flops=flops,
+                            peak_mem_mb=memory_mb, peaks=peaks, note=f"{note}; {failure}" if failure else note))
+            print(f"{rows[-1]['case']}: {ms} ms, {memory_mb} MB", flush=True)
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny CPU shapes (smoke test, < 60 s)")
@@ -81,6 +121,7 @@ def main() -> None:
     torch.backends.cudnn.benchmark = device.type == "cuda"  # restored for the benches run after
     try:
         run(args.quick, device, rows)
+        run_unroll(args.quick, device, rows)
     finally:
         torch.backends.cudnn.benchmark = benchmark_setting
     print_table(rows)
