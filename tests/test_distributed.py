@@ -47,6 +47,9 @@ def _rank_main(rank: int, world: int, folder: str, calls: list) -> None:
             if kwargs.pop("sigterm_rank", None) == rank:
                 _sigterm_after(kwargs.pop("sigterm_after"))
             kwargs.pop("sigterm_after", None)
+            if kwargs.pop("nan_rank", None) == rank:
+                _poison_after(kwargs.pop("nan_after"))
+            kwargs.pop("nan_after", None)
             for key in ("checkpoint", "log"):
                 if key in kwargs:
                     kwargs[key] = os.path.join(folder, kwargs[key])
@@ -73,6 +76,21 @@ def _sigterm_after(steps: int) -> None:
             os.kill(os.getpid(), signal.SIGTERM)
         return out
     DM.step = counted
+
+
+def _poison_after(steps: int) -> None:
+    """This process's synthetic pixels turn NaN after its `steps`-th DM step (a divergence that
+    only one rank's classes see)."""
+    step, calls = DM.step, []
+
+    def poisoned(self, synset, iteration):
+        out = step(self, synset, iteration)
+        calls.append(iteration)
+        if len(calls) == steps:
+            with torch.no_grad():
+                synset.images[self.shard.first * 2] = float("nan")
+        return out
+    DM.step = poisoned
 
 
 def _run_ranks(world: int, folder, calls: list) -> None:
@@ -126,6 +144,18 @@ def test_a_signal_to_one_rank_stops_all_after_the_same_iteration_with_a_resumabl
     resumed = ce.distill(toy_dataset(), **dict(call, checkpoint=str(tmp_path / "checkpoint.pt"), resume=True))
     straight = ce.distill(toy_dataset(), **dict(call, checkpoint=None))
     torch.testing.assert_close(resumed.images, straight.images, rtol=1e-4, atol=1e-4)
+
+
+def test_non_finite_pixels_on_one_rank_stop_every_rank_at_the_same_iteration(tmp_path):
+    """Rank 1's pixels go NaN after its first step; with read-backs every 4 iterations its next
+    step meets NaN features (ops.mmd refuses them on the CPU) before any rank has looked. No rank
+    may be left waiting in a collective: all stop with the guard's error naming iteration 1."""
+    call = dict(RUN, method="m3d", iterations=6, sync_every=4, checkpoint="checkpoint.pt", checkpoint_every=100,
+                nan_rank=1, nan_after=1, **FAST)
+    _run_ranks(2, tmp_path, [call])
+    for rank in range(2):
+        assert "non-finite synthetic pixels at iteration 0" in (tmp_path / f"error-0-{rank}.txt").read_text()
+    assert not (tmp_path / "checkpoint.pt").exists()
 
 
 def test_methods_and_models_that_cannot_shard_are_refused_on_every_rank(tmp_path):

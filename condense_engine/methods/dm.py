@@ -19,8 +19,9 @@ import torch
 import torch.nn.functional as F
 
 from condense_engine import ops
-from condense_engine.methods.augment import matched_batches
 from condense_engine.distributed import ClassShard
+from condense_engine.errors import NonFiniteError
+from condense_engine.methods.augment import matched_batches
 from condense_engine.methods.base import Method, register
 from condense_engine.models import ConvNetBank, convnet_config
 from condense_engine.models.layers import forward_chunk
@@ -141,7 +142,14 @@ class DM(Method):
         real, syn, per_class = matched_batches(self.sampler, synset, self.options["batch_real"], self.strategy,
                                                self.generator, classes)
         self.optimizer.zero_grad(set_to_none=True)
-        loss = self.backward_loss(self.bank, real, syn, per_class)
+        try:
+            loss = self.backward_loss(self.bank, real, syn, per_class)
+        except NonFiniteError:
+            if not self.shard.sharded:
+                raise
+            # Raising here would leave the other ranks waiting in the next collective: pass a
+            # NaN loss through the all-reduce instead, so every rank's guard stops at this iteration.
+            return {"loss": self.shard.sum(torch.tensor(float("nan"), device=self.device))}
         self.optimizer.step()
         return {"loss": self.shard.sum(loss)}
 
