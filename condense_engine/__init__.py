@@ -13,6 +13,7 @@ __version__ = "0.1.0"
 from condense_engine import datasets, methods, models, ops  # noqa: E402
 from condense_engine.driver import distill  # noqa: E402
 from condense_engine.evaluate import evaluate  # noqa: E402
+from condense_engine.fair import fair_scores  # noqa: E402
 from condense_engine.synset import SyntheticSet  # noqa: E402
 
-__all__ = ["SyntheticSet", "datasets", "distill", "evaluate", "methods", "models", "ops", "__version__"]
+__all__ = ["SyntheticSet", "datasets", "distill", "evaluate", "fair_scores", "methods", "models", "ops", "__version__"]

@@ -79,6 +79,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="write the report as JSON here")
+    p.add_argument("--fair", action="store_true",
+                   help="also DD-Ranking's label- and augmentation-robust scores (LRS, ARS; needs the train split)")
+    p.add_argument("--full-accuracy", type=float, default=None,
+                   help="--fair: full-data accuracy as a fraction (default: measured, see --full-epochs)")
+    p.add_argument("--full-epochs", type=int, default=30, help="--fair: epochs of the full-data run (30)")
     _add_eval_args(p, epochs=1000, repeats=5)
 
     add_experts_command(sub)
@@ -183,11 +188,21 @@ def cmd_evaluate(args) -> int:
     if not name:
         raise SystemExit("condense evaluate: the set does not name its data set; pass --dataset")
     test = _load(name, args.root, "test")
-    train = _load(name, args.root, "train") if args.baseline else None
+    train = _load(name, args.root, "train") if (args.baseline or args.fair) else None
     reports = _evaluate(args, synset, test, train)
+    extra = dict(dataset=name, synset=args.synset)
+    if args.fair:
+        from condense_engine.fair import fair_scores
+
+        fair = fair_scores(synset, test, train, full_accuracy=args.full_accuracy, full_epochs=args.full_epochs,
+                           model=(args.model or ["ConvNet"])[0], repeats=args.repeats, epochs=args.epochs,
+                           lr=args.eval_lr, batch_size=args.eval_batch, seed=args.seed, device=args.device,
+                           recipe=args.recipe)
+        print(fair, flush=True)
+        extra["fair"] = fair.to_dict()
     if args.out:
         with open(args.out, "w", encoding="utf-8") as f:
-            json.dump(_report_json(reports, dict(dataset=name, synset=args.synset)), f, indent=2)
+            json.dump(_report_json(reports, extra), f, indent=2)
     return 0
 
 

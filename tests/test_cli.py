@@ -47,6 +47,17 @@ def test_distill_evaluate_show_round_trip(tmp_path, capsys):
     assert evaluated["evaluations"][0]["recipe"]["batch_size"] == 64
 
 
+def test_evaluate_fair_writes_the_robust_scores(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["distill", "--dataset", "default", "--ipc", "1", "--iterations", "1", "--set", "batch_real=4",
+                 "--set", "model='ConvNetW32'", "--out", str(out), "--quiet", "--device", "cpu"]) == 0
+    assert main(["evaluate", str(out / "synset.pt"), "--model", "ConvNetW32", "--epochs", "1", "--repeats", "1",
+                 "--fair", "--full-accuracy", "0.99", "--out", str(tmp_path / "e.json"), "--device", "cpu"]) == 0
+    fair = json.loads((tmp_path / "e.json").read_text())["fair"]
+    assert fair["accuracies"]["full_data"] == 0.99 and 0 <= fair["lrs"] <= 1 and 0 <= fair["ars"] <= 1
+    assert "LRS" in capsys.readouterr().out
+
+
 def test_resume_with_more_iterations_extends_a_finished_run(tmp_path):
     from condense_engine.synset import SyntheticSet
 
