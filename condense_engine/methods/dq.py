@@ -70,14 +70,12 @@ def graphcut_bins(similarity: torch.Tensor, counts: torch.Tensor, bins: int, lam
     sizes = bin_sizes(counts.cpu(), bins)
     remaining = torch.arange(width, device=similarity.device).unsqueeze(0) < counts.to(similarity.device).unsqueeze(1)
     assignment = torch.full((classes, width), -1, dtype=torch.long, device=similarity.device)
-    rows = torch.arange(classes, device=similarity.device)
     for k in range(bins):
         pool_sum = lam * torch.bmm(similarity, remaining.to(similarity.dtype).unsqueeze(-1)).squeeze(-1)
         selected_sum = torch.zeros_like(pool_sum)
-        size = sizes[:, k].to(similarity.device)
         for t in range(int(sizes[:, k].max())):
             gain = (pool_sum - 2 * selected_sum).masked_fill(~remaining, float("-inf"))
-            active = rows[t < size]
+            active = (t < sizes[:, k]).nonzero().squeeze(1).to(similarity.device)  # host-side: no device sync
             pick = gain[active].argmax(1)
             remaining[active, pick] = False
             assignment[active, pick] = k
