@@ -99,7 +99,8 @@ PUBLISHED = {
 }
 # M3D (= ECHO) published tables could not be verified (methods.md §12.3): none are shown.
 UNPUBLISHED = {"m3d": "no verified published table (methods.md §12.3)",
-               "echo": "no verified published table (methods.md §12.3)"}
+               "echo": "no verified published table (methods.md §12.3)",
+               "dq": "no small-IPC table (methods.md §10.3: DQ reports keep ratios of 2-80%)"}
 FULL_DATA = {"mnist": "99.6 (U)", "fashion-mnist": "93.5±0.1", "cifar10": "84.8±0.1",
              "cifar100": "56.2±0.3", "tinyimagenet": "37.6±0.4"}
 
@@ -400,9 +401,9 @@ def main(argv=None) -> list[dict]:
     args = parser.parse_args(argv)
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    options = dict(args.options)
+    options, quick_options = dict(args.options), {}
     if args.quick:
-        args.datasets, args.ipcs, options = [QUICK["dataset"]], QUICK["ipcs"], QUICK["options"] | options
+        args.datasets, args.ipcs, quick_options = [QUICK["dataset"]], QUICK["ipcs"], QUICK["options"]
         args.iterations, args.epochs, args.repeats = QUICK["iterations"], QUICK["epochs"], QUICK["repeats"]
     out = args.out or default_out_path(device, args.quick)
     rows = []
@@ -413,10 +414,13 @@ def main(argv=None) -> list[dict]:
         if args.quick:
             test = test.subset(torch.arange(0, len(test), QUICK["test_stride"]))
         for method in args.methods:
+            known = get_method(method).defaults  # quick options only where the method has them (DQ: no batch_real)
+            method_options = {k: v for k, v in quick_options.items() if k in known} | options
             for ipc in args.ipcs:
                 rows.append(measure(method, dataset, train, test, ipc, iterations=args.iterations,
                                     epochs=args.epochs, repeats=args.repeats, device=device, seed=args.seed,
-                                    options=options, baseline=not args.no_baseline, save_dir=args.save_dir))
+                                    options=method_options, baseline=not args.no_baseline,
+                                    save_dir=args.save_dir))
                 row = rows[-1]
                 base = f"{row['baseline_random']['mean']:.2f}" if row["baseline_random"] else "–"
                 print(f"{method} {dataset} ipc {ipc}: {row['acc_mean']:.2f} ± {row['acc_std']:.2f} % "

@@ -191,6 +191,12 @@ def test_accuracy_quick_writes_rows_with_the_documented_keys(tmp_path):
     assert row["schedule"].startswith("REDUCED") and row["recipe"]["epochs"] == accuracy.QUICK["epochs"]
 
 
+def test_accuracy_quick_runs_a_method_without_the_quick_options_it_lacks(tmp_path):
+    out = tmp_path / "accuracy-cpu-dq_quick.json"
+    row, = accuracy.main(["--quick", "--methods", "dq", "--no-baseline", "--out", str(out), "--no-report"])
+    assert row["method"] == "dq" and 0 <= row["acc_mean"] <= 100 and "batch_real" not in row["schedule"]
+
+
 def test_accuracy_m3d_rows_record_its_own_defaults_and_may_skip_the_baseline(tmp_path):
     out = tmp_path / "accuracy-cpu-m3d_quick.json"
     row, = accuracy.main(["--quick", "--methods", "m3d", "--no-baseline", "--out", str(out), "--no-report"])
