@@ -40,12 +40,12 @@ def unbatchable_reason(name: str, nets: list[nn.Module], images: torch.Tensor) -
         return "the model has buffers (BatchNorm running statistics), which vmap cannot update in place"
     key = (name, images.device.type)
     if key not in _VMAP_PROBED:
-        template = _template(nets[0])
+        template = stacked_template(nets[0])
         params, _ = stack_module_state(nets)
         sample = images[:1].expand(len(nets), *images[:1].shape)
         targets = torch.zeros(len(nets), 1, dtype=torch.long, device=images.device)
         try:
-            losses = torch.vmap(_loss_function(template))(params, sample, targets)
+            losses = torch.vmap(cross_entropy_of(template))(params, sample, targets)
             torch.autograd.grad(losses.sum(), list(params.values()), allow_unused=True)
             _VMAP_PROBED[key] = None
         except RuntimeError as error:
@@ -66,9 +66,9 @@ def train_and_test_batched(nets: list[nn.Module], images: torch.Tensor, labels: 
     """
     device = images.device
     repeats, count = labels.shape
-    template = _template(nets[0])
+    template = stacked_template(nets[0])
     params, _ = stack_module_state(nets)
-    batched_loss = torch.vmap(_loss_function(template))
+    batched_loss = torch.vmap(cross_entropy_of(template))
     rows = torch.arange(repeats, device=device)[:, None]
     lr_now = float(lr)
     optimizer = _sgd(params, lr_now)
@@ -132,12 +132,12 @@ def batched_accuracy(template: nn.Module, params: dict, test_set: ImageDataset,
     return [hits / len(test_set) for hits in correct.tolist()]
 
 
-def _template(net: nn.Module) -> nn.Module:
+def stacked_template(net: nn.Module) -> nn.Module:
     """A weightless (meta-device) copy of `net` for functional_call to run stacked weights through."""
     return copy.deepcopy(net).to("meta")
 
 
-def _loss_function(template: nn.Module):
+def cross_entropy_of(template: nn.Module):
     """Cross-entropy of one model's weights on one batch, the function vmap maps over the models."""
     def loss(params: dict, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(functional_call(template, params, (images,)), labels)

@@ -20,9 +20,11 @@ import time
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.func import stack_module_state
 
 from condense_engine import __version__
 from condense_engine.checkpoint import atomic_save, check_format, load_versioned
+from condense_engine.evaluate_batched import augment_each, cross_entropy_of, stacked_template, unbatchable_reason
 from condense_engine.gsam import GSAM
 from condense_engine.models import FunctionalConvNet, convnet_config
 from condense_engine.ops.dsa import DSAParams, default_strategy, dsa
@@ -239,6 +241,44 @@ def train_expert(dataset, student: FunctionalConvNet, meta: dict, number: int, d
     return torch.stack(snapshots), epoch_losses
 
 
+def train_expert_group(dataset, student: FunctionalConvNet, meta: dict, numbers: list, device) -> list:
+    """train_expert for each of `numbers` at once, as one vmapped model: one batched forward and
+    backward per step instead of len(numbers). Each expert keeps its own initialisation, batch
+    order and DSA draws (from its own generator, in the loop's order), and SGD is elementwise, so
+    the trajectories are train_expert's up to float rounding. SGD experts without buffers only."""
+    generators = [_expert_generator(meta["seed"], number) for number in numbers]
+    nets = [student.to_module(student.init_params(int(torch.randint(0, 2**62, (), generator=g)))).to(device)
+            for g in generators]
+    template = stacked_template(nets[0])
+    params, _ = stack_module_state(nets)
+    batched_loss = torch.vmap(cross_entropy_of(template))
+    optimizer = torch.optim.SGD(params.values(), lr=meta["lr"], momentum=meta["momentum"],
+                                weight_decay=meta["weight_decay"])
+    strategy, count, experts = meta["augmentation"], len(dataset), len(numbers)
+
+    def flat() -> torch.Tensor:  # (experts, P) in the student's parameter order
+        return torch.cat([params[name].detach().reshape(experts, -1) for name in student.names], dim=1).cpu()
+
+    snapshots, epoch_losses = [flat()], []
+    for _ in range(meta["epochs"]):
+        orders = torch.stack([torch.randperm(count, generator=g) for g in generators])
+        total = torch.zeros(experts, device=device)
+        for start in range(0, count, meta["batch_size"]):
+            index = orders[:, start:start + meta["batch_size"]].to(device)
+            images = dataset.normalized(index.reshape(-1)).view(*index.shape, *dataset.images.shape[1:])
+            if strategy:
+                images = augment_each(images, strategy, generators)
+            losses = batched_loss(params, images, dataset.labels[index])
+            optimizer.zero_grad(set_to_none=True)
+            losses.sum().backward()
+            optimizer.step()
+            total += losses.detach() * index.shape[1]
+        epoch_losses.append((total / count).tolist())
+        snapshots.append(flat())
+    trajectories = torch.stack(snapshots, dim=1)
+    return [(trajectories[e], [losses[e] for losses in epoch_losses]) for e in range(experts)]
+
+
 def _expert_optimizer(net: torch.nn.Module, meta: dict) -> torch.optim.Optimizer:
     if meta["optimizer"] == "gsam":
         return GSAM(net.parameters(), lr=meta["lr"], rho=meta["rho"], alpha=meta["alpha"],
@@ -251,7 +291,7 @@ def train_experts(dataset, num_experts: int, epochs: int, *, model: str = "ConvN
                   momentum: float = 0.0, weight_decay: float = 0.0, batch_size: int = 256, dsa: bool = True,
                   dsa_strategy: str | None = None, optimizer: str = "sgd", rho: float | None = None,
                   alpha: float | None = None, adaptive: bool | None = None, device=None, seed: int = 0,
-                  out=None, progress: bool = False) -> ExpertBuffer:
+                  out=None, progress: bool = False, parallel: int = 1) -> ExpertBuffer:
     """Train `num_experts` experts for `epochs` epochs each (MTT's buffer.py recipe by default).
 
     `optimizer="gsam"` trains DATM's flat experts: GSAM over the SGD settings, with `rho`,
@@ -259,6 +299,8 @@ def train_experts(dataset, num_experts: int, epochs: int, *, model: str = "ConvN
     The data are used as given: a ZCA-whitened ImageDataset yields a ZCA buffer (recorded in
     the metadata). With `out`, each expert is saved as soon as it is done and an existing
     buffer there with the same settings is continued; without it the buffer stays in memory.
+    `parallel` experts train at once as one vmapped model (`train_expert_group`; SGD only): as
+    many as the device's memory holds, each costing one expert's activations.
     """
     if isinstance(num_experts, bool) or not isinstance(num_experts, int) or num_experts < 1:
         raise ValueError(f"num_experts must be a positive int, got {num_experts!r}")
@@ -266,6 +308,10 @@ def train_experts(dataset, num_experts: int, epochs: int, *, model: str = "ConvN
         raise ValueError(f"epochs must be a positive int, got {epochs!r}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
+    if isinstance(parallel, bool) or not isinstance(parallel, int) or parallel < 1:
+        raise ValueError(f"parallel must be a positive int, got {parallel!r}")
+    if parallel > 1 and optimizer != "sgd":
+        raise ValueError(f"parallel experts train with SGD only; optimizer {optimizer!r} trains one at a time")
     gsam = _gsam_settings(optimizer, rho=rho, alpha=alpha, adaptive=adaptive)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     strategy = (dsa_strategy or default_strategy(dataset.name)) if dsa else None
@@ -275,21 +321,33 @@ def train_experts(dataset, num_experts: int, epochs: int, *, model: str = "ConvN
     files = _resume_files(out, meta) if out is not None else []
     trajectories = []
     resident = dataset.to(device)
-    for number in range(len(files) if out is not None else 0, num_experts):
+    if parallel > 1:
+        probe = [student.to_module(student.init_params(0)).to(device) for _ in range(2)]
+        reason = unbatchable_reason(model, probe, resident.normalized(torch.arange(1, device=resident.images.device)))
+        if reason:
+            raise ValueError(f"parallel experts need a model torch.func can batch: {reason}")
+    first = len(files) if out is not None else 0
+    for group_start in range(first, num_experts, parallel):
+        numbers = list(range(group_start, min(group_start + parallel, num_experts)))
         began = time.perf_counter()
-        trajectory, losses = train_expert(resident, student, meta, number, device)
-        if out is None:
-            trajectories.append(trajectory)
+        if len(numbers) > 1:
+            results = train_expert_group(resident, student, meta, numbers, device)
         else:
-            name = expert_file_name(number)
-            atomic_save({"format": EXPERT_KIND, "format_version": FORMAT_VERSION, "meta": meta, "number": number,
-                         "epoch_losses": losses, "trajectory": trajectory}, os.path.join(out, name))
-            files.append(name)
-            atomic_save({"format": INDEX_KIND, "format_version": FORMAT_VERSION, "meta": meta, "experts": files},
-                        os.path.join(out, INDEX_FILE))
-        if progress:
-            print(f"expert {number + 1}/{num_experts}: final train loss {losses[-1]:.4f} "
-                  f"({time.perf_counter() - began:.1f} s)", flush=True)
+            results = [train_expert(resident, student, meta, numbers[0], device)]
+        for number, (trajectory, losses) in zip(numbers, results):
+            if out is None:
+                trajectories.append(trajectory)
+            else:
+                name = expert_file_name(number)
+                atomic_save({"format": EXPERT_KIND, "format_version": FORMAT_VERSION, "meta": meta,
+                             "number": number, "epoch_losses": losses, "trajectory": trajectory},
+                            os.path.join(out, name))
+                files.append(name)
+                atomic_save({"format": INDEX_KIND, "format_version": FORMAT_VERSION, "meta": meta,
+                             "experts": files}, os.path.join(out, INDEX_FILE))
+            if progress:
+                print(f"expert {number + 1}/{num_experts}: final train loss {losses[-1]:.4f} "
+                      f"({time.perf_counter() - began:.1f} s for {len(numbers)})", flush=True)
     if out is None:
         return ExpertBuffer(meta, trajectories=trajectories)
     return load_experts(out)
@@ -347,6 +405,8 @@ def add_experts_command(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--adaptive", action=argparse.BooleanOptionalAction, default=None,
                    help="GSAM's weight-scaled (ASAM) perturbation (on; gsam only)")
     p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--parallel", type=int, default=1,
+                   help="experts trained at once as one batched model (1; SGD only; as many as memory holds)")
     p.add_argument("--zca", action="store_true", help="ZCA-whiten the data first (a ZCA buffer)")
     p.add_argument("--no-dsa", action="store_true", help="train without DSA augmentation")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
@@ -363,6 +423,7 @@ def run_experts_command(args) -> int:
     buffer = train_experts(train, args.num_experts, args.epochs, model=args.model, lr=args.lr,
                            momentum=args.momentum, weight_decay=args.weight_decay, batch_size=args.batch_size,
                            dsa=not args.no_dsa, optimizer=args.optimizer, rho=args.rho, alpha=args.alpha,
-                           adaptive=args.adaptive, device=args.device, seed=args.seed, out=args.out, progress=True)
+                           adaptive=args.adaptive, device=args.device, seed=args.seed, out=args.out, progress=True,
+                           parallel=args.parallel)
     print(f"{buffer}", flush=True)
     return 0
