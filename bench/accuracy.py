@@ -279,12 +279,22 @@ def earlier_seconds(log: str, resumed_from: int) -> float:
     return sum(max((s for i, s in segment.items() if i <= end), default=0.0) for segment, end in zip(segments, ends))
 
 
+def full_data_accuracy(dataset: str) -> float | None:
+    """The published full-data accuracy of `dataset` as a fraction (FULL_DATA), None if unknown."""
+    text = FULL_DATA.get(dataset)
+    return float(re.match(r"[\d.]+", text).group()) / 100 if text else None
+
+
 def measure(method: str, dataset: str, train, test, ipc: int, *, iterations: int | None, epochs: int,
             repeats: int, device: torch.device, seed: int, options: dict, baseline: bool = True,
-            save_dir: str | None = None) -> dict:
+            save_dir: str | None = None, fair: bool = False) -> dict:
     """Distil one set and evaluate it (with the random-real baseline unless `baseline` is
     False, e.g. when another row of the same data set and schedule has it); one result row.
-    With `save_dir`, the cell can be stopped and resumed and its set is kept (see distill_cell)."""
+    With `save_dir`, the cell can be stopped and resumed and its set is kept (see distill_cell).
+    `fair` adds DD-Ranking's LRS and ARS (`ce.fair_scores`, full-data accuracy from FULL_DATA, or
+    measured for `epochs` where the data set has none), which needs the baseline."""
+    if fair and not baseline:
+        raise ValueError("fair scores compare with the random-real baseline: drop --no-baseline")
     published = get_method(method)(train.name, ipc).options
     changed = {key: (value, published[key]) for key, value in options.items() if published.get(key) != value}
     default_iterations = published["iterations"]
@@ -293,8 +303,17 @@ def measure(method: str, dataset: str, train, test, ipc: int, *, iterations: int
     synset, run = distill_cell(train, method, ipc, iterations, device, seed, options, folder)
     method_options = {key: synset.meta["options"][key] for key in REPORTED_OPTIONS.get(synset.meta["method"], ())}
     start = time.perf_counter()
-    report = ce.evaluate(synset, test, model="ConvNet", repeats=repeats, epochs=epochs, seed=seed,
-                         baseline=baseline, train_set=train, device=device, recipe=EVAL_RECIPES.get(method, "dc"))
+    evaluation = dict(model="ConvNet", repeats=repeats, epochs=epochs, seed=seed, device=device,
+                      recipe=EVAL_RECIPES.get(method, "dc"))
+    report = ce.evaluate(synset, test, baseline=baseline, train_set=train, **evaluation)
+    scores = None
+    if fair:
+        full = full_data_accuracy(dataset)
+        scores = ce.fair_scores(synset, test, train, full_accuracy=full, full_epochs=epochs, report=report,
+                                **evaluation)
+        scores = dict(lrs=100 * scores.lrs, ars=100 * scores.ars, hlr=100 * scores.hlr, ior=100 * scores.ior,
+                      accuracies={k: 100 * v for k, v in scores.accuracies.items()},
+                      full_data="published (FULL_DATA)" if full is not None else f"measured, {epochs} epochs")
     return dict(method=method, dataset=dataset, ipc=ipc, acc_mean=100 * report.mean,
                 acc_std=100 * report.std, repeats=repeats, iterations=iterations, seconds=run.pop("seconds"), **run,
                 device=common.device_name(device),
@@ -303,7 +322,7 @@ def measure(method: str, dataset: str, train, test, ipc: int, *, iterations: int
                 recipe=report.recipe, test_images=len(test), method_options=method_options,
                 schedule=schedule_label(iterations, default_iterations, epochs, changed),
                 default_iterations=default_iterations, options=options,
-                eval_seconds=time.perf_counter() - start)
+                eval_seconds=time.perf_counter() - start, **({"fair": scores} if scores else {}))
 
 
 def accuracy_section(files: list[tuple[str, dict]]) -> str:
@@ -317,9 +336,11 @@ def accuracy_section(files: list[tuple[str, dict]]) -> str:
         parts += ["Ours: 1 synthetic set per cell, std over fresh evaluation models. Runs marked "
                   "REDUCED used a shorter schedule than published and are not the published "
                   "protocol.", "",
-                  "| method | data set | IPC | ours | random real (ours) | schedule | distill s | our recipe "
-                  "| published | published random | published recipe [source] | file |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "LRS / ARS: DD-Ranking's label- and augmentation-robust scores (0-100; `--fair`), "
+                  "against the published full-data accuracy.", "",
+                  "| method | data set | IPC | ours | random real (ours) | LRS / ARS | schedule | distill s "
+                  "| our recipe | published | published random | published recipe [source] | file |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for stem, row in rows:
             method, dataset, ipc = row["method"], row["dataset"], row["ipc"]
             base = row.get("baseline_random") or {}
@@ -329,7 +350,9 @@ def accuracy_section(files: list[tuple[str, dict]]) -> str:
                 published_recipe = f"{PUBLISHED_RECIPES[method]} (source: {PUBLISHED[method][0]})"
             else:
                 published_recipe = UNPUBLISHED.get(method, "not in methods.md")
-            cells = [method, dataset, str(ipc), f"{row['acc_mean']:.1f}±{row['acc_std']:.1f}", base_text,
+            fair = row.get("fair")
+            fair_text = f"{fair['lrs']:.1f} / {fair['ars']:.1f}" if fair else "–"
+            cells = [method, dataset, str(ipc), f"{row['acc_mean']:.1f}±{row['acc_std']:.1f}", base_text, fair_text,
                      schedule_text(row), f"{row['seconds']:.0f}", recipe_text(row["recipe"]), format_published(reference),
                      format_published(published("random", dataset, ipc)), published_recipe,
                      f"`{stem}.json`"]
@@ -388,6 +411,8 @@ def main(argv=None) -> list[dict]:
                              "when it shortens the published schedule)")
     parser.add_argument("--no-baseline", action="store_true",
                         help="skip the random-real baseline (saves its evaluation when another run has it)")
+    parser.add_argument("--fair", action="store_true",
+                        help="also DD-Ranking's LRS and ARS per cell (two more evaluations: without DSA)")
     parser.add_argument("--quick", action="store_true",
                         help="CPU smoke run: embedded MNIST subset, IPC 1, a few iterations and epochs")
     parser.add_argument("--save-dir", help="keep each cell's checkpoint, log and set in a folder here, so a "
@@ -420,7 +445,7 @@ def main(argv=None) -> list[dict]:
                 rows.append(measure(method, dataset, train, test, ipc, iterations=args.iterations,
                                     epochs=args.epochs, repeats=args.repeats, device=device, seed=args.seed,
                                     options=method_options, baseline=not args.no_baseline,
-                                    save_dir=args.save_dir))
+                                    save_dir=args.save_dir, fair=args.fair))
                 row = rows[-1]
                 base = f"{row['baseline_random']['mean']:.2f}" if row["baseline_random"] else "–"
                 print(f"{method} {dataset} ipc {ipc}: {row['acc_mean']:.2f} ± {row['acc_std']:.2f} % "

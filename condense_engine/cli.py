@@ -197,7 +197,8 @@ def cmd_evaluate(args) -> int:
         fair = fair_scores(synset, test, train, full_accuracy=args.full_accuracy, full_epochs=args.full_epochs,
                            model=(args.model or ["ConvNet"])[0], repeats=args.repeats, epochs=args.epochs,
                            lr=args.eval_lr, batch_size=args.eval_batch, seed=args.seed, device=args.device,
-                           recipe=args.recipe)
+                           recipe=args.recipe,
+                           report=reports[0] if (args.baseline and not args.no_dsa) else None)
         print(fair, flush=True)
         extra["fair"] = fair.to_dict()
     if args.out:

@@ -21,7 +21,7 @@ import dataclasses
 import math
 from dataclasses import dataclass
 
-from condense_engine.evaluate import evaluate
+from condense_engine.evaluate import EvalReport, evaluate
 from condense_engine.synset import SyntheticSet
 
 
@@ -60,9 +60,11 @@ def _check_fraction(name: str, value) -> None:
 
 def fair_scores(synset: SyntheticSet, test_set, train_set, *, full_accuracy: float | None = None,
                 full_epochs: int = 30, label_weight: float = 0.5, aug_weight: float = 0.5,
-                **evaluate_options) -> FairReport:
+                report: EvalReport | None = None, **evaluate_options) -> FairReport:
     """LRS and ARS of `synset` (see the module docstring). `evaluate_options` (model, repeats,
-    epochs, lr, seed, device, ...) go to every `ce.evaluate` call; `dsa` is set by the scores."""
+    epochs, lr, seed, device, ...) go to every `ce.evaluate` call; `dsa` is set by the scores.
+    `report`: the `evaluate(synset, dsa=True, baseline=True, **evaluate_options)` report when it
+    has been run already (it is then not run again)."""
     _check_fraction("label_weight", label_weight)
     _check_fraction("aug_weight", aug_weight)
     if full_accuracy is not None:
@@ -71,7 +73,11 @@ def fair_scores(synset: SyntheticSet, test_set, train_set, *, full_accuracy: flo
         raise ValueError("fair_scores sets dsa and baseline itself; leave them out")
     if train_set is None:
         raise ValueError("fair_scores needs train_set: the random subsets (and the full-data run) come from it")
-    augmented = evaluate(synset, test_set, dsa=True, baseline=True, train_set=train_set, **evaluate_options)
+    if report is not None and (report.baseline is None or not report.recipe.get("dsa_strategy")):
+        raise ValueError("report must come from evaluate(..., dsa=True, baseline=True): it needs the DSA "
+                         "accuracies of the set and of its random-real baseline")
+    augmented = report or evaluate(synset, test_set, dsa=True, baseline=True, train_set=train_set,
+                                   **evaluate_options)
     plain = evaluate(synset, test_set, dsa=False, baseline=True, train_set=train_set, **evaluate_options)
     hard = augmented
     if synset.is_soft:

@@ -152,11 +152,11 @@ def test_accuracy_section_puts_published_numbers_and_recipes_beside_ours(tmp_pat
     recipe = dict(model="ConvNet", repeats=5, epochs=300, lr=0.01, batch_size=256, dsa_strategy="color_crop")
     row = dict(method="dm", dataset="fashion-mnist", ipc=10, acc_mean=81.234, acc_std=0.456, repeats=5,
                iterations=2000, seconds=1.0, device="NVIDIA H100", baseline_random=dict(mean=70.0, std=1.0),
-               recipe=recipe, schedule=accuracy.schedule_label(2000, 20000, 300))
+               recipe=recipe, schedule=accuracy.schedule_label(2000, 20000, 300), fair=dict(lrs=31.26, ars=55.04))
     _results_file(tmp_path, "accuracy-h100-20260101-000000", "NVIDIA H100", [row])
     text = report.render(str(tmp_path), str(tmp_path / "RESULTS.md"))
     line = next(line for line in text.splitlines() if line.startswith("| dm | fashion-mnist | 10 |"))
-    assert "81.2±0.5" in line and "70.0±1.0" in line
+    assert "81.2±0.5 | 70.0±1.0 | 31.3 / 55.0 |" in line
     assert "REDUCED (2000 of 20000 distillation iterations; 300 of 1000 evaluation epochs)" in line
     assert "83.5±0.3" in line and "73.8±0.7" in line  # published DM and random, methods.md §13
     assert "300 epochs" in line and "5 sets × 20 models" in line
@@ -189,6 +189,19 @@ def test_accuracy_quick_writes_rows_with_the_documented_keys(tmp_path):
     assert (row["method"], row["dataset"], row["ipc"]) == ("dm", "default", 1)
     assert 0.0 <= row["acc_mean"] <= 100.0 and 0.0 <= row["baseline_random"]["mean"] <= 100.0
     assert row["schedule"].startswith("REDUCED") and row["recipe"]["epochs"] == accuracy.QUICK["epochs"]
+
+
+def test_accuracy_fair_rows_carry_the_robust_scores_of_their_accuracies(tmp_path):
+    out = tmp_path / "accuracy-cpu-fair_quick.json"
+    row, = accuracy.main(["--quick", "--methods", "dm", "--fair", "--out", str(out), "--no-report"])
+    fair = row["fair"]
+    assert fair["accuracies"]["set"] == pytest.approx(row["acc_mean"])
+    assert fair["accuracies"]["random"] == pytest.approx(row["baseline_random"]["mean"])
+    assert fair["ior"] == pytest.approx(row["acc_mean"] - row["baseline_random"]["mean"])
+    assert 0 <= fair["lrs"] <= 100 and 0 <= fair["ars"] <= 100 and fair["full_data"].startswith("measured")
+    assert accuracy.full_data_accuracy("fashion-mnist") == pytest.approx(0.935)
+    with pytest.raises(ValueError, match="drop --no-baseline"):
+        accuracy.main(["--quick", "--methods", "dm", "--fair", "--no-baseline", "--out", str(out), "--no-report"])
 
 
 def test_accuracy_quick_runs_a_method_without_the_quick_options_it_lacks(tmp_path):

@@ -62,6 +62,18 @@ def test_soft_labels_are_judged_by_their_argmax_and_full_data_is_measured_when_n
     assert report.hlr == pytest.approx(report.accuracies["full_data"] - report.accuracies["set_hard_labels"])
 
 
+def test_a_given_augmented_report_is_reused_and_must_carry_its_baseline(monkeypatch):
+    train, test = toy_dataset(per_class=24), toy_dataset(per_class=10)
+    synset = _synset(train)
+    given = ce.evaluate(synset, test, baseline=True, train_set=train, **EVAL)
+    calls = _counted_evaluate(monkeypatch)
+    report = fair.fair_scores(synset, test, train, full_accuracy=0.9, report=given, **EVAL)
+    assert [c["dsa"] for c in calls] == [False]
+    assert report.accuracies["set"] == given.mean and report.accuracies["random"] == given.baseline.mean
+    with pytest.raises(ValueError, match="report must come from"):
+        fair.fair_scores(synset, test, train, full_accuracy=0.9, report=ce.evaluate(synset, test, **EVAL), **EVAL)
+
+
 @pytest.mark.parametrize("options, message", [
     (dict(label_weight=1.5), "label_weight"), (dict(aug_weight=-0.1), "aug_weight"),
     (dict(full_accuracy=90.0), "full_accuracy"), (dict(dsa=False), "leave them out")])
