@@ -65,32 +65,31 @@ def _rank_main(rank: int, world: int, folder: str, calls: list) -> None:
         dist.destroy_process_group()
 
 
-def _sigterm_after(steps: int) -> None:
-    """This process sends itself SIGTERM after its `steps`-th DM step (as a cluster would)."""
+def _after_dm_steps(steps: int, action) -> None:
+    """Make this process call action(method, synset) after its `steps`-th DM step."""
     step, calls = DM.step, []
 
     def counted(self, synset, iteration):
         out = step(self, synset, iteration)
         calls.append(iteration)
         if len(calls) == steps:
-            os.kill(os.getpid(), signal.SIGTERM)
+            action(self, synset)
         return out
     DM.step = counted
+
+
+def _sigterm_after(steps: int) -> None:
+    """This process sends itself SIGTERM after its `steps`-th DM step (as a cluster would)."""
+    _after_dm_steps(steps, lambda method, synset: os.kill(os.getpid(), signal.SIGTERM))
 
 
 def _poison_after(steps: int) -> None:
     """This process's synthetic pixels turn NaN after its `steps`-th DM step (a divergence that
     only one rank's classes see)."""
-    step, calls = DM.step, []
-
-    def poisoned(self, synset, iteration):
-        out = step(self, synset, iteration)
-        calls.append(iteration)
-        if len(calls) == steps:
-            with torch.no_grad():
-                synset.images[self.shard.first * 2] = float("nan")
-        return out
-    DM.step = poisoned
+    def poison(method, synset):
+        with torch.no_grad():
+            synset.images[method.shard.first * 2] = float("nan")
+    _after_dm_steps(steps, poison)
 
 
 def _run_ranks(world: int, folder, calls: list) -> None:
