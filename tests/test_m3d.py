@@ -29,6 +29,13 @@ def test_m3d_lowers_its_kernel_mmd(kernel):
     assert after < before
 
 
+def test_multi_formation_is_the_default_below_ipc_50_only():
+    assert M3D("fashion-mnist", 10).options["factor"] == 2
+    assert M3D("fashion-mnist", 50).options["factor"] == 1 and M3D("cifar10", 100).options["factor"] == 1
+    assert M3D("cifar10", 100).options["lr_img"] == 10.0  # DM's own overrides still apply
+    assert M3D("mnist", 50, factor=2).options["factor"] == 2
+
+
 def test_echo_is_an_alias():
     data = toy_dataset()
     syn = ce.distill(data, method="echo", ipc=1, iterations=1, progress=False, device="cpu", **FAST)
