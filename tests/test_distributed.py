@@ -39,7 +39,7 @@ def _rank_main(rank: int, world: int, folder: str, calls: list) -> None:
     torch.set_num_threads(1)
     embedded = _count_embedded(lambda owner, name, value: setattr(owner, name, value))
     dist.init_process_group("gloo", init_method=f"file://{folder}/store", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=300))  # a rank left waiting fails the test (bounded, with room for a loaded CI machine)
+                            timeout=datetime.timedelta(seconds=300))  # bounded: a rank left waiting fails
     try:
         for index, kwargs in enumerate(calls):
             kwargs = dict(kwargs)
