@@ -134,8 +134,10 @@ def rank() -> int:
 
 
 def leave() -> None:
-    """Leave the process group init_from_env joined."""
+    """Leave the process group init_from_env joined, after every rank has got here: tearing Gloo
+    down while a peer's last collective is still in flight aborts the process."""
     if dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()
 
 

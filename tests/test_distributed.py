@@ -14,6 +14,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import condense_engine as ce
+from condense_engine import distributed
 from condense_engine.distributed import ClassShard
 from condense_engine.methods.dm import DM
 from condense_engine.models import ConvNetBank
@@ -62,7 +63,7 @@ def _rank_main(rank: int, world: int, folder: str, calls: list) -> None:
                 with open(os.path.join(folder, f"error-{index}-{rank}.txt"), "w", encoding="utf-8") as f:
                     f.write(str(err))
     finally:
-        dist.destroy_process_group()
+        distributed.leave()
 
 
 def _after_dm_steps(steps: int, action) -> None:
