@@ -188,7 +188,8 @@ def cmd_evaluate(args) -> int:
     if not name:
         raise SystemExit("condense evaluate: the set does not name its data set; pass --dataset")
     test = _load(name, args.root, "test")
-    train = _load(name, args.root, "train") if (args.baseline or args.fair) else None
+    args.baseline = args.baseline or args.fair  # the fair scores need it: evaluated once, then reused
+    train = _load(name, args.root, "train") if args.baseline else None
     reports = _evaluate(args, synset, test, train)
     extra = dict(dataset=name, synset=args.synset)
     if args.fair:
@@ -198,7 +199,7 @@ def cmd_evaluate(args) -> int:
                            model=(args.model or ["ConvNet"])[0], repeats=args.repeats, epochs=args.epochs,
                            lr=args.eval_lr, batch_size=args.eval_batch, seed=args.seed, device=args.device,
                            recipe=args.recipe,
-                           report=reports[0] if (args.baseline and not args.no_dsa) else None)
+                           report=None if args.no_dsa else reports[0])
         print(fair, flush=True)
         extra["fair"] = fair.to_dict()
     if args.out:
