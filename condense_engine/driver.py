@@ -11,9 +11,10 @@ every `sync_every` iterations (and before every checkpoint, evaluation and the e
 the progress bar and the guard's report are the same as when reading every iteration.
 
 Under torchrun (torch.distributed initialised with several ranks) a method that supports it
-runs class-sharded (`condense_engine.distributed`): every rank takes the same steps on its own
-classes, rank 0 alone logs, shows progress, evaluates and writes checkpoints, and each of those
-first gathers the whole set onto every rank; the ranks agree on a stop signal where they sync.
+runs class-sharded (`condense_engine.distributed`): every rank keeps only its own classes' real
+images on its device and takes the same steps on its own classes; rank 0 alone logs, shows
+progress, evaluates and writes checkpoints, and each of those first gathers the whole set onto
+every rank; the ranks agree on a stop signal where they sync.
 """
 import json
 import math
@@ -49,9 +50,11 @@ def as_dataset(data) -> ImageDataset:
                     f"got {type(data).__name__}")
 
 
-def initial_synset(dataset: ImageDataset, sampler: ClassSampler, ipc: int, generator, meta: dict) -> SyntheticSet:
-    """`ipc` random real images per class, ordered class by class (the published real init)."""
-    images, labels = sampler.random_real(ipc, generator)
+def initial_synset(dataset: ImageDataset, sampler: ClassSampler, ipc: int, generator, meta: dict,
+                   shard=None) -> SyntheticSet:
+    """`ipc` random real images per class, ordered class by class (the published real init; the
+    whole set on every rank of a class `shard`, whose sampler holds only its own classes)."""
+    images, labels = sampler.random_real(ipc, generator, shard)
     order = torch.sort(labels.cpu(), stable=True).indices.to(labels.device)
     return SyntheticSet.from_tensors(images[order].detach().clone(), labels[order], num_classes=dataset.num_classes,
                                      classes=list(dataset.classes), mean=dataset.mean, std=dataset.std,
@@ -170,11 +173,12 @@ def distill(dataset, method: str = "dm", ipc: int = 10, iterations: int | None =
 
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
-    sampler = ClassSampler(dataset, device=device, generator=generator)
+    sampler = ClassSampler(dataset, device=device, generator=generator,
+                           classes=(shard.first, shard.end) if shard.sharded else None)
     config = dict(method=algorithm.name, dataset=dataset.name, ipc=ipc, seed=seed, options=algorithm.options)
     meta = dict(config, iterations=total, version=__version__, normalization=dict(mean=dataset.mean, std=dataset.std),
                 ranks=shard.world)
-    synset = initial_synset(dataset, sampler, ipc, generator, meta)
+    synset = initial_synset(dataset, sampler, ipc, generator, meta, shard)
     synset.images = synset.images.to(device)
     synset.labels = synset.labels.to(device)
     algorithm.init(synset, dataset, sampler, generator, device)

@@ -15,6 +15,7 @@ import torch.multiprocessing as mp
 
 import condense_engine as ce
 from condense_engine import distributed
+from condense_engine.datasets import ClassSampler
 from condense_engine.distributed import ClassShard
 from condense_engine.methods.dm import DM
 from condense_engine.models import ConvNetBank
@@ -34,11 +35,23 @@ def _count_embedded(monkeypatch_setattr) -> list:
     return count
 
 
+def _record_held(monkeypatch_setattr) -> list:
+    """Make ClassSampler record how many real images it keeps; returns the latest count ([n])."""
+    held, init = [0], ClassSampler.__init__
+
+    def recorded(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        held[0] = len(self.images)
+    monkeypatch_setattr(ClassSampler, "__init__", recorded)
+    return held
+
+
 def _rank_main(rank: int, world: int, folder: str, calls: list) -> None:
     """One rank: join the group, run each (distill kwargs) call, save the set (and how many
-    images this rank embedded) or the error."""
+    images this rank embedded and kept resident) or the error."""
     torch.set_num_threads(1)
-    embedded = _count_embedded(lambda owner, name, value: setattr(owner, name, value))
+    patch = lambda owner, name, value: setattr(owner, name, value)  # noqa: E731 (the child has no monkeypatch)
+    embedded, held = _count_embedded(patch), _record_held(patch)
     dist.init_process_group("gloo", init_method=f"file://{folder}/store", rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=300))  # bounded: a rank left waiting fails
     try:
@@ -57,7 +70,7 @@ def _rank_main(rank: int, world: int, folder: str, calls: list) -> None:
             try:
                 embedded[0] = 0
                 synset = ce.distill(data, **kwargs)
-                torch.save(dict(images=synset.images, embedded=embedded[0]),
+                torch.save(dict(images=synset.images, embedded=embedded[0], held=held[0]),
                            os.path.join(folder, f"images-{index}-{rank}.pt"))
             except (ValueError, KeyboardInterrupt) as err:
                 with open(os.path.join(folder, f"error-{index}-{rank}.txt"), "w", encoding="utf-8") as f:
@@ -113,12 +126,16 @@ def test_sharded_run_gives_every_rank_the_one_process_set_and_log(tmp_path, worl
     single = dict(call, log=str(tmp_path / "single.jsonl"))
     embedded = _count_embedded(monkeypatch.setattr)
     expected = ce.distill(toy_dataset(classes=single.pop("classes", 3)), **single).images
-    shares = []
+    shares, held = [], []
     for rank in range(world):
         got = torch.load(tmp_path / f"images-0-{rank}.pt")
         torch.testing.assert_close(got["images"], expected, rtol=1e-4, atol=1e-4)
         shares.append(got["embedded"])
+        held.append(got["held"])
     assert sum(shares) == embedded[0] and max(shares) < embedded[0]  # each rank embeds only its classes
+    data = toy_dataset(classes=options.get("classes", 3))
+    assert held == [int(data.class_counts()[slice(*ClassShard(rank, world, 0, 0, data.num_classes).bounds(rank))].sum())
+                    for rank in range(world)]  # and keeps only their real images
     assert not torch.equal(expected, ce.distill(toy_dataset(classes=options.get("classes", 3)),
                                                 **dict(single, iterations=0, log=None)).images)
     # rank 0 alone writes the log (two writers would double its lines), with the summed loss

@@ -88,6 +88,36 @@ def test_sample_range_is_that_slice_of_the_whole_batch_from_the_same_stream():
         ranged.sample_range(2, 3, 3)
 
 
+@pytest.mark.parametrize("storage", [torch.uint8, torch.float32])
+def test_a_sampler_holding_some_classes_stores_only_them_and_draws_the_whole_stream(storage):
+    """A class-sharded rank's sampler: only classes 1..2's images are resident, and its draws
+    are the ones a whole-set sampler makes with the same seed."""
+    dataset = indexed_dataset(dtype=storage)
+    whole, held = ds.ClassSampler(dataset, generator=seeded(4)), ds.ClassSampler(dataset, generator=seeded(4),
+                                                                                 classes=(1, 3))
+    assert len(held.images) == COUNTS[1] + COUNTS[2] and held.counts.tolist() == COUNTS
+    for _ in range(2):
+        images, _ = whole.sample(2)
+        part, labels = held.sample_range(2, 1, 3)
+        assert torch.equal(part, images[2:6]) and labels.tolist() == [1, 1, 2, 2]
+    assert torch.equal(held.sample(3, classes=[2], generator=seeded(1))[0],
+                       whole.sample(3, classes=[2], generator=seeded(1))[0])
+    for ask in (lambda: held.sample(1), lambda: held.sample(1, classes=[0]), lambda: held.sample_range(1, 2, 4),
+                lambda: held.draw_indices(1, [3])):
+        with pytest.raises(ValueError, match="holds only classes 1..2"):
+            ask()
+    for bad in ((2, 2), (-1, 2), (0, 5)):
+        with pytest.raises(ValueError, match="classes must be a range"):
+            ds.ClassSampler(dataset, classes=bad)
+
+
+def test_sample_every_class_without_a_shard_is_sample():
+    dataset = indexed_dataset()
+    images, labels = ds.ClassSampler(dataset, generator=seeded(7)).sample_every_class(2)
+    expected, expected_labels = ds.ClassSampler(dataset, generator=seeded(7)).sample(2)
+    assert torch.equal(images, expected) and torch.equal(labels, expected_labels)
+
+
 def test_too_many_per_class_names_the_class():
     sampler = ds.ClassSampler(indexed_dataset())
     with pytest.raises(ValueError, match=r"cannot draw 4 distinct images from class 1 \('1'\): it has only 3"):

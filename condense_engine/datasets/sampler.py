@@ -7,12 +7,17 @@ published `randperm(count)[:n]`) for all requested classes at once, then one
 `ops.gather_normalize` fetches and normalises the whole batch. With a CPU generator the positions
 reach the device by a non-blocking copy, and the rows are in range by construction (so no bounds
 check), hence a draw never makes the host wait for the device.
+
+A class-sharded rank (`condense_engine.distributed`) keeps only its own classes' images
+(`classes=(first, end)`): its device holds 1/world of the set, and its draws are still the
+whole set's random stream, so every class gets the images it gets in one process.
 """
 from collections.abc import Sequence
 
 import torch
 
 from condense_engine.datasets.base import ImageDataset
+from condense_engine.distributed import ClassShard
 from condense_engine.ops.gather import gather_normalize, host_to_device
 
 
@@ -22,11 +27,12 @@ class ClassSampler:
     Randomness comes only from `generator` (or the one passed to a call; with neither, torch's
     global CPU generator). Positions are drawn on the generator's device, so a CPU generator with
     one seed gives the same batches whatever device the sampler keeps the images on.
+    `classes=(first, end)` keeps only those classes' images (held); the others cannot be sampled.
     """
 
-    def __init__(self, dataset: ImageDataset, device=None, generator: torch.Generator | None = None):
+    def __init__(self, dataset: ImageDataset, device=None, generator: torch.Generator | None = None,
+                 classes: tuple[int, int] | None = None):
         self.device = torch.device(device) if device is not None else dataset.images.device
-        self.images = dataset.images.to(self.device)
         self.num_classes = dataset.num_classes
         self.generator = generator
         self.mean = torch.tensor(dataset.mean, dtype=torch.float32, device=self.device)
@@ -35,14 +41,25 @@ class ClassSampler:
         if len(labels) and (int(labels.min()) < 0 or int(labels.max()) >= self.num_classes):
             raise ValueError(f"labels must lie in [0, {self.num_classes}), got "
                              f"[{int(labels.min())}, {int(labels.max())}]")
+        self.held = classes if classes is not None else (0, self.num_classes)
+        first, end = self.held
+        if not 0 <= first < end <= self.num_classes:
+            raise ValueError(f"classes must be a range (first, end) with 0 ≤ first < end ≤ {self.num_classes}, "
+                             f"got {classes!r}")
         self.classes = list(dataset.classes)
         self._counts = torch.bincount(labels, minlength=self.num_classes)
         order = torch.argsort(labels, stable=True)
         sorted_labels = labels[order]
         starts = torch.cumsum(self._counts, 0) - self._counts
         position = torch.arange(len(labels)) - starts[sorted_labels]
+        # Rows of the held classes, in class order: the stored images are exactly these.
+        kept = (sorted_labels >= first) & (sorted_labels < end)
+        rows = order[kept] if classes is not None else order
+        images = dataset.images if classes is None else dataset.images.index_select(0, rows.to(dataset.images.device))
+        self.images = images.to(self.device)
+        # Width is the largest class of the whole set, so draws match the one-process stream.
         index = torch.full((self.num_classes, max(1, int(self._counts.max()))), -1, dtype=torch.int64)
-        index[sorted_labels, position] = order
+        index[sorted_labels[kept], position[kept]] = torch.arange(len(rows)) if classes is not None else rows
         self.index = index.to(self.device)
 
     @property
@@ -52,12 +69,22 @@ class ClassSampler:
 
     def _class_list(self, classes) -> torch.Tensor:
         if classes is None:
+            self._check_held(0, self.num_classes - 1, "all classes")
             return torch.arange(self.num_classes)
         chosen = torch.as_tensor(classes if not isinstance(classes, int) else [classes]).reshape(-1)
         chosen = chosen.long().cpu()
         if len(chosen) and (int(chosen.min()) < 0 or int(chosen.max()) >= self.num_classes):
             raise ValueError(f"classes must lie in [0, {self.num_classes}), got {chosen.tolist()}")
+        if len(chosen):
+            self._check_held(int(chosen.min()), int(chosen.max()), chosen.tolist())
         return chosen
+
+    def _check_held(self, lowest: int, highest: int, asked) -> None:
+        """ValueError unless classes lowest..highest have their images here (`asked` names the request)."""
+        first, end = self.held
+        if lowest < first or highest >= end:
+            raise ValueError(f"this sampler holds only classes {first}..{end - 1} (a class-sharded rank's share), "
+                             f"asked for {asked}")
 
     def draw_indices(self, n_per_class: int, classes: Sequence[int] | torch.Tensor | None = None,
                      generator: torch.Generator | None = None) -> torch.Tensor:
@@ -103,6 +130,7 @@ class ClassSampler:
         (a class-sharded rank's real batch)."""
         if not 0 <= first < end <= self.num_classes:
             raise ValueError(f"class range must satisfy 0 ≤ first < end ≤ {self.num_classes}, got {first}..{end}")
+        self._check_held(first, end - 1, f"{first}..{end - 1}")
         chosen = torch.arange(self.num_classes)
         rows = self._draw_rows(n_per_class, chosen, generator)
         return self._gather(rows[first * n_per_class:end * n_per_class], chosen[first:end], n_per_class)
@@ -120,10 +148,24 @@ class ClassSampler:
         """n distinct float32 network-space images of class `label`."""
         return self.sample(n, [label], generator)[0]
 
-    def random_real(self, ipc: int, generator: torch.Generator | None = None
+    def sample_every_class(self, n_per_class: int, generator: torch.Generator | None = None,
+                           shard: ClassShard | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """sample(n_per_class) of all classes, also on a class-sharded rank: each rank gathers the
+        classes it holds and the ranks exchange the rest (a collective: every rank of `shard`
+        calls it). The same images as one process's sample(n_per_class) on every rank."""
+        if shard is None or not shard.sharded:
+            return self.sample(n_per_class, None, generator)
+        own, _ = self.sample_range(n_per_class, shard.first, shard.end, generator)
+        images = own.new_zeros((self.num_classes * n_per_class, *own.shape[1:]))
+        images[shard.first * n_per_class:shard.end * n_per_class] = own
+        shard.gather_classes(images, n_per_class)
+        return images, torch.arange(self.num_classes, device=self.device).repeat_interleave(n_per_class)
+
+    def random_real(self, ipc: int, generator: torch.Generator | None = None, shard: ClassShard | None = None
                     ) -> tuple[torch.Tensor, torch.Tensor]:
         """A class-balanced random real subset, `ipc` per class (synthetic-set init / baseline).
 
-        Returns float32 images (classes·ipc, C, H, W) and their labels, class by class.
+        Returns float32 images (classes·ipc, C, H, W) and their labels, class by class (on every
+        rank of `shard`, see sample_every_class).
         """
-        return self.sample(ipc, None, generator)
+        return self.sample_every_class(ipc, generator, shard)

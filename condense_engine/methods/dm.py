@@ -211,7 +211,7 @@ class M3D(DM):
         if factor < 1:
             raise ValueError(f"factor must be ≥ 1, got {factor}")
         if factor > 1:
-            multi_formation_init(synset, sampler, factor, self.ipc)
+            multi_formation_init(synset, sampler, factor, self.ipc, self.shard)
         super().init(synset, dataset, sampler, generator, device)
 
     def feature_loss(self, real_feats: torch.Tensor, syn_feats: torch.Tensor, weight=None, sigmas=None) -> torch.Tensor:
@@ -251,9 +251,10 @@ class M3D(DM):
         return (torch.exp(-sq_distance / (2.0 * variance)) / variance).mean()
 
 
-def multi_formation_init(synset, sampler, factor: int, ipc: int) -> None:
-    """IDC-style init: each stored image tiles factor² real images downscaled by `factor`."""
-    real, labels = sampler.sample(ipc * factor * factor)
+def multi_formation_init(synset, sampler, factor: int, ipc: int, shard: ClassShard | None = None) -> None:
+    """IDC-style init: each stored image tiles factor² real images downscaled by `factor` (the
+    same on every rank of a class `shard`)."""
+    real, labels = sampler.sample_every_class(ipc * factor * factor, shard=shard)
     classes, channels, height, width = synset.num_classes, *real.shape[1:]
     if height % factor or width % factor:
         raise ValueError(f"factor {factor} must divide the image size {height}×{width}")
