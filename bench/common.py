@@ -4,6 +4,8 @@ A result row is `{"bench", "case", "impl" ("ours" | "eager" | "compile"), "ms", 
 "peak_mem_mb", "pct_of_peak"}` plus an optional "note"; a results file is
 `bench/results/<name>.json` = `{"device", "torch", "triton", "cuda", "date", "rows": [...]}`.
 """
+import argparse
+import dataclasses
 import datetime
 import json
 import os
@@ -174,6 +176,45 @@ def compile_skip_reason(no_compile: bool, device: torch.device) -> str | None:
     if device.type == "cpu":
         return "on CPU, compiling each shape takes longer than the smoke test's budget"
     return None
+
+
+def kernel_parser(bench: str, doc: str) -> argparse.ArgumentParser:
+    """The command line every kernel benchmark (mmd, dsa, embed) shares; `doc` is its module
+    docstring, whose first paragraph describes it. Add the bench's own options to the result."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="tiny shapes (CPU smoke test)")
+    parser.add_argument("--out", help=f"results file (default bench/results/{bench}.json; {bench}_bf16.json with "
+                                      f"--dtype bf16, {bench}_quick.json with --quick)")
+    parser.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32",
+                        help="dtype of every implementation's inputs (and weights)")
+    parser.add_argument("--no-compile", action="store_true", help="skip torch.compile")
+    parser.add_argument("--cases", nargs="+", help="only these case names")
+    return parser
+
+
+@dataclasses.dataclass
+class KernelRun:
+    """What a kernel benchmark's main needs from its parsed kernel_parser arguments."""
+    device: torch.device
+    dtype: torch.dtype
+    compile_note: str | None  # why the compile rows are skipped, or None
+    peaks: dict | None
+    name: str  # the results file's name
+    rows: Rows
+    only: list | None  # --cases
+
+    def chosen(self, cases: list) -> list:
+        """The cases (tuples named by their first entry) that --cases selects."""
+        return [case for case in cases if self.only is None or case[0] in self.only]
+
+
+def kernel_run(bench: str, args: argparse.Namespace) -> KernelRun:
+    """The device (CUDA when present), dtype, results file and rows of a kernel benchmark run."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    name = f"{bench}_quick" if args.quick else (bench if args.dtype == "fp32" else f"{bench}_bf16")
+    return KernelRun(device=device, dtype=torch.bfloat16 if args.dtype == "bf16" else torch.float32,
+                     compile_note=compile_skip_reason(args.no_compile, device), peaks=device_peaks(device),
+                     name=name, rows=Rows(name, device, args.out), only=args.cases)
 
 
 def compiled(fn, **options):

@@ -29,8 +29,6 @@ are counted: the op is memory-bound.
 published-style chain; torch.compile skipped) as a smoke test for CI; its times say nothing
 about speed.
 """
-import argparse
-
 import torch
 
 from bench import common
@@ -140,38 +138,23 @@ def measure(case, strategy: str, mode: str, impl: str, variant: str, device: tor
 
 
 def main(argv=None) -> list[dict]:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="tiny shapes (CPU smoke test)")
-    parser.add_argument("--out", help="results file (default bench/results/dsa.json; "
-                                      "dsa_bf16.json with --dtype bf16, dsa_quick.json "
-                                      "with --quick)")
-    parser.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
-    parser.add_argument("--no-compile", action="store_true", help="skip torch.compile")
-    parser.add_argument("--cases", nargs="+", help="only these case names")
+    parser = common.kernel_parser("dsa", __doc__)
     parser.add_argument("--strategies", nargs="+", choices=tuple(STRATEGIES),
                         default=list(STRATEGIES))
     args = parser.parse_args(argv)
-
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
-    cases = QUICK_CASES if args.quick else FULL_CASES
-    if args.cases:
-        cases = [case for case in cases if case[0] in args.cases]
-    compile_note = common.compile_skip_reason(args.no_compile, device)
+    run = common.kernel_run("dsa", args)
     # The interpreter needs seconds per call: a few repetitions are enough for a smoke test.
     timing = dict(warmup=1, reps=2) if args.quick else {}
-    peaks = common.device_peaks(device)
-    name = "dsa_quick" if args.quick else ("dsa" if args.dtype == "fp32" else "dsa_bf16")
-    rows = common.Rows(name, device, args.out)
-    for case in cases:
+    rows = run.rows
+    for case in run.chosen(QUICK_CASES if args.quick else FULL_CASES):
         for strategy in args.strategies:
             for mode in MODES:
                 for impl, variant in IMPLS:
-                    rows.append(measure(case, strategy, mode, impl, variant, device, dtype,
-                                        peaks, compile_note, timing))
+                    rows.append(measure(case, strategy, mode, impl, variant, run.device, run.dtype,
+                                        run.peaks, run.compile_note, timing))
                     print(f"{rows[-1]['case']} {impl} ({variant}): {rows[-1]['ms']} ms",
                           flush=True)
-    common.finish(name, rows, device, args.out)
+    common.finish(run.name, rows, run.device, args.out)
     return rows
 
 

@@ -30,8 +30,6 @@ the least traffic any implementation needs (e = bytes per element, N = n·C·H·
 --quick runs tiny shapes on the CPU (Triton in its interpreter, torch.compile skipped) as a
 smoke test for CI; its times say nothing about speed.
 """
-import argparse
-
 import torch
 
 from bench import common
@@ -145,42 +143,23 @@ def measure_epilogue(case, mode: str, impl: str, device, dtype, peaks, compile_n
 
 
 def main(argv=None) -> list[dict]:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="tiny shapes (CPU smoke test)")
-    parser.add_argument("--out", help="results file (default bench/results/embed.json; "
-                                      "embed_bf16.json with --dtype bf16, embed_quick.json "
-                                      "with --quick)")
-    parser.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32",
-                        help="dtype of the weights and images of every implementation")
-    parser.add_argument("--no-compile", action="store_true", help="skip torch.compile")
-    parser.add_argument("--cases", nargs="+", help="only these case names")
-    args = parser.parse_args(argv)
-
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
-    network_cases = QUICK_NETWORK_CASES if args.quick else FULL_NETWORK_CASES
-    epilogue_cases = QUICK_EPILOGUE_CASES if args.quick else FULL_EPILOGUE_CASES
-    if args.cases:
-        network_cases = [case for case in network_cases if case[0] in args.cases]
-        epilogue_cases = [case for case in epilogue_cases if case[0] in args.cases]
-    compile_note = common.compile_skip_reason(args.no_compile, device)
-    peaks = common.device_peaks(device)
-    name = "embed_quick" if args.quick else ("embed" if args.dtype == "fp32" else "embed_bf16")
-    rows = common.Rows(name, device, args.out)
-    for case in network_cases:
+    args = common.kernel_parser("embed", __doc__).parse_args(argv)
+    run = common.kernel_run("embed", args)
+    rows = run.rows
+    for case in run.chosen(QUICK_NETWORK_CASES if args.quick else FULL_NETWORK_CASES):
         for impl in ("ours", "eager", "compile"):
-            rows.append(measure_network(case, impl, device, dtype, peaks, compile_note))
+            rows.append(measure_network(case, impl, run.device, run.dtype, run.peaks, run.compile_note))
             print(f"{rows[-1]['case']} {impl}: {rows[-1]['ms']} ms", flush=True)
-        rows.append(measure_network(case, "ours", device, dtype, peaks, compile_note,
+        rows.append(measure_network(case, "ours", run.device, run.dtype, run.peaks, run.compile_note,
                                     ablation=True))
         print(f"{rows[-1]['case']} ours (ablation): {rows[-1]['ms']} ms", flush=True)
-    for case in epilogue_cases:
+    for case in run.chosen(QUICK_EPILOGUE_CASES if args.quick else FULL_EPILOGUE_CASES):
         for mode in MODES:
             for impl in ("ours", "eager", "compile"):
-                rows.append(measure_epilogue(case, mode, impl, device, dtype, peaks,
-                                             compile_note))
+                rows.append(measure_epilogue(case, mode, impl, run.device, run.dtype, run.peaks,
+                                             run.compile_note))
                 print(f"{rows[-1]['case']} {impl}: {rows[-1]['ms']} ms", flush=True)
-    common.finish(name, rows, device, args.out)
+    common.finish(run.name, rows, run.device, args.out)
     return rows
 
 

@@ -21,8 +21,6 @@ GB/s is an effective bandwidth:
 --quick runs tiny shapes on the CPU (Triton in its interpreter, torch.compile skipped) as a
 smoke test for CI; its times say nothing about speed.
 """
-import argparse
-
 import torch
 
 from bench import common
@@ -104,38 +102,23 @@ def measure(case, kernel: str, mode: str, impl: str, device: torch.device, dtype
 
 
 def main(argv=None) -> list[dict]:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="tiny shapes (CPU smoke test)")
-    parser.add_argument("--out", help="results file (default bench/results/mmd.json; "
-                                      "mmd_bf16.json with --dtype bf16, mmd_quick.json "
-                                      "with --quick)")
-    parser.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
+    parser = common.kernel_parser("mmd", __doc__)
     parser.add_argument("--tf32", action="store_true",
                         help="torch.set_float32_matmul_precision('high') for every impl")
-    parser.add_argument("--no-compile", action="store_true", help="skip torch.compile")
-    parser.add_argument("--cases", nargs="+", help="only these case names")
     parser.add_argument("--kernels", nargs="+", choices=tuple(KERNELS), default=list(KERNELS))
     args = parser.parse_args(argv)
-
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     if args.tf32:
         torch.set_float32_matmul_precision("high")
-    cases = QUICK_CASES if args.quick else FULL_CASES
-    if args.cases:
-        cases = [case for case in cases if case[0] in args.cases]
-    compile_note = common.compile_skip_reason(args.no_compile, device)
-    peaks = common.device_peaks(device)
-    name = "mmd_quick" if args.quick else ("mmd" if args.dtype == "fp32" else "mmd_bf16")
-    rows = common.Rows(name, device, args.out)
-    for case in cases:
+    run = common.kernel_run("mmd", args)
+    rows = run.rows
+    for case in run.chosen(QUICK_CASES if args.quick else FULL_CASES):
         for kernel in args.kernels:
             for mode in MODES:
                 for impl in ("ours", "eager", "compile"):
-                    rows.append(measure(case, kernel, mode, impl, device, dtype, peaks,
-                                        compile_note))
+                    rows.append(measure(case, kernel, mode, impl, run.device, run.dtype, run.peaks,
+                                        run.compile_note))
                     print(f"{rows[-1]['case']} {impl}: {rows[-1]['ms']} ms", flush=True)
-    common.finish(name, rows, device, args.out)
+    common.finish(run.name, rows, run.device, args.out)
     return rows
 
 
