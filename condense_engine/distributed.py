@@ -8,6 +8,9 @@ only their images; the summed loss, the finiteness flag and, for M3D, the few st
 come from all classes are all-reduced as device tensors (no host sync). The images (and their
 optimiser state) are gathered when a checkpoint, an evaluation or the end needs the whole set,
 so a checkpoint has the single-process format and resumes under any number of ranks.
+
+Expert training (`condense_engine.expert`) spreads whole experts over the ranks instead: they
+are independent, so there is nothing to exchange but a final barrier.
 """
 import dataclasses
 import datetime
@@ -131,6 +134,17 @@ def init_from_env(device: str | None) -> torch.device:
 def rank() -> int:
     """This process's rank (0 outside a process group)."""
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def world_size() -> int:
+    """How many ranks the process group has (1 outside one)."""
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def barrier() -> None:
+    """Wait until every rank gets here (nothing outside a process group)."""
+    if world_size() > 1:
+        dist.barrier()
 
 
 def leave() -> None:

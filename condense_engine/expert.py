@@ -12,6 +12,10 @@ written atomically and the index is rewritten after every expert, so a crash los
 expert being trained, and running the same command again continues where it stopped (every
 expert's randomness depends only on (seed, expert number), so the result is the same).
 `load_experts` reads the index only; trajectories are memory-mapped when first accessed.
+
+Under torchrun the ranks share out the experts still to train (rank r takes every world-th),
+each on its own device, and write their files into the same folder; rank 0 keeps the index
+current and completes it once every rank is done. The buffer equals the one-process buffer.
 """
 import argparse
 import os
@@ -22,8 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch.func import stack_module_state
 
-from condense_engine import __version__
-from condense_engine.checkpoint import atomic_save, check_format, load_versioned
+from condense_engine import __version__, distributed
+from condense_engine.checkpoint import atomic_save, check_format, load_versioned, read_torch_file
 from condense_engine.evaluate_batched import augment_each, cross_entropy_of, stacked_template, unbatchable_reason
 from condense_engine.gsam import GSAM
 from condense_engine.models import FunctionalConvNet, convnet_config
@@ -43,6 +47,14 @@ DATM_GSAM = dict(rho=0.01, alpha=0.3, adaptive=True)
 
 def expert_file_name(number: int) -> str:
     return f"expert_{number:04d}.pt"
+
+
+def expert_number(name: str) -> int | None:
+    """The number in an expert file's name (expert_file_name's inverse), None for other names."""
+    stem, dot, extension = name.partition(".")
+    if extension != "pt" or not stem.startswith("expert_") or not stem[len("expert_"):].isdigit():
+        return None
+    return int(stem[len("expert_"):])
 
 
 def _dataset_key(name: str) -> str:
@@ -318,7 +330,12 @@ def train_experts(dataset, num_experts: int, epochs: int, *, model: str = "ConvN
     meta = buffer_meta(dataset, model, epochs=epochs, lr=lr, momentum=momentum, weight_decay=weight_decay,
                        batch_size=batch_size, strategy=strategy, seed=seed, optimizer=optimizer, gsam=gsam)
     student = student_network(meta)
-    files = _resume_files(out, meta) if out is not None else []
+    rank, world = distributed.rank(), distributed.world_size()
+    if world > 1 and out is None:
+        raise ValueError(f"training experts across {world} ranks needs out=<folder>: each rank writes its "
+                         "experts there")
+    finished = {expert_number(name) for name in _finished_files(out, meta)} if out is not None else set()
+    numbers = [number for number in range(num_experts) if number not in finished][rank::world]
     trajectories = []
     resident = dataset.to(device)
     if parallel > 1:
@@ -326,31 +343,39 @@ def train_experts(dataset, num_experts: int, epochs: int, *, model: str = "ConvN
         reason = unbatchable_reason(model, probe, resident.normalized(torch.arange(1, device=resident.images.device)))
         if reason:
             raise ValueError(f"parallel experts need a model torch.func can batch: {reason}")
-    first = len(files) if out is not None else 0
-    for group_start in range(first, num_experts, parallel):
-        numbers = list(range(group_start, min(group_start + parallel, num_experts)))
+    for group_start in range(0, len(numbers), parallel):
+        group = numbers[group_start:group_start + parallel]
         began = time.perf_counter()
-        if len(numbers) > 1:
-            results = train_expert_group(resident, student, meta, numbers, device)
+        if len(group) > 1:
+            results = train_expert_group(resident, student, meta, group, device)
         else:
-            results = [train_expert(resident, student, meta, numbers[0], device)]
-        for number, (trajectory, losses) in zip(numbers, results):
+            results = [train_expert(resident, student, meta, group[0], device)]
+        for number, (trajectory, losses) in zip(group, results):
             if out is None:
                 trajectories.append(trajectory)
             else:
-                name = expert_file_name(number)
                 atomic_save({"format": EXPERT_KIND, "format_version": FORMAT_VERSION, "meta": meta,
                              "number": number, "epoch_losses": losses, "trajectory": trajectory},
-                            os.path.join(out, name))
-                files.append(name)
-                atomic_save({"format": INDEX_KIND, "format_version": FORMAT_VERSION, "meta": meta,
-                             "experts": files}, os.path.join(out, INDEX_FILE))
+                            os.path.join(out, expert_file_name(number)))
+                if rank == 0:
+                    _write_index(out, meta)
             if progress:
-                print(f"expert {number + 1}/{num_experts}: final train loss {losses[-1]:.4f} "
-                      f"({time.perf_counter() - began:.1f} s for {len(numbers)})", flush=True)
+                where = f"rank {rank}: " if world > 1 else ""
+                print(f"{where}expert {number + 1}/{num_experts}: final train loss {losses[-1]:.4f} "
+                      f"({time.perf_counter() - began:.1f} s for {len(group)})", flush=True)
     if out is None:
         return ExpertBuffer(meta, trajectories=trajectories)
+    distributed.barrier()  # every rank's experts are written
+    if rank == 0:
+        _write_index(out, meta)
+    distributed.barrier()  # and listed
     return load_experts(out)
+
+
+def _write_index(folder, meta: dict) -> None:
+    """Rewrite `folder`'s index to list every finished expert file there."""
+    atomic_save({"format": INDEX_KIND, "format_version": FORMAT_VERSION, "meta": meta,
+                 "experts": _finished_files(folder, meta)}, os.path.join(folder, INDEX_FILE))
 
 
 def _gsam_settings(optimizer: str, **given) -> dict | None:
@@ -366,19 +391,32 @@ def _gsam_settings(optimizer: str, **given) -> dict | None:
     return dict(rho=float(settings["rho"]), alpha=float(settings["alpha"]), adaptive=bool(settings["adaptive"]))
 
 
-def _resume_files(folder, meta: dict) -> list:
-    """The finished experts of an existing buffer in `folder` with the same settings (else [])."""
+def _finished_files(folder, meta: dict) -> list:
+    """The finished expert files in `folder`, in expert order: those its index lists (unless
+    deleted since, e.g. a damaged one, to be trained again) and those written after the index was
+    (by another rank, or just before a crash). ValueError when the folder holds a buffer trained
+    with other settings."""
     folder = os.fspath(folder)
-    if not os.path.exists(os.path.join(folder, INDEX_FILE)):
-        return []
-    index = _read_index(folder)
-    existing = _upgraded(index["meta"])
+    listed = []
+    if os.path.exists(os.path.join(folder, INDEX_FILE)):
+        index = _read_index(folder)
+        _check_same_settings(folder, _upgraded(index["meta"]), meta)
+        listed = [name for name in index["experts"] if os.path.exists(os.path.join(folder, name))]  # deleted: redo
+    unlisted = [name for name in (os.listdir(folder) if os.path.isdir(folder) else [])
+                if expert_number(name) is not None and name not in listed]
+    for name in unlisted:
+        path = os.path.join(folder, name)
+        content = check_format(read_torch_file(path, "cpu"), EXPERT_KIND, FORMAT_VERSION, path)
+        _check_same_settings(folder, _upgraded(content["meta"]), meta)
+    return sorted(listed + unlisted, key=expert_number)
+
+
+def _check_same_settings(folder: str, existing: dict, meta: dict) -> None:
     if _without_provenance(existing) != _without_provenance(meta):
         changed = sorted(k for k in set(meta) | set(existing)
                          if k not in _PROVENANCE_KEYS and existing.get(k) != meta.get(k))
         raise ValueError(f"{folder} already holds an expert buffer trained with other settings "
                          f"(differing: {', '.join(changed)}); choose another folder")
-    return list(index["experts"])
 
 
 def add_experts_command(subparsers) -> argparse.ArgumentParser:
@@ -387,7 +425,7 @@ def add_experts_command(subparsers) -> argparse.ArgumentParser:
         "experts", help="train expert trajectories for trajectory matching (mtt, tesla, datm)",
         description="Train ConvNet experts on the whole training split with SGD (MTT's buffer.py) or GSAM "
         "over SGD (DATM's flat experts) and DSA, saving every epoch's parameters. Re-running with the same "
-        "--out continues an interrupted run.")
+        "--out continues an interrupted run. Under torchrun the ranks share out the experts, one device each.")
     p.add_argument("--dataset", required=True, help="data set name (see `condense datasets list`)")
     p.add_argument("--root", default=None, help="folder (or file) holding the data set's files")
     p.add_argument("--num-experts", type=int, default=100, help="experts to train (100)")
@@ -416,14 +454,23 @@ def add_experts_command(subparsers) -> argparse.ArgumentParser:
 
 
 def run_experts_command(args) -> int:
-    """Run `condense experts`: train (or continue) the buffer and print where it is."""
+    """Run `condense experts`: train (or continue) the buffer and print where it is. Under
+    torchrun every rank trains its share of the experts on its own device."""
     from condense_engine import datasets
 
-    train = datasets.load(args.dataset, root=args.root, split="train", zca=True if args.zca else None)
-    buffer = train_experts(train, args.num_experts, args.epochs, model=args.model, lr=args.lr,
-                           momentum=args.momentum, weight_decay=args.weight_decay, batch_size=args.batch_size,
-                           dsa=not args.no_dsa, optimizer=args.optimizer, rho=args.rho, alpha=args.alpha,
-                           adaptive=args.adaptive, device=args.device, seed=args.seed, out=args.out, progress=True,
-                           parallel=args.parallel)
-    print(f"{buffer}", flush=True)
+    device = args.device
+    if distributed.launched_by_torchrun():
+        device = distributed.init_from_env(args.device)
+    try:
+        train = datasets.load(args.dataset, root=args.root, split="train", zca=True if args.zca else None)
+        buffer = train_experts(train, args.num_experts, args.epochs, model=args.model, lr=args.lr,
+                               momentum=args.momentum, weight_decay=args.weight_decay, batch_size=args.batch_size,
+                               dsa=not args.no_dsa, optimizer=args.optimizer, rho=args.rho, alpha=args.alpha,
+                               adaptive=args.adaptive, device=device, seed=args.seed, out=args.out, progress=True,
+                               parallel=args.parallel)
+        if distributed.rank() == 0:
+            print(f"{buffer}", flush=True)
+    finally:
+        if distributed.launched_by_torchrun():
+            distributed.leave()
     return 0

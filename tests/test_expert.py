@@ -1,13 +1,17 @@
 """Expert buffers: training records every epoch, files round-trip and load lazily, an interrupted
 run continues to the same result, damaged files and mismatched buffers give clear errors."""
 import argparse
+import datetime
 import os
 from dataclasses import replace
 
 import numpy as np
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 
+from condense_engine import distributed
 from condense_engine.datasets import from_tensors
 from condense_engine.expert import (INDEX_FILE, add_experts_command, check_compatible, expert_file_name,
                                     load_experts, run_experts_command, train_experts)
@@ -15,8 +19,6 @@ from condense_engine.models import FunctionalConvNet
 from tests.toy_data import toy_dataset
 
 SETTINGS = dict(model="ConvNetD1", batch_size=16, device="cpu")
-
-
 
 
 def _toy(name="toy", classes=4, per_class=8, size=8):
@@ -79,6 +81,56 @@ def test_interrupted_training_continues_to_the_same_buffer(tmp_path):
     assert torch.equal(continued[1], uninterrupted[1])
     with pytest.raises(ValueError, match="other settings.*lr"):
         train_experts(data, 3, 2, out=tmp_path, lr=0.1, **SETTINGS)
+
+
+def test_an_expert_file_the_index_does_not_list_yet_is_kept(tmp_path):
+    """A crash between writing an expert and rewriting the index (or another rank's expert)
+    loses nothing: the next run lists that file instead of training the expert again; a listed
+    file that was deleted is trained again."""
+    data = _toy()
+    train_experts(data, 2, 2, out=tmp_path, **SETTINGS)
+    index = torch.load(tmp_path / INDEX_FILE, weights_only=True)
+    torch.save(dict(index, experts=[expert_file_name(0)]), tmp_path / INDEX_FILE)
+    written = (tmp_path / expert_file_name(1)).stat().st_mtime_ns
+    resumed = train_experts(data, 3, 2, out=tmp_path, **SETTINGS)
+    assert (tmp_path / expert_file_name(1)).stat().st_mtime_ns == written      # not retrained
+    assert torch.load(tmp_path / INDEX_FILE, weights_only=True)["experts"] == [expert_file_name(n) for n in range(3)]
+    straight = train_experts(data, 3, 2, **SETTINGS)
+    assert all(torch.equal(resumed[n], straight[n]) for n in range(3))
+    os.remove(tmp_path / expert_file_name(1))  # what the damaged-file error tells the user to do
+    assert torch.equal(train_experts(data, 3, 2, out=tmp_path, **SETTINGS)[1], straight[1])
+    train_experts(data, 1, 2, out=tmp_path / "other", lr=0.1, **SETTINGS)
+    os.replace(tmp_path / "other" / expert_file_name(0), tmp_path / expert_file_name(7))
+    with pytest.raises(ValueError, match="other settings.*lr"):
+        train_experts(data, 4, 2, out=tmp_path, **SETTINGS)
+
+
+def _expert_rank(rank: int, world: int, folder: str) -> None:
+    """One rank of a torchrun-like launch of train_experts (Gloo on the CPU)."""
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{folder}/store", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=300))
+    try:
+        try:
+            train_experts(_toy(), 3, 2, **SETTINGS)
+        except ValueError as err:
+            with open(os.path.join(folder, f"error-{rank}.txt"), "w", encoding="utf-8") as f:
+                f.write(str(err))
+        train_experts(_toy(), 3, 2, out=os.path.join(folder, "buffer"), progress=True, **SETTINGS)
+    finally:
+        distributed.leave()
+
+
+def test_ranks_share_out_the_experts_and_write_the_one_process_buffer(tmp_path, capfd):
+    mp.spawn(_expert_rank, args=(2, str(tmp_path)), nprocs=2, join=True)
+    printed = capfd.readouterr().out
+    assert all(line in printed for line in ("rank 0: expert 1/3", "rank 1: expert 2/3", "rank 0: expert 3/3"))
+    buffer, single = load_experts(tmp_path / "buffer"), train_experts(_toy(), 3, 2, **SETTINGS)
+    assert len(buffer) == 3
+    for number in range(3):
+        torch.testing.assert_close(buffer[number], single[number], rtol=1e-5, atol=1e-6)
+    for rank in range(2):
+        assert "needs out=" in (tmp_path / f"error-{rank}.txt").read_text()
 
 
 @pytest.mark.parametrize("momentum, weight_decay", [(0.0, 0.0), (0.9, 5e-4)])
