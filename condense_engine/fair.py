@@ -9,9 +9,14 @@ same evaluation, accuracies as fractions:
 - LRS: HLR = Acc(full real data) − Acc(set, hard labels); IOR = Acc(set, its own labels) −
   Acc(random subset); α = w·IOR − (1 − w)·HLR (w = `label_weight`, 0.5).
 - ARS: β = γ·(Acc(set) − Acc(random)) with augmentation + (1 − γ)·(the same gap without it)
-  (γ = `aug_weight`, 0.5; our reading of DD-Ranking's γ-weighted mix).
+  (γ = `aug_weight`, 0.5: DD-Ranking's `ars_lambda`, formula checked against its
+  AugmentationRobustScore).
 
-Each is mapped to [0, 1] by (e^x − e^−1)/(e − e^−1). The random subsets carry hard labels (DD-Ranking
+Each is mapped to [0, 1] by (e^x − e^−1)/(e − e^−1). Two differences from DD-Ranking's own runs:
+it maps each evaluation run's gaps and averages the scores, where we map the gaps of the mean
+accuracies (equal to first order, the gaps being small), and it takes each model's best test
+accuracy during training and grid-searches the random subsets' lr, where we use the engine's
+fixed protocol for both. The random subsets carry hard labels (DD-Ranking
 gives them the set's label treatment; the engine's soft labels come from distillation, not a
 teacher that could relabel them). Acc(full real data) is `full_accuracy` when given (e.g. the
 published full-data row), otherwise measured by training the same model on the whole train set for
