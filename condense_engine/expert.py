@@ -369,7 +369,11 @@ def train_experts(dataset, num_experts: int, epochs: int, *, model: str = "ConvN
     if rank == 0:
         _write_index(out, meta)
     distributed.barrier()  # and listed
-    return load_experts(out)
+    buffer = load_experts(out)
+    if len(buffer) < num_experts:
+        raise ValueError(f"{out} lists {len(buffer)} of the {num_experts} experts after every rank finished: "
+                         "the ranks must write to a folder on a file system they all see")
+    return buffer
 
 
 def _write_index(folder, meta: dict) -> None:

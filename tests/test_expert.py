@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from condense_engine import distributed
+from condense_engine import distributed, expert
 from condense_engine.datasets import from_tensors
 from condense_engine.expert import (INDEX_FILE, add_experts_command, check_compatible, expert_file_name,
                                     load_experts, run_experts_command, train_experts)
@@ -117,6 +117,13 @@ def _expert_rank(rank: int, world: int, folder: str) -> None:
             with open(os.path.join(folder, f"error-{rank}.txt"), "w", encoding="utf-8") as f:
                 f.write(str(err))
         train_experts(_toy(), 3, 2, out=os.path.join(folder, "buffer"), progress=True, **SETTINGS)
+        if rank == 1:  # as if rank 1's folder were another machine's: rank 0 never sees its expert
+            expert.expert_file_name = lambda number: f"elsewhere_{number:04d}.pt"
+        try:
+            train_experts(_toy(), 3, 2, out=os.path.join(folder, "unshared"), **SETTINGS)
+        except ValueError as err:
+            with open(os.path.join(folder, f"unshared-{rank}.txt"), "w", encoding="utf-8") as f:
+                f.write(str(err))
     finally:
         distributed.leave()
 
@@ -131,6 +138,7 @@ def test_ranks_share_out_the_experts_and_write_the_one_process_buffer(tmp_path, 
         torch.testing.assert_close(buffer[number], single[number], rtol=1e-5, atol=1e-6)
     for rank in range(2):
         assert "needs out=" in (tmp_path / f"error-{rank}.txt").read_text()
+        assert "lists 2 of the 3 experts" in (tmp_path / f"unshared-{rank}.txt").read_text()
 
 
 @pytest.mark.parametrize("momentum, weight_decay", [(0.0, 0.0), (0.9, 5e-4)])
