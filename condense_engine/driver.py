@@ -159,6 +159,8 @@ def distill(dataset, method: str = "dm", ipc: int = 10, iterations: int | None =
         raise ValueError("resume=True needs checkpoint=<path>")
     algorithm = get_method(method)(dataset.name, ipc, **options)
     if iterations is not None:
+        if isinstance(iterations, bool) or int(iterations) != iterations or iterations < 0:
+            raise ValueError(f"iterations must be a non-negative integer, got {iterations!r}")
         algorithm.options["iterations"] = int(iterations)
     shard = class_shard(dataset.num_classes)
     if shard.sharded:

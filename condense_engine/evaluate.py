@@ -233,6 +233,9 @@ def evaluate(synset, test_set: ImageDataset, model: str = "ConvNet", repeats: in
                          f"{(test_set.channels, *test_set.image_size)}")
     if not torch.isfinite(images).all():
         raise ValueError("the synthetic set holds non-finite pixels")
+    if len(test_set) and int(test_set.labels.max()) >= synset.num_classes:
+        raise ValueError(f"the test set has labels up to {int(test_set.labels.max())} but the synthetic set has "
+                         f"{synset.num_classes} classes: its models could never predict those labels")
     if lr is None:
         lr = float(synset.lr) if synset.lr is not None else 0.01
     strategy = (dsa_strategy or _default_eval_strategy(test_set.name, recipe)) if dsa else None

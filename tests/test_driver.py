@@ -45,6 +45,12 @@ def test_sync_every_must_be_a_positive_int(bad):
         ce.distill(toy_dataset(), iterations=1, sync_every=bad, **RUN)
 
 
+@pytest.mark.parametrize("bad", [-1, 2.5, True, "3"])
+def test_iterations_must_be_a_non_negative_int(bad):
+    with pytest.raises(ValueError, match="iterations must be a non-negative integer"):
+        ce.distill(toy_dataset(), iterations=bad, **RUN)
+
+
 def test_results_and_log_do_not_depend_on_sync_every(tmp_path):
     data = toy_dataset()
     runs = {}

@@ -115,6 +115,8 @@ def test_bad_input():
         ce.evaluate(synset, test, repeats=1, epochs=1, baseline=True)
     with pytest.raises(ValueError, match="test set holds"):
         ce.evaluate(synset, _separable(2, size=10), repeats=1, epochs=1)
+    with pytest.raises(ValueError, match="labels up to 3 but the synthetic set has 3 classes"):
+        ce.evaluate(synset, _separable(2, classes=4, seed=1), repeats=1, epochs=1)
     synset.images[0, 0, 0, 0] = float("nan")
     with pytest.raises(ValueError, match="non-finite"):
         ce.evaluate(synset, test, repeats=1, epochs=1)
