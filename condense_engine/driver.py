@@ -27,6 +27,7 @@ from condense_engine import __version__
 from condense_engine.checkpoint import (capture_rng_state, load_checkpoint, restore_rng_state, save_checkpoint,
                                         stop_flag_on_signal)
 from condense_engine.datasets import ClassSampler, ImageDataset, from_tensors, from_torch_dataset
+from condense_engine.device import resolve_device
 from condense_engine.distributed import class_shard
 from condense_engine.errors import NonFiniteError, NonFiniteLossError
 from condense_engine.methods import get_method
@@ -170,7 +171,7 @@ def distill(dataset, method: str = "dm", ipc: int = 10, iterations: int | None =
         algorithm.shard = shard
     lead = shard.rank == 0  # the rank that logs, evaluates and writes
     total = algorithm.iterations
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = resolve_device(device)
     sync_every = sync_every or (1 if device.type == "cpu" else ACCELERATOR_SYNC_EVERY)
 
     torch.manual_seed(seed)

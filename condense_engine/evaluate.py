@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from condense_engine import models
 from condense_engine.models.layers import ACTIVATION_CHANNELS, forward_chunk
 from condense_engine.datasets import ClassSampler, ImageDataset
+from condense_engine.device import resolve_device
 from condense_engine.evaluate_batched import train_and_test_batched, unbatchable_reason
 from condense_engine.methods.augment import cutmix
 from condense_engine.ops.dsa import DSAParams, default_strategy, dsa
@@ -225,7 +226,7 @@ def evaluate(synset, test_set: ImageDataset, model: str = "ConvNet", repeats: in
         raise ValueError(f"repeats, epochs and batch_size must be ≥ 1, got {repeats}, {epochs}, {batch_size}")
     if baseline and train_set is None:
         raise ValueError("baseline=True needs train_set (the real data to draw random subsets from)")
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = resolve_device(device)
     images, labels = synset.materialize()
     images, labels = images.detach().to(device), labels.detach().to(device)
     if tuple(images.shape[1:]) != (test_set.channels, *test_set.image_size):

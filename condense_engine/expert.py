@@ -28,6 +28,7 @@ from torch.func import stack_module_state
 
 from condense_engine import __version__, distributed
 from condense_engine.checkpoint import atomic_save, check_format, load_versioned, read_torch_file
+from condense_engine.device import resolve_device
 from condense_engine.evaluate_batched import augment_each, cross_entropy_of, stacked_template, unbatchable_reason
 from condense_engine.gsam import GSAM
 from condense_engine.models import FunctionalConvNet, convnet_config
@@ -325,7 +326,7 @@ def train_experts(dataset, num_experts: int, epochs: int, *, model: str = "ConvN
     if parallel > 1 and optimizer != "sgd":
         raise ValueError(f"parallel experts train with SGD only; optimizer {optimizer!r} trains one at a time")
     gsam = _gsam_settings(optimizer, rho=rho, alpha=alpha, adaptive=adaptive)
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = resolve_device(device)
     strategy = (dsa_strategy or default_strategy(dataset.name)) if dsa else None
     meta = buffer_meta(dataset, model, epochs=epochs, lr=lr, momentum=momentum, weight_decay=weight_decay,
                        batch_size=batch_size, strategy=strategy, seed=seed, optimizer=optimizer, gsam=gsam)
