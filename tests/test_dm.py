@@ -102,6 +102,11 @@ def test_bad_input():
         ce.distill(data, method="nope", ipc=1, iterations=1, progress=False, device="cpu")
     with pytest.raises(ValueError, match="no option"):
         ce.distill(data, method="dm", ipc=1, iterations=1, progress=False, device="cpu", lr_imgg=3)
+    for option, message in [(dict(lr_img="abc"), "lr_img must be a number"), (dict(lr_img=float("nan")), "finite"),
+                            (dict(batch_real=8.5), "batch_real must be an int"), (dict(dsa=1), "dsa must be a bool"),
+                            (dict(model=3), "model must be a string")]:
+        with pytest.raises(ValueError, match=message):
+            ce.distill(data, method="dm", ipc=1, iterations=1, progress=False, device="cpu", **option)
     with pytest.raises(TypeError, match="ImageDataset"):
         ce.distill("mnist", method="dm", ipc=1, iterations=1, progress=False, device="cpu")
 

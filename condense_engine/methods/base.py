@@ -5,6 +5,8 @@ as data, `init()` prepares whatever it needs from the real data, and `step()` pe
 distillation iteration on the synthetic set. `condense_engine.distill` owns the loop around it:
 progress, logging, evaluation, checkpoints, resume and the non-finite guard.
 """
+import math
+
 import torch
 
 _REGISTRY: dict = {}
@@ -36,6 +38,27 @@ def _dataset_key(name: str) -> str:
     return name.lower().replace("-", "").replace("_", "")
 
 
+def check_option(method: str, name: str, value, default) -> None:
+    """ValueError unless `value` has the kind of `default` (bool, int, number, string; a None
+    default takes anything, and None is taken as "the method's choice", e.g. batch_syn=None for
+    the whole set; the method checks those), and a number is finite: a typo such as lr_img=abc
+    or lr_img=nan fails here, not iterations later inside an update."""
+    if default is None or value is None:
+        return
+    kinds = ((bool, "a bool", lambda v: isinstance(v, bool)),
+             (int, "an int", lambda v: isinstance(v, int) and not isinstance(v, bool)),
+             (float, "a number", lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)),
+             (str, "a string", lambda v: isinstance(v, str)))
+    for kind, words, accepts in kinds:
+        if isinstance(default, kind):
+            if not accepts(value):
+                raise ValueError(f"method {method!r}: option {name} must be {words} (default {default!r}), "
+                                 f"got {value!r}")
+            if kind is float and not math.isfinite(value):
+                raise ValueError(f"method {method!r}: option {name} must be finite, got {value!r}")
+            return
+
+
 class Method:
     """Base class: option resolution, optimiser state for checkpoints, nothing method-specific.
 
@@ -62,6 +85,8 @@ class Method:
         if unknown:
             raise ValueError(f"method {self.name!r} has no option(s) {sorted(unknown)}; "
                              f"its options are {sorted(resolved)}")
+        for key, value in options.items():
+            check_option(self.name, key, value, resolved[key])
         resolved.update(options)
         self.options = resolved
         self.ipc = ipc
