@@ -45,6 +45,13 @@ def test_sync_every_must_be_a_positive_int(bad):
         ce.distill(toy_dataset(), iterations=1, sync_every=bad, **RUN)
 
 
+def test_a_checkpoint_folder_that_cannot_be_written_fails_before_the_first_iteration(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    with pytest.raises(ValueError, match="cannot write checkpoints to"):
+        ce.distill(toy_dataset(), iterations=1, checkpoint=str(blocker / "checkpoint.pt"), **RUN)
+
+
 @pytest.mark.parametrize("bad", [-1, 2.5, True, "3"])
 def test_iterations_must_be_a_non_negative_int(bad):
     with pytest.raises(ValueError, match="iterations must be a non-negative integer"):
