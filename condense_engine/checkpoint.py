@@ -9,6 +9,7 @@ import contextlib
 import os
 import random
 import signal
+import tempfile
 import threading
 import uuid
 
@@ -17,6 +18,18 @@ import torch
 
 FORMAT_VERSION = 1
 CHECKPOINT_KIND = "condense-engine/checkpoint"
+
+
+def require_writable_folder(folder, what: str) -> None:
+    """Create `folder` and check that files can be written there (ValueError naming `what` it
+    was for), so a path that cannot work fails before a long run rather than at its first save."""
+    folder = os.fspath(folder)
+    try:
+        os.makedirs(folder, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as error:
+        raise ValueError(f"cannot write {what} to {folder}: {error.strerror or error}") from None
 
 
 def atomic_save(obj, path) -> str:

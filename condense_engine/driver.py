@@ -19,14 +19,13 @@ every rank; the ranks agree on a stop signal where they sync.
 import json
 import math
 import os
-import tempfile
 import time
 
 import torch
 
 from condense_engine import __version__
-from condense_engine.checkpoint import (capture_rng_state, load_checkpoint, restore_rng_state, save_checkpoint,
-                                        stop_flag_on_signal)
+from condense_engine.checkpoint import (capture_rng_state, load_checkpoint, require_writable_folder, restore_rng_state,
+                                        save_checkpoint, stop_flag_on_signal)
 from condense_engine.datasets import ClassSampler, ImageDataset, from_tensors, from_torch_dataset
 from condense_engine.device import resolve_device
 from condense_engine.distributed import class_shard
@@ -61,18 +60,6 @@ def initial_synset(dataset: ImageDataset, sampler: ClassSampler, ipc: int, gener
     return SyntheticSet.from_tensors(images[order].detach().clone(), labels[order], num_classes=dataset.num_classes,
                                      classes=list(dataset.classes), mean=dataset.mean, std=dataset.std,
                                      zca=dataset.zca, meta=meta)
-
-
-def require_writable_folder(path: str) -> None:
-    """Create `path`'s folder and check that files can be written there, so a checkpoint path
-    that cannot work fails before the first iteration rather than at the first checkpoint."""
-    folder = os.path.dirname(os.path.abspath(path))
-    try:
-        os.makedirs(folder, exist_ok=True)
-        with tempfile.TemporaryFile(dir=folder):
-            pass
-    except OSError as error:
-        raise ValueError(f"cannot write checkpoints to {folder}: {error.strerror or error}") from None
 
 
 class _JsonLog:
@@ -184,7 +171,7 @@ def distill(dataset, method: str = "dm", ipc: int = 10, iterations: int | None =
         algorithm.shard = shard
     lead = shard.rank == 0  # the rank that logs, evaluates and writes
     if checkpoint and lead:
-        require_writable_folder(checkpoint)
+        require_writable_folder(os.path.dirname(os.path.abspath(checkpoint)), "checkpoints")
     total = algorithm.iterations
     device = resolve_device(device)
     sync_every = sync_every or (1 if device.type == "cpu" else ACCELERATOR_SYNC_EVERY)

@@ -27,7 +27,8 @@ import torch.nn.functional as F
 from torch.func import stack_module_state
 
 from condense_engine import __version__, distributed
-from condense_engine.checkpoint import atomic_save, check_format, load_versioned, read_torch_file
+from condense_engine.checkpoint import (atomic_save, check_format, load_versioned, read_torch_file,
+                                        require_writable_folder)
 from condense_engine.device import resolve_device
 from condense_engine.evaluate_batched import augment_each, cross_entropy_of, stacked_template, unbatchable_reason
 from condense_engine.gsam import GSAM
@@ -335,6 +336,8 @@ def train_experts(dataset, num_experts: int, epochs: int, *, model: str = "ConvN
     if world > 1 and out is None:
         raise ValueError(f"training experts across {world} ranks needs out=<folder>: each rank writes its "
                          "experts there")
+    if out is not None:
+        require_writable_folder(out, "expert files")
     finished = {expert_number(name) for name in _finished_files(out, meta)} if out is not None else set()
     numbers = [number for number in range(num_experts) if number not in finished][rank::world]
     trajectories = []

@@ -105,6 +105,13 @@ def test_an_expert_file_the_index_does_not_list_yet_is_kept(tmp_path):
         train_experts(data, 4, 2, out=tmp_path, **SETTINGS)
 
 
+def test_an_expert_folder_that_cannot_be_written_fails_before_training(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    with pytest.raises(ValueError, match="cannot write expert files to"):
+        train_experts(_toy(), 1, 1, out=blocker / "buffer", **SETTINGS)
+
+
 def _expert_rank(rank: int, world: int, folder: str) -> None:
     """One rank of a torchrun-like launch of train_experts (Gloo on the CPU)."""
     torch.set_num_threads(1)
