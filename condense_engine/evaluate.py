@@ -244,7 +244,7 @@ def evaluate(synset, test_set: ImageDataset, model: str = "ConvNet", repeats: in
     described = dict(model=model, repeats=repeats, epochs=epochs, lr=lr, batch_size=batch_size,
                      dsa_strategy=strategy, optimizer="SGD(momentum=0.9, weight_decay=5e-4)",
                      schedule=schedule, seed=seed, recipe=recipe)
-    shape = dict(channel=test_set.channels, num_classes=test_set.num_classes, im_size=test_set.image_size)
+    shape = dict(channel=test_set.channels, num_classes=synset.num_classes, im_size=test_set.image_size)
     run = dict(model=model, repeats=repeats, epochs=epochs, lr=lr, batch_size=batch_size,
                strategy=strategy, seed=seed, batched=batched, recipe=recipe, **shape)
     accs, losses, path = _train_repeats(images, labels, test_set, **run)
