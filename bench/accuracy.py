@@ -304,7 +304,8 @@ def measure(method: str, dataset: str, train, test, ipc: int, *, iterations: int
     method_options = {key: synset.meta["options"][key] for key in REPORTED_OPTIONS.get(synset.meta["method"], ())}
     start = time.perf_counter()
     evaluation = dict(model="ConvNet", repeats=repeats, epochs=epochs, seed=seed, device=device,
-                      recipe=EVAL_RECIPES.get(method, "dc"))
+                      recipe=EVAL_RECIPES.get(method, "dc"),
+                      checkpoint=os.path.join(folder, "evaluation-runs.pt") if folder else None)
     report = ce.evaluate(synset, test, baseline=baseline, train_set=train, **evaluation)
     scores = None
     if fair:
@@ -415,9 +416,9 @@ def main(argv=None) -> list[dict]:
                         help="also DD-Ranking's LRS and ARS per cell (two more evaluations: without DSA)")
     parser.add_argument("--quick", action="store_true",
                         help="CPU smoke run: embedded MNIST subset, IPC 1, a few iterations and epochs")
-    parser.add_argument("--save-dir", help="keep each cell's checkpoint, log and set in a folder here, so a "
-                             "stopped run continues where it was and a finished set is evaluated again "
-                             "rather than distilled again")
+    parser.add_argument("--save-dir", help="keep each cell's checkpoint, log, set and finished evaluation runs in a "
+                             "folder here, so a stopped run continues where it was (distillation and "
+                             "evaluation) and a finished set is evaluated rather than distilled again")
     parser.add_argument("--out", help="results file (default bench/results/accuracy-<device>-<date>.json)")
     parser.add_argument("--results-dir", default=common.RESULTS_DIR, help="folder RESULTS.md is built from")
     parser.add_argument("--report", default=os.path.join(REPO_ROOT, "bench", "RESULTS.md"),

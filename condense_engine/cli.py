@@ -68,7 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint.pt; with a larger --iterations, "
                    "extend that run to the longer schedule (on the CPU, bit for bit the longer run)")
     p.add_argument("--eval-every", type=int, default=0, help="evaluate every N iterations (0: never)")
-    p.add_argument("--evaluate", action="store_true", help="evaluate the result and write report.json")
+    p.add_argument("--evaluate", action="store_true",
+                   help="evaluate the result and write report.json (finished runs are kept in "
+                        "evaluation-runs.pt, so a stopped evaluation continues with --resume)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     _add_eval_args(p, epochs=1000, repeats=5)
 
@@ -84,6 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--full-accuracy", type=float, default=None,
                    help="--fair: full-data accuracy as a fraction (default: measured, see --full-epochs)")
     p.add_argument("--full-epochs", type=int, default=30, help="--fair: epochs of the full-data run (30)")
+    p.add_argument("--checkpoint", default=None,
+                   help="file keeping each finished evaluation run: the same command run again trains only the "
+                        "runs it had not finished")
     _add_eval_args(p, epochs=1000, repeats=5)
 
     add_experts_command(sub)
@@ -108,7 +113,8 @@ def _load(name: str, root, split: str):
     return datasets.load(name, root=root, split=split)
 
 
-def _evaluate(args, synset, test_set, train_set, device=None):
+def _evaluate(args, synset, test_set, train_set, device=None, checkpoint=None):
+    """Evaluate with every --model; `checkpoint` keeps finished runs (see ce.evaluate)."""
     from condense_engine.evaluate import evaluate
 
     reports = []
@@ -116,7 +122,7 @@ def _evaluate(args, synset, test_set, train_set, device=None):
         report = evaluate(synset, test_set, model=model, repeats=args.repeats, epochs=args.epochs,
                           lr=args.eval_lr, batch_size=args.eval_batch, dsa=not args.no_dsa, seed=args.seed,
                           baseline=args.baseline, train_set=train_set, device=device or args.device,
-                          recipe=args.recipe)
+                          recipe=args.recipe, checkpoint=checkpoint)
         print(report, flush=True)
         reports.append(report)
     return reports
@@ -165,7 +171,7 @@ def _distill(args, device, lead: bool) -> int:
     grid = synset.save_grid(os.path.join(args.out, "grid.png"))
     print(f"synthetic set: {os.path.join(args.out, 'synset.pt')}  grid: {grid}", flush=True)
     if args.evaluate:
-        reports = _evaluate(args, synset, test, train, device)
+        reports = _evaluate(args, synset, test, train, device, os.path.join(args.out, "evaluation-runs.pt"))
         schedule = dict(method=args.method, ipc=args.ipc, iterations=synset.meta["iterations"],
                         options=synset.meta["options"], evaluation=reports[0].recipe)
         report = _report_json(reports, dict(dataset=train.name, seconds=round(time.perf_counter() - began, 1),
@@ -190,7 +196,7 @@ def cmd_evaluate(args) -> int:
     test = _load(name, args.root, "test")
     args.baseline = args.baseline or args.fair  # the fair scores need it: evaluated once, then reused
     train = _load(name, args.root, "train") if args.baseline else None
-    reports = _evaluate(args, synset, test, train)
+    reports = _evaluate(args, synset, test, train, checkpoint=args.checkpoint)
     extra = dict(dataset=name, synset=args.synset)
     if args.fair:
         from condense_engine.fair import fair_scores
@@ -198,7 +204,7 @@ def cmd_evaluate(args) -> int:
         fair = fair_scores(synset, test, train, full_accuracy=args.full_accuracy, full_epochs=args.full_epochs,
                            model=(args.model or ["ConvNet"])[0], repeats=args.repeats, epochs=args.epochs,
                            lr=args.eval_lr, batch_size=args.eval_batch, seed=args.seed, device=args.device,
-                           recipe=args.recipe,
+                           recipe=args.recipe, checkpoint=args.checkpoint,
                            report=None if args.no_dsa else reports[0])
         print(fair, flush=True)
         extra["fair"] = fair.to_dict()

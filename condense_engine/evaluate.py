@@ -12,13 +12,22 @@ cutout since CutMix replaces it) and CutMix (β = 1) on half the batches. It run
 
 The repeats train together as one vmapped model (evaluate_batched.py) on an accelerator when the
 model allows it, else one after another; both give the same weights up to float rounding.
+
+`checkpoint=` keeps every finished run in a file as soon as it finishes (`FinishedRuns`), keyed by
+everything its result depends on, so an evaluation stopped part-way (a killed job, a time-limited
+machine) and started again trains only the runs it had not finished: on the loop path run by
+run, on the batched path all runs or none.
 """
+import hashlib
+import json
+import os
 from dataclasses import asdict, dataclass, field
 
 import torch
 import torch.nn.functional as F
 
 from condense_engine import models
+from condense_engine.checkpoint import atomic_save, load_versioned
 from condense_engine.models.layers import ACTIVATION_CHANNELS, forward_chunk
 from condense_engine.datasets import ClassSampler, ImageDataset
 from condense_engine.device import resolve_device
@@ -63,6 +72,43 @@ class EvalReport:
         if self.baseline is not None:
             text += f" (random real: {100 * self.baseline.mean:.2f} ± {100 * self.baseline.std:.2f} %)"
         return text
+
+
+RUNS_KIND, RUNS_FORMAT_VERSION = "condense-engine/evaluation-runs", 1
+
+
+def fingerprint(*parts) -> str:
+    """A digest of tensors (dtype, shape and bytes) and JSON-able values, in order."""
+    digest = hashlib.sha256()
+    for part in parts:
+        if isinstance(part, torch.Tensor):
+            flat = part.detach().cpu().contiguous().reshape(-1)
+            digest.update(f"{flat.dtype}{tuple(part.shape)}".encode())
+            digest.update(flat.view(torch.uint8).numpy().tobytes())
+        else:
+            digest.update(json.dumps(part, sort_keys=True, default=str).encode())
+    return digest.hexdigest()
+
+
+class FinishedRuns:
+    """Evaluation runs already finished, kept in the file `path` (None: nowhere) as
+    {key: {repeat: [accuracy, last loss]}}; every added run rewrites the file atomically."""
+
+    def __init__(self, path: str | None):
+        self.path = os.fspath(path) if path is not None else None
+        self.runs = {}
+        if self.path is not None and os.path.exists(self.path):
+            self.runs = load_versioned(self.path, RUNS_KIND, RUNS_FORMAT_VERSION)["runs"]
+
+    def get(self, key: str, repeat: int) -> tuple | None:
+        found = self.runs.get(key, {}).get(repeat)
+        return tuple(found) if found is not None else None
+
+    def add(self, key: str, repeat: int, accuracy: float, loss: float) -> None:
+        if self.path is None:
+            return
+        self.runs.setdefault(key, {})[repeat] = [float(accuracy), float(loss)]
+        atomic_save({"format": RUNS_KIND, "format_version": RUNS_FORMAT_VERSION, "runs": self.runs}, self.path)
 
 
 def train_and_test(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor,
@@ -175,23 +221,34 @@ def _loop_reason(batched: bool | None, model: str, nets: list, images: torch.Ten
 
 
 def _train_repeats(images, labels, test_set, *, model, repeats, epochs, lr, batch_size, strategy,
-                   seed, channel, num_classes, im_size, batched, recipe="dc", draw=None) -> tuple[list, list, dict]:
+                   seed, channel, num_classes, im_size, batched, recipe="dc", draw=None,
+                   finished: FinishedRuns | None = None, key: str = "") -> tuple[list, list, dict]:
     """Train `repeats` fresh models, repeat r seeded by seed·1000 + r. Return their accuracies,
     last losses and the path taken: {"path": "batched"} or {"path": "loop", "loop_reason": ...}.
 
     `batched` is evaluate's; `draw(generator)` replaces the training set per repeat (the
-    random-real baseline).
+    random-real baseline). Runs that `finished` holds under `key` are not trained again, and
+    each trained run is added to it.
     """
+    finished = finished or FinishedRuns(None)
     generators = [torch.Generator().manual_seed(seed * 1000 + repeat) for repeat in range(repeats)]
     sets = [draw(g) if draw is not None else (images, labels) for g in generators]
     nets = fresh_models(model, repeats, seed, channel, num_classes, im_size, images.device)
     train = dict(test_set=test_set, epochs=epochs, lr=lr, batch_size=batch_size, strategy=strategy)
     reason = _loop_reason(batched, model, nets, images, recipe)
+    kept = [finished.get(key, repeat) for repeat in range(repeats)]
     if reason is not None:
-        results = [train_and_test(net, *pair, **train, generator=g, recipe=recipe)
-                   for net, pair, g in zip(nets, sets, generators)]
+        results = []
+        for repeat, (net, pair, g) in enumerate(zip(nets, sets, generators)):
+            if kept[repeat] is None:  # each run has its own seed and generator: skipping one changes no other
+                kept[repeat] = train_and_test(net, *pair, **train, generator=g, recipe=recipe)
+                finished.add(key, repeat, *kept[repeat])
+            results.append(kept[repeat])
         accs, losses = (list(column) for column in zip(*results))
         return accs, losses, dict(path="loop", loop_reason=reason)
+    if all(result is not None for result in kept):
+        accs, losses = (list(column) for column in zip(*kept))
+        return accs, losses, dict(path="batched")
     if draw is None:
         stacked_images = images.expand(repeats, *images.shape)
         stacked_labels = labels.expand(repeats, *labels.shape)
@@ -200,6 +257,8 @@ def _train_repeats(images, labels, test_set, *, model, repeats, epochs, lr, batc
         stacked_labels = torch.stack([pair[1] for pair in sets])
     accs, losses = train_and_test_batched(nets, stacked_images, stacked_labels, **train,
                                           generators=generators)
+    for repeat, (accuracy, loss) in enumerate(zip(accs, losses)):
+        finished.add(key, repeat, accuracy, loss)
     return accs, losses, dict(path="batched")
 
 
@@ -207,7 +266,7 @@ def evaluate(synset, test_set: ImageDataset, model: str = "ConvNet", repeats: in
              epochs: int = 1000, lr: float | None = None, batch_size: int | None = None, dsa: bool = True,
              seed: int = 0, *, baseline: bool = False, train_set: ImageDataset | None = None,
              dsa_strategy: str | None = None, device=None, batched: bool | None = None,
-             recipe: str = "dc") -> EvalReport:
+             recipe: str = "dc", checkpoint: str | None = None) -> EvalReport:
     """Train `repeats` fresh `model`s on `synset` and report their test accuracy (SPEC §6).
 
     `recipe` "dc" is the standard protocol, "idc" IDC's (see the module docstring); batch_size
@@ -217,6 +276,9 @@ def evaluate(synset, test_set: ImageDataset, model: str = "ConvNet", repeats: in
     trains the repeats together as one vmapped model (ValueError if the model does not allow
     it), False one after another, None batched when the model allows it and the device is not
     the CPU (where the loop is faster). `recipe["path"]` says which ran, and why when it looped.
+    `checkpoint`: a file keeping each finished run, so that the same evaluation started again
+    trains only the runs not yet finished (see the module docstring); one file may serve several
+    evaluations.
     """
     if recipe not in RECIPES:
         raise ValueError(f"recipe must be one of {RECIPES}, got {recipe!r}")
@@ -247,14 +309,21 @@ def evaluate(synset, test_set: ImageDataset, model: str = "ConvNet", repeats: in
     shape = dict(channel=test_set.channels, num_classes=synset.num_classes, im_size=test_set.image_size)
     run = dict(model=model, repeats=repeats, epochs=epochs, lr=lr, batch_size=batch_size,
                strategy=strategy, seed=seed, batched=batched, recipe=recipe, **shape)
-    accs, losses, path = _train_repeats(images, labels, test_set, **run)
+    finished = FinishedRuns(checkpoint)
+    test_key = fingerprint(test_set.images, test_set.labels) if checkpoint else ""
+    # A run's result depends on its training images, the test set and the recipe (the repeat
+    # number picks its seed): the key holds all of them.
+    key = fingerprint("set", images, labels, test_key, run) if checkpoint else ""
+    accs, losses, path = _train_repeats(images, labels, test_set, **run, finished=finished, key=key)
     described.update(path)
     report = EvalReport(model, accs, described, losses=losses)
     if baseline:
         ipc = int(synset.ipc)
         sampler = ClassSampler(train_set, device=device)
         base_recipe = dict(described, lr=0.01, images_per_class=ipc)
+        key = (fingerprint("random real", ipc, train_set.images, train_set.labels, test_key, dict(run, lr=0.01))
+               if checkpoint else "")
         accs, losses, path = _train_repeats(images, labels, test_set, **dict(run, lr=0.01),
-                                            draw=lambda g: sampler.random_real(ipc, g))
+                                            draw=lambda g: sampler.random_real(ipc, g), finished=finished, key=key)
         report.baseline = EvalReport(model, accs, dict(base_recipe, **path), losses=losses)
     return report

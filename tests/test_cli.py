@@ -29,7 +29,7 @@ def test_distill_evaluate_show_round_trip(tmp_path, capsys):
                  "--set", "model='ConvNetW32'", "--out", str(out), "--quiet", "--evaluate", "--baseline",
                  "--model", "ConvNetW32", "--epochs", "2", "--repeats", "1", "--device", "cpu"])
     assert code == 0
-    for name in ("synset.pt", "grid.png", "log.jsonl", "checkpoint.pt", "report.json"):
+    for name in ("synset.pt", "grid.png", "log.jsonl", "checkpoint.pt", "report.json", "evaluation-runs.pt"):
         assert (out / name).exists(), name
     report = json.loads((out / "report.json").read_text())
     for key in ("accuracy_mean", "accuracy_std", "random_baseline_mean", "seconds", "schedule"):
@@ -51,11 +51,17 @@ def test_evaluate_fair_writes_the_robust_scores(tmp_path, capsys):
     out = tmp_path / "run"
     assert main(["distill", "--dataset", "default", "--ipc", "1", "--iterations", "1", "--set", "batch_real=4",
                  "--set", "model='ConvNetW32'", "--out", str(out), "--quiet", "--device", "cpu"]) == 0
-    assert main(["evaluate", str(out / "synset.pt"), "--model", "ConvNetW32", "--epochs", "1", "--repeats", "1",
-                 "--fair", "--full-accuracy", "0.99", "--out", str(tmp_path / "e.json"), "--device", "cpu"]) == 0
+    command = ["evaluate", str(out / "synset.pt"), "--model", "ConvNetW32", "--epochs", "1", "--repeats", "1",
+               "--fair", "--full-accuracy", "0.99", "--out", str(tmp_path / "e.json"), "--device", "cpu",
+               "--checkpoint", str(tmp_path / "runs.pt")]
+    assert main(command) == 0
     fair = json.loads((tmp_path / "e.json").read_text())["fair"]
     assert fair["accuracies"]["full_data"] == 0.99 and 0 <= fair["lrs"] <= 1 and 0 <= fair["ars"] <= 1
     assert "LRS" in capsys.readouterr().out
+    kept = torch.load(tmp_path / "runs.pt", weights_only=True)["runs"]
+    assert len(kept) == 4  # the set and its random baseline, with and without DSA, one run each
+    assert main(command) == 0  # again: every run comes from the file
+    assert json.loads((tmp_path / "e.json").read_text())["fair"] == fair
 
 
 def test_resume_with_more_iterations_extends_a_finished_run(tmp_path):

@@ -1,5 +1,8 @@
 """The evaluation protocol on tiny sets: it learns, it follows the recipe, it reports a baseline,
-and its repeats trained together as one vmapped model match the repeats trained one by one."""
+its repeats trained together as one vmapped model match the repeats trained one by one, and a
+stopped evaluation resumes from its finished runs."""
+import importlib
+
 import pytest
 import torch
 
@@ -234,3 +237,40 @@ def test_cpu_test_batches_do_not_change_the_accuracy(monkeypatch):
     monkeypatch.setattr(layers, "CPU_ACTIVATION_BYTES", 40 * 128 * 8 * 8 * 4)
     assert accuracy(net, test) == whole
     assert batches == [40, 40, 10]
+
+
+def test_a_stopped_evaluation_resumes_from_its_finished_runs(tmp_path, monkeypatch):
+    """Killed during its second run, an evaluation with checkpoint= keeps the first; started
+    again it trains only the runs it had not finished (set and baseline) and reports exactly
+    the uninterrupted numbers. Another recipe is a different evaluation and trains afresh."""
+    train, test, pool = _separable(3), _separable(10, seed=1), _separable(10, seed=2)
+    options = dict(model="ConvNetW32", repeats=3, epochs=3, baseline=True, train_set=pool, device="cpu")
+    straight = ce.evaluate(_synset(train), test, **options)
+    trained = []
+
+    def counted(*args, **kwargs):
+        if len(trained) == stop_after[0]:
+            raise KeyboardInterrupt("killed")
+        trained.append(1)
+        return train_and_test(*args, **kwargs)
+    monkeypatch.setattr(importlib.import_module("condense_engine.evaluate"), "train_and_test", counted)
+    checkpoint = tmp_path / "runs.pt"
+    stop_after = [1]
+    with pytest.raises(KeyboardInterrupt):
+        ce.evaluate(_synset(train), test, checkpoint=checkpoint, **options)
+    stop_after, trained[:] = [None], []
+    resumed = ce.evaluate(_synset(train), test, checkpoint=checkpoint, **options)
+    assert len(trained) == 2 + 3  # the two set runs left, then the whole baseline
+    assert resumed.accuracies == straight.accuracies and resumed.baseline.accuracies == straight.baseline.accuracies
+    trained[:] = []
+    assert ce.evaluate(_synset(train), test, checkpoint=checkpoint, **options).accuracies == straight.accuracies
+    assert trained == []  # everything was finished
+    ce.evaluate(_synset(train), test, checkpoint=checkpoint, **dict(options, epochs=2, baseline=False))
+    assert len(trained) == 3
+
+
+def test_a_damaged_evaluation_checkpoint_is_reported(tmp_path):
+    damaged = tmp_path / "runs.pt"
+    damaged.write_bytes(b"not a torch file")
+    with pytest.raises(ValueError, match="runs.pt"):
+        ce.evaluate(_synset(_separable(2)), _separable(2, seed=1), repeats=1, epochs=1, checkpoint=damaged)
