@@ -68,8 +68,9 @@ def _fsync_folder(folder: str) -> None:
         os.close(descriptor)
 
 
-def read_torch_file(path, map_location=None):
-    """`torch.load(path, weights_only=True)` with errors that name the file and say what is wrong.
+def read_torch_file(path, map_location=None, mmap: bool = False):
+    """`torch.load(path, weights_only=True)` with errors that name the file and say what is wrong
+    (`mmap`: tensors are memory-mapped, read from disk only where used).
 
     FileNotFoundError when it does not exist; ValueError when it is not a readable PyTorch file
     (corrupt, truncated, random bytes, or it pickles objects other than tensors and plain values).
@@ -80,7 +81,7 @@ def read_torch_file(path, map_location=None):
     if os.path.isdir(path):
         raise IsADirectoryError(f"expected a file, got a folder: {path}")
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except OSError:
         raise
     except Exception as error:

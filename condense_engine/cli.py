@@ -143,10 +143,7 @@ def cmd_distill(args) -> int:
     if not distributed.launched_by_torchrun():
         return _distill(args, args.device, lead=True)
     device = distributed.init_from_env(args.device)  # class-sharded: rank 0 writes and evaluates
-    try:
-        return _distill(args, device, lead=distributed.rank() == 0)
-    finally:
-        distributed.leave()
+    return distributed.run_ranked(lambda: _distill(args, device, lead=distributed.rank() == 0))
 
 
 def _distill(args, device, lead: bool) -> int:

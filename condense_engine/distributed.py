@@ -76,11 +76,7 @@ class ClassShard:
 
     def any_rank(self, flag: bool) -> bool:
         """A host flag that is true on some rank (a sync: call where the host waits anyway)."""
-        if not self.sharded:
-            return flag
-        value = torch.tensor([int(flag)], device=_collective_device())
-        dist.all_reduce(value, op=dist.ReduceOp.MAX)
-        return bool(value.item())
+        return any_rank(flag) if self.sharded else flag
 
     def gather_classes(self, tensor: torch.Tensor, per_class: int) -> None:
         """Fill `tensor`'s class-ordered rows (per_class per class) of every rank's classes from
@@ -147,12 +143,54 @@ def barrier() -> None:
         dist.barrier()
 
 
-def leave() -> None:
-    """Leave the process group init_from_env joined, after every rank has got here: tearing Gloo
-    down while a peer's last collective is still in flight aborts the process."""
+def any_rank(flag: bool) -> bool:
+    """A host flag that is true on some rank (every rank calls it; the flag itself outside a group)."""
+    if world_size() == 1:
+        return flag
+    value = torch.tensor([int(flag)], device=_collective_device())
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())
+
+
+def lead_value(compute):
+    """compute() run on rank 0 alone, its value handed to every rank (a collective). A ValueError
+    it raises is raised on every rank, so no rank is left waiting for the value."""
+    if world_size() == 1:
+        return compute()
+    box = [None]
+    if rank() == 0:
+        try:
+            box[0] = ("value", compute())
+        except ValueError as error:
+            box[0] = ("error", str(error))
+    dist.broadcast_object_list(box, src=0)
+    kind, value = box[0]
+    if kind == "error":
+        raise ValueError(value)
+    return value
+
+
+def leave(clean: bool = True) -> None:
+    """Leave the process group init_from_env joined. A clean exit first waits for every rank:
+    tearing Gloo down while a peer's last collective is still in flight aborts the process.
+    After an error (clean=False) it does not wait, since the peers may be in any collective:
+    this process exits with its error and torchrun stops the others."""
     if dist.is_initialized():
-        dist.barrier()
+        if clean:
+            dist.barrier()
         dist.destroy_process_group()
+
+
+def run_ranked(work):
+    """work() inside the process group torchrun describes, leaving it cleanly on success and
+    without waiting on an error (see leave)."""
+    try:
+        result = work()
+    except BaseException:
+        leave(clean=False)
+        raise
+    leave()
+    return result
 
 
 def _collective_device() -> torch.device:

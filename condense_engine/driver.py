@@ -18,6 +18,7 @@ every rank; the ranks agree on a stop signal where they sync.
 """
 import json
 import math
+import numbers
 import os
 import time
 
@@ -160,7 +161,8 @@ def distill(dataset, method: str = "dm", ipc: int = 10, iterations: int | None =
         raise ValueError("resume=True needs checkpoint=<path>")
     algorithm = get_method(method)(dataset.name, ipc, **options)
     if iterations is not None:
-        if isinstance(iterations, bool) or int(iterations) != iterations or iterations < 0:
+        if (isinstance(iterations, bool) or not isinstance(iterations, numbers.Real)
+                or not float(iterations).is_integer() or iterations < 0):
             raise ValueError(f"iterations must be a non-negative integer, got {iterations!r}")
         algorithm.options["iterations"] = int(iterations)
     shard = class_shard(dataset.num_classes)
@@ -170,8 +172,14 @@ def distill(dataset, method: str = "dm", ipc: int = 10, iterations: int | None =
                              f"run it in one process (dm, m3d and echo can)")
         algorithm.shard = shard
     lead = shard.rank == 0  # the rank that logs, evaluates and writes
+    unwritable = None
     if checkpoint and lead:
-        require_writable_folder(os.path.dirname(os.path.abspath(checkpoint)), "checkpoints")
+        try:
+            require_writable_folder(os.path.dirname(os.path.abspath(checkpoint)), "checkpoints")
+        except ValueError as error:
+            unwritable = str(error)
+    if shard.any_rank(unwritable is not None):  # every rank stops here: none is left in a collective
+        raise ValueError(unwritable or f"rank 0 cannot write checkpoints to {checkpoint}")
     total = algorithm.iterations
     device = resolve_device(device)
     sync_every = sync_every or (1 if device.type == "cpu" else ACCELERATOR_SYNC_EVERY)

@@ -236,6 +236,7 @@ def _train_repeats(images, labels, test_set, *, model, repeats, epochs, lr, batc
     nets = fresh_models(model, repeats, seed, channel, num_classes, im_size, images.device)
     train = dict(test_set=test_set, epochs=epochs, lr=lr, batch_size=batch_size, strategy=strategy)
     reason = _loop_reason(batched, model, nets, images, recipe)
+    key = fingerprint(key, "loop" if reason is not None else "batched") if key else key
     kept = [finished.get(key, repeat) for repeat in range(repeats)]
     if reason is not None:
         results = []
@@ -288,6 +289,9 @@ def evaluate(synset, test_set: ImageDataset, model: str = "ConvNet", repeats: in
         raise ValueError(f"repeats, epochs and batch_size must be ≥ 1, got {repeats}, {epochs}, {batch_size}")
     if baseline and train_set is None:
         raise ValueError("baseline=True needs train_set (the real data to draw random subsets from)")
+    if baseline and train_set.num_classes != synset.num_classes:
+        raise ValueError(f"the train set has {train_set.num_classes} classes and the synthetic set "
+                         f"{synset.num_classes}: the random-real baseline needs the same classes")
     device = resolve_device(device)
     images, labels = synset.materialize()
     images, labels = images.detach().to(device), labels.detach().to(device)
@@ -310,10 +314,12 @@ def evaluate(synset, test_set: ImageDataset, model: str = "ConvNet", repeats: in
     run = dict(model=model, repeats=repeats, epochs=epochs, lr=lr, batch_size=batch_size,
                strategy=strategy, seed=seed, batched=batched, recipe=recipe, **shape)
     finished = FinishedRuns(checkpoint)
-    test_key = fingerprint(test_set.images, test_set.labels) if checkpoint else ""
-    # A run's result depends on its training images, the test set and the recipe (the repeat
-    # number picks its seed): the key holds all of them.
-    key = fingerprint("set", images, labels, test_key, run) if checkpoint else ""
+    # A run's result depends on its training images, the test set, the recipe and the device (and
+    # the path, added in _train_repeats); the repeat number picks its seed, so how many repeats
+    # there are does not matter: an evaluation with more repeats reuses the first ones.
+    test_key = fingerprint(test_set.images, test_set.labels, test_set.mean, test_set.std) if checkpoint else ""
+    recipe_key = {k: v for k, v in run.items() if k not in ("repeats", "batched")}
+    key = fingerprint("set", images, labels, test_key, recipe_key, device.type) if checkpoint else ""
     accs, losses, path = _train_repeats(images, labels, test_set, **run, finished=finished, key=key)
     described.update(path)
     report = EvalReport(model, accs, described, losses=losses)
@@ -321,8 +327,8 @@ def evaluate(synset, test_set: ImageDataset, model: str = "ConvNet", repeats: in
         ipc = int(synset.ipc)
         sampler = ClassSampler(train_set, device=device)
         base_recipe = dict(described, lr=0.01, images_per_class=ipc)
-        key = (fingerprint("random real", ipc, train_set.images, train_set.labels, test_key, dict(run, lr=0.01))
-               if checkpoint else "")
+        key = (fingerprint("random real", ipc, train_set.images, train_set.labels, train_set.mean, train_set.std,
+                           test_key, dict(recipe_key, lr=0.01), device.type) if checkpoint else "")
         accs, losses, path = _train_repeats(images, labels, test_set, **dict(run, lr=0.01),
                                             draw=lambda g: sampler.random_real(ipc, g), finished=finished, key=key)
         report.baseline = EvalReport(model, accs, dict(base_recipe, **path), losses=losses)

@@ -336,9 +336,18 @@ def train_experts(dataset, num_experts: int, epochs: int, *, model: str = "ConvN
     if world > 1 and out is None:
         raise ValueError(f"training experts across {world} ranks needs out=<folder>: each rank writes its "
                          "experts there")
+    unwritable = None
     if out is not None:
-        require_writable_folder(out, "expert files")
-    finished = {expert_number(name) for name in _finished_files(out, meta)} if out is not None else set()
+        try:
+            require_writable_folder(out, "expert files")
+        except ValueError as error:
+            unwritable = str(error)
+    if distributed.any_rank(unwritable is not None):  # every rank stops, none waits for the others
+        raise ValueError(unwritable or f"another rank cannot write expert files to {out}")
+    # Rank 0's view of the finished experts for every rank: ranks listing the folder themselves
+    # at different moments could split the missing experts differently.
+    finished = distributed.lead_value(
+        lambda: {expert_number(name) for name in _finished_files(out, meta)} if out is not None else set())
     numbers = [number for number in range(num_experts) if number not in finished][rank::world]
     trajectories = []
     resident = dataset.to(device)
@@ -370,14 +379,17 @@ def train_experts(dataset, num_experts: int, epochs: int, *, model: str = "ConvN
     if out is None:
         return ExpertBuffer(meta, trajectories=trajectories)
     distributed.barrier()  # every rank's experts are written
-    if rank == 0:
+
+    def listed_missing() -> list:
         _write_index(out, meta)
-    distributed.barrier()  # and listed
-    buffer = load_experts(out)
-    if len(buffer) < num_experts:
-        raise ValueError(f"{out} lists {len(buffer)} of the {num_experts} experts after every rank finished: "
-                         "the ranks must write to a folder on a file system they all see")
-    return buffer
+        listed = {expert_number(name) for name in _read_index(os.fspath(out))["experts"]}
+        return sorted(set(range(num_experts)) - listed)
+
+    missing = distributed.lead_value(listed_missing)
+    if missing:
+        raise ValueError(f"{out} lacks experts {missing} after every rank finished: the ranks must write to a "
+                         "folder on a file system they all see")
+    return load_experts(out)
 
 
 def _write_index(folder, meta: dict) -> None:
@@ -414,7 +426,7 @@ def _finished_files(folder, meta: dict) -> list:
                 if expert_number(name) is not None and name not in listed]
     for name in unlisted:
         path = os.path.join(folder, name)
-        content = check_format(read_torch_file(path, "cpu"), EXPERT_KIND, FORMAT_VERSION, path)
+        content = check_format(read_torch_file(path, "cpu", mmap=True), EXPERT_KIND, FORMAT_VERSION, path)
         _check_same_settings(folder, _upgraded(content["meta"]), meta)
     return sorted(listed + unlisted, key=expert_number)
 
@@ -466,10 +478,7 @@ def run_experts_command(args) -> int:
     torchrun every rank trains its share of the experts on its own device."""
     from condense_engine import datasets
 
-    device = args.device
-    if distributed.launched_by_torchrun():
-        device = distributed.init_from_env(args.device)
-    try:
+    def work(device) -> int:
         train = datasets.load(args.dataset, root=args.root, split="train", zca=True if args.zca else None)
         buffer = train_experts(train, args.num_experts, args.epochs, model=args.model, lr=args.lr,
                                momentum=args.momentum, weight_decay=args.weight_decay, batch_size=args.batch_size,
@@ -478,7 +487,9 @@ def run_experts_command(args) -> int:
                                parallel=args.parallel)
         if distributed.rank() == 0:
             print(f"{buffer}", flush=True)
-    finally:
-        if distributed.launched_by_torchrun():
-            distributed.leave()
-    return 0
+        return 0
+
+    if not distributed.launched_by_torchrun():
+        return work(args.device)
+    device = distributed.init_from_env(args.device)
+    return distributed.run_ranked(lambda: work(device))

@@ -52,7 +52,7 @@ def test_a_checkpoint_folder_that_cannot_be_written_fails_before_the_first_itera
         ce.distill(toy_dataset(), iterations=1, checkpoint=str(blocker / "checkpoint.pt"), **RUN)
 
 
-@pytest.mark.parametrize("bad", [-1, 2.5, True, "3"])
+@pytest.mark.parametrize("bad", [-1, 2.5, True, "3", float("inf"), float("nan")])
 def test_iterations_must_be_a_non_negative_int(bad):
     with pytest.raises(ValueError, match="iterations must be a non-negative integer"):
         ce.distill(toy_dataset(), iterations=bad, **RUN)

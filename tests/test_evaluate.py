@@ -118,6 +118,8 @@ def test_bad_input():
         ce.evaluate(synset, test, repeats=1, epochs=1, baseline=True)
     with pytest.raises(ValueError, match="test set holds"):
         ce.evaluate(synset, _separable(2, size=10), repeats=1, epochs=1)
+    with pytest.raises(ValueError, match="the random-real baseline needs the same classes"):
+        ce.evaluate(synset, test, repeats=1, epochs=1, baseline=True, train_set=_separable(2, classes=4))
     with pytest.raises(ValueError, match="labels up to 3 but the synthetic set has 3 classes"):
         ce.evaluate(synset, _separable(2, classes=4, seed=1), repeats=1, epochs=1)
     # a test set holding only some of the set's classes is fine: the models still have one output per set class
@@ -265,6 +267,9 @@ def test_a_stopped_evaluation_resumes_from_its_finished_runs(tmp_path, monkeypat
     trained[:] = []
     assert ce.evaluate(_synset(train), test, checkpoint=checkpoint, **options).accuracies == straight.accuracies
     assert trained == []  # everything was finished
+    more = ce.evaluate(_synset(train), test, checkpoint=checkpoint, **dict(options, repeats=4, baseline=False))
+    assert len(trained) == 1 and more.accuracies[:3] == straight.accuracies  # only the new fourth run
+    trained[:] = []
     ce.evaluate(_synset(train), test, checkpoint=checkpoint, **dict(options, epochs=2, baseline=False))
     assert len(trained) == 3
 

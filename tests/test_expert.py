@@ -124,6 +124,11 @@ def _expert_rank(rank: int, world: int, folder: str) -> None:
             with open(os.path.join(folder, f"error-{rank}.txt"), "w", encoding="utf-8") as f:
                 f.write(str(err))
         train_experts(_toy(), 3, 2, out=os.path.join(folder, "buffer"), progress=True, **SETTINGS)
+        try:  # rank 0 alone reads the folder: its error reaches rank 1 too, which must not wait for it
+            train_experts(_toy(), 3, 2, out=os.path.join(folder, "buffer"), **dict(SETTINGS, lr=0.1))
+        except ValueError as err:
+            with open(os.path.join(folder, f"settings-{rank}.txt"), "w", encoding="utf-8") as f:
+                f.write(str(err))
         if rank == 1:  # as if rank 1's folder were another machine's: rank 0 never sees its expert
             expert.expert_file_name = lambda number: f"elsewhere_{number:04d}.pt"
         try:
@@ -145,7 +150,8 @@ def test_ranks_share_out_the_experts_and_write_the_one_process_buffer(tmp_path, 
         torch.testing.assert_close(buffer[number], single[number], rtol=1e-5, atol=1e-6)
     for rank in range(2):
         assert "needs out=" in (tmp_path / f"error-{rank}.txt").read_text()
-        assert "lists 2 of the 3 experts" in (tmp_path / f"unshared-{rank}.txt").read_text()
+        assert "other settings" in (tmp_path / f"settings-{rank}.txt").read_text()
+        assert "lacks experts [1]" in (tmp_path / f"unshared-{rank}.txt").read_text()
 
 
 @pytest.mark.parametrize("momentum, weight_decay", [(0.0, 0.0), (0.9, 5e-4)])

@@ -6,6 +6,7 @@ distillation iteration on the synthetic set. `condense_engine.distill` owns the 
 progress, logging, evaluation, checkpoints, resume and the non-finite guard.
 """
 import math
+import numbers
 
 import torch
 
@@ -46,8 +47,8 @@ def check_option(method: str, name: str, value, default) -> None:
     if default is None or value is None:
         return
     kinds = ((bool, "a bool", lambda v: isinstance(v, bool)),
-             (int, "an int", lambda v: isinstance(v, int) and not isinstance(v, bool)),
-             (float, "a number", lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)),
+             (int, "an int", lambda v: isinstance(v, numbers.Integral) and not isinstance(v, bool)),
+             (float, "a number", lambda v: isinstance(v, numbers.Real) and not isinstance(v, bool)),
              (str, "a string", lambda v: isinstance(v, str)))
     for kind, words, accepts in kinds:
         if isinstance(default, kind):
@@ -85,8 +86,9 @@ class Method:
         if unknown:
             raise ValueError(f"method {self.name!r} has no option(s) {sorted(unknown)}; "
                              f"its options are {sorted(resolved)}")
-        for key, value in options.items():
-            check_option(self.name, key, value, resolved[key])
+        for key, value in options.items():  # against the base default's kind, so no IPC changes what is accepted
+            check_option(self.name, key, value, self.defaults[key] if self.defaults.get(key) is not None
+                         else resolved[key])
         resolved.update(options)
         self.options = resolved
         self.ipc = ipc
