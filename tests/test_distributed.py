@@ -19,6 +19,7 @@ from condense_engine.datasets import ClassSampler
 from condense_engine.distributed import ClassShard
 from condense_engine.methods.dm import DM
 from condense_engine.models import ConvNetBank
+from tests.ranks import exit_rank
 from tests.toy_data import FAST, toy_dataset
 
 RUN = dict(ipc=2, iterations=4, seed=0, device="cpu", progress=False)
@@ -77,6 +78,7 @@ def _rank_main(rank: int, world: int, folder: str, calls: list) -> None:
                     f.write(str(err))
     finally:
         distributed.leave()
+    exit_rank()
 
 
 def _after_dm_steps(steps: int, action) -> None:
