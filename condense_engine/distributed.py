@@ -152,6 +152,18 @@ def any_rank(flag: bool) -> bool:
     return bool(value.item())
 
 
+def check_on_every_rank(check) -> None:
+    """Run check() here (it raises ValueError when something is wrong) and raise on every rank
+    when it failed on any (a collective): none is left waiting for a rank that stopped."""
+    problem = None
+    try:
+        check()
+    except ValueError as error:
+        problem = str(error)
+    if any_rank(problem is not None):
+        raise ValueError(problem or "another rank stopped; its error says why")
+
+
 def lead_value(compute):
     """compute() run on rank 0 alone, its value handed to every rank (a collective). A ValueError
     it raises is raised on every rank, so no rank is left waiting for the value."""

@@ -29,7 +29,7 @@ from condense_engine.checkpoint import (capture_rng_state, load_checkpoint, requ
                                         save_checkpoint, stop_flag_on_signal)
 from condense_engine.datasets import ClassSampler, ImageDataset, from_tensors, from_torch_dataset
 from condense_engine.device import resolve_device
-from condense_engine.distributed import class_shard
+from condense_engine.distributed import check_on_every_rank, class_shard
 from condense_engine.errors import NonFiniteError, NonFiniteLossError
 from condense_engine.methods import get_method
 from condense_engine.synset import SyntheticSet
@@ -172,14 +172,9 @@ def distill(dataset, method: str = "dm", ipc: int = 10, iterations: int | None =
                              f"run it in one process (dm, m3d and echo can)")
         algorithm.shard = shard
     lead = shard.rank == 0  # the rank that logs, evaluates and writes
-    unwritable = None
-    if checkpoint and lead:
-        try:
-            require_writable_folder(os.path.dirname(os.path.abspath(checkpoint)), "checkpoints")
-        except ValueError as error:
-            unwritable = str(error)
-    if shard.any_rank(unwritable is not None):  # every rank stops here: none is left in a collective
-        raise ValueError(unwritable or f"rank 0 cannot write checkpoints to {checkpoint}")
+    # The lead alone writes checkpoints; every rank stops if it cannot.
+    check_on_every_rank(lambda: not (checkpoint and lead)
+                        or require_writable_folder(os.path.dirname(os.path.abspath(checkpoint)), "checkpoints"))
     total = algorithm.iterations
     device = resolve_device(device)
     sync_every = sync_every or (1 if device.type == "cpu" else ACCELERATOR_SYNC_EVERY)

@@ -336,14 +336,7 @@ def train_experts(dataset, num_experts: int, epochs: int, *, model: str = "ConvN
     if world > 1 and out is None:
         raise ValueError(f"training experts across {world} ranks needs out=<folder>: each rank writes its "
                          "experts there")
-    unwritable = None
-    if out is not None:
-        try:
-            require_writable_folder(out, "expert files")
-        except ValueError as error:
-            unwritable = str(error)
-    if distributed.any_rank(unwritable is not None):  # every rank stops, none waits for the others
-        raise ValueError(unwritable or f"another rank cannot write expert files to {out}")
+    distributed.check_on_every_rank(lambda: out is None or require_writable_folder(out, "expert files"))
     # Rank 0's view of the finished experts for every rank: ranks listing the folder themselves
     # at different moments could split the missing experts differently.
     finished = distributed.lead_value(
