@@ -338,11 +338,42 @@ def test_tiny_imagenet_classes_labels_and_cache(tmp_path, monkeypatch):
     test = ds.load("tinyimagenet", base, "val")
     assert test.split == "test" and test.labels.tolist() == [2, 0, 0, 1]
     assert test.mean == (0.485, 0.456, 0.406)
-    assert len(list((tmp_path / "cache").glob("tinyimagenet-train-*.npz"))) == 1
+    assert len(list((tmp_path / "cache").glob("tinyimagenet-train-*.npy"))) == 1
     (base / "train" / "n01" / "images" / "n01_0.JPEG").write_bytes(b"garbage")
     assert torch.equal(ds.load("tinyimagenet", base, "train").images, train.images)
     with pytest.raises(DatasetError, match="n01_0.JPEG: unreadable image"):
         ds.load("tinyimagenet", base, "train", cache=False)
+
+
+def test_tiny_imagenet_cache_is_mapped_and_private(tmp_path, monkeypatch):
+    monkeypatch.setenv("CONDENSE_CACHE", str(tmp_path / "cache"))
+    base = write_tiny(tmp_path)
+    decoded = ds.load("tinyimagenet", base, "train", cache=False).images
+    first = ds.load("tinyimagenet", base, "train").images
+    cache_file, = (tmp_path / "cache").glob("tinyimagenet-train-*.npy")
+    with open("/proc/self/maps") as maps:
+        mapped = [line for line in maps if line.rstrip().endswith(str(cache_file))]
+    assert mapped, "the cached images should be a map of the cache file, not a copy"
+    assert torch.equal(first, decoded)
+    first.zero_()  # copy-on-write: the file and a later load keep the decoded pixels
+    assert torch.equal(ds.load("tinyimagenet", base, "train").images, decoded)
+
+
+@pytest.mark.parametrize("damage", ["truncate", "wrong shape", "garbage"])
+def test_tiny_imagenet_damaged_cache_is_rebuilt(tmp_path, monkeypatch, damage):
+    monkeypatch.setenv("CONDENSE_CACHE", str(tmp_path / "cache"))
+    base = write_tiny(tmp_path)
+    decoded = ds.load("tinyimagenet", base, "train").images.clone()
+    cache_file, = (tmp_path / "cache").glob("tinyimagenet-train-*.npy")
+    if damage == "truncate":
+        cache_file.write_bytes(cache_file.read_bytes()[:-100])
+    elif damage == "wrong shape":
+        np.save(cache_file, np.zeros((5, 3, 64, 64), np.uint8))
+    else:
+        cache_file.write_bytes(b"not an array")
+    with pytest.warns(UserWarning, match="cache"):
+        assert torch.equal(ds.load("tinyimagenet", base, "train").images, decoded)
+    assert np.load(cache_file).shape == tuple(decoded.shape)  # rewritten
 
 
 def test_tiny_imagenet_bad_trees(tmp_path):

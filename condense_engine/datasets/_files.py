@@ -1,4 +1,5 @@
 """File helpers shared by the readers: locating files, checksums and the decode cache."""
+import contextlib
 import hashlib
 import os
 import tempfile
@@ -41,13 +42,15 @@ def cache_dir() -> Path:
     return Path(override) if override else Path.home() / ".cache" / "condense_engine"
 
 
-def save_npz_atomic(path: Path, **arrays) -> None:
-    """Write an uncompressed .npz so that readers see either the old file or the complete new one."""
+@contextlib.contextmanager
+def atomic_write(path: Path):
+    """Yield a binary stream whose bytes replace `path` only once complete and on disk, so that
+    readers (and a run that crashed mid-write) see either the old file or the whole new one."""
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
     try:
         with os.fdopen(handle, "wb") as stream:
-            np.savez(stream, **arrays)
+            yield stream
             stream.flush()
             os.fsync(stream.fileno())
         os.replace(temporary, path)
@@ -55,3 +58,16 @@ def save_npz_atomic(path: Path, **arrays) -> None:
         if os.path.exists(temporary):
             os.unlink(temporary)
         raise
+
+
+def save_npy_atomic(path: Path, array: np.ndarray) -> None:
+    """Write one array as .npy (memory-mappable: see `load_npy_shared`) atomically."""
+    with atomic_write(path) as stream:
+        np.save(stream, array, allow_pickle=False)
+
+
+def load_npy_shared(path: Path) -> np.ndarray:
+    """Map a .npy copy-on-write: pages come from the OS page cache, so processes on one machine
+    (torchrun ranks) share one copy of a large decoded set, and nothing is read until used; a
+    write to the array stays private to the process and never reaches the file."""
+    return np.load(path, mmap_mode="c", allow_pickle=False)

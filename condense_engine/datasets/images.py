@@ -1,7 +1,8 @@
 """Image-file data sets: TinyImageNet (tiny-imagenet-200 tree) and generic ImageFolder trees.
 
 Files are decoded with PIL in a thread pool (the decoders release the GIL). TinyImageNet's
-decoded arrays are cached as an .npz so later loads skip the 100k JPEG decodes.
+decoded arrays are cached as an .npy that later loads map rather than read: they skip the 100k
+JPEG decodes, and the ranks of one machine share one copy of the images in memory.
 """
 import hashlib
 import os
@@ -13,7 +14,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from condense_engine.datasets._files import cache_dir, require_dir, save_npz_atomic
+from condense_engine.datasets._files import cache_dir, load_npy_shared, require_dir, save_npy_atomic
 from condense_engine.datasets.base import DatasetError, ImageDataset, channel_stats
 from condense_engine.datasets.constants import NORMALIZATION
 
@@ -142,12 +143,16 @@ def tiny_imagenet_listing(base: Path, split: str) -> tuple[list, list, list]:
 
 
 def read_tiny_imagenet(root: Path, split: str, cache: bool = True) -> ImageDataset:
-    """Load TinyImageNet train or test (= val/) as uint8 (N, 3, 64, 64), cached after the first decode."""
+    """Load TinyImageNet train or test (= val/) as uint8 (N, 3, 64, 64), cached after the first decode.
+
+    With `cache`, the images are a copy-on-write map of the cache file (see `load_npy_shared`).
+    """
     base = tiny_imagenet_root(root)
     paths, labels, classes = tiny_imagenet_listing(base, split)
-    key = hashlib.sha256(f"{base.resolve()}\0{split}\0{len(paths)}".encode()).hexdigest()[:24]
-    cache_file = cache_dir() / f"tinyimagenet-{split}-{key}.npz"
-    images = _read_cache(cache_file, len(paths), classes) if cache else None
+    listing = "\0".join([str(base.resolve()), split, str(len(paths)), *classes])
+    key = hashlib.sha256(listing.encode()).hexdigest()[:24]
+    cache_file = cache_dir() / f"tinyimagenet-{split}-{key}.npy"
+    images = _read_cache(cache_file, len(paths)) if cache else None
     if images is None:
         arrays = decode_images(paths, mode="RGB")
         for array, path in zip(arrays, paths):
@@ -155,30 +160,36 @@ def read_tiny_imagenet(root: Path, split: str, cache: bool = True) -> ImageDatas
                 raise DatasetError(f"{path}: image is {array.shape[0]}×{array.shape[1]}; expected "
                                    f"{TINY_SIZE[0]}×{TINY_SIZE[1]}")
         images = stack_images(arrays, paths)
-        if cache:
-            _write_cache(cache_file, images, classes)
+        if cache and _write_cache(cache_file, images):
+            mapped = _read_cache(cache_file, len(paths))
+            images = mapped if mapped is not None else images
     mean, std = NORMALIZATION["tinyimagenet"]
     return ImageDataset(images, torch.tensor(labels, dtype=torch.int64), classes, mean, std,
                         name="tinyimagenet", split=split, meta={"root": str(base)})
 
 
-def _read_cache(path: Path, count: int, classes: list) -> torch.Tensor | None:
-    """Cached images when the file is intact and matches the listing; None means decode afresh."""
+def _read_cache(path: Path, count: int) -> torch.Tensor | None:
+    """The cached images, mapped, when the file is intact and holds `count` images (the key names
+    the tree, split and classes); None means decode afresh."""
     if not path.is_file():
         return None
     try:
-        with np.load(path, allow_pickle=False) as cached:
-            images, cached_classes = cached["images"], cached["classes"].tolist()
+        images = load_npy_shared(path)
     except Exception as error:  # a damaged cache is rebuilt, never trusted
         warnings.warn(f"ignoring unreadable cache {path} ({error}); decoding again")
         return None
-    if images.shape != (count, 3, *TINY_SIZE) or images.dtype != np.uint8 or cached_classes != classes:
+    if images.shape != (count, 3, *TINY_SIZE) or images.dtype != np.uint8:
+        warnings.warn(f"ignoring cache {path}: it holds {images.dtype} {images.shape}, expected uint8 "
+                      f"{(count, 3, *TINY_SIZE)}; decoding again")
         return None
     return torch.from_numpy(images)
 
 
-def _write_cache(path: Path, images: torch.Tensor, classes: list) -> None:
+def _write_cache(path: Path, images: torch.Tensor) -> bool:
+    """Whether the decode cache was written (a failure only costs the next load a decode)."""
     try:
-        save_npz_atomic(path, images=images.numpy(), classes=np.array(classes))
+        save_npy_atomic(path, images.numpy())
+        return True
     except OSError as error:
         warnings.warn(f"could not write the decode cache {path} ({error}); continuing without it")
+        return False
