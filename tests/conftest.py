@@ -19,6 +19,12 @@ SHARED_DATA = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "dat
 
 
 @pytest.fixture(autouse=True)
+def _private_decode_cache(tmp_path_factory, monkeypatch):
+    """Decode caches go to a folder of the test's own, never to the user's ~/.cache."""
+    monkeypatch.setenv("CONDENSE_CACHE", str(tmp_path_factory.mktemp("decode-cache")))
+
+
+@pytest.fixture(autouse=True)
 def _seed_everything():
     torch.manual_seed(0)
     yield

@@ -5,7 +5,9 @@ import os
 import pickle
 import struct
 import tarfile
+import time
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -15,6 +17,7 @@ from PIL import Image
 
 import condense_engine.datasets as ds
 from condense_engine.datasets import DatasetError, embedded
+from condense_engine.datasets import images as images_module
 
 MNIST_TEST_COUNTS = [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
 
@@ -432,6 +435,45 @@ def test_imagefolder_errors(tmp_path):
         ds.load("imagefolder", tmp_path / "missing")
     with pytest.raises(DatasetError, match="size= does not apply to data set 'mnist'"):
         ds.load("mnist", tmp_path, size=(4, 4))
+
+
+def test_imagefolder_cache_follows_the_files_and_size(tmp_path, monkeypatch):
+    save_image(tmp_path / "tree" / "a" / "1.png", (1, 2, 3), size=(4, 4))
+    save_image(tmp_path / "tree" / "b" / "2.png", (4, 5, 6), size=(4, 4))
+    decodes = counting_decodes(monkeypatch)
+    first = ds.load("imagefolder", tmp_path / "tree")
+    assert torch.equal(ds.load("imagefolder", tmp_path / "tree").images, first.images) and decodes() == 1
+    resized = ds.load("imagefolder", tmp_path / "tree", size=(2, 2))
+    assert resized.images.shape == (2, 3, 2, 2) and decodes() == 2
+    save_image(tmp_path / "tree" / "b" / "2.png", (7, 8, 9), size=(4, 4))
+    os.utime(tmp_path / "tree" / "b" / "2.png", ns=(1, 1))  # a new modification time, even on a coarse clock
+    assert ds.load("imagefolder", tmp_path / "tree").images[1, :, 0, 0].tolist() == [7, 8, 9]
+    assert decodes() == 3
+    ds.load("imagefolder", tmp_path / "tree", cache=False)
+    assert decodes() == 4
+
+
+def test_loads_at_once_decode_once(tmp_path, monkeypatch):
+    """Ranks loading one set together take turns on the cache: one decodes, the others map it."""
+    base = write_tiny(tmp_path)
+    decodes = counting_decodes(monkeypatch, seconds=0.3)
+    with ThreadPoolExecutor(3) as pool:
+        loaded = list(pool.map(lambda _: ds.load("tinyimagenet", base).images, range(3)))
+    assert decodes() == 1
+    assert all(torch.equal(images, loaded[0]) for images in loaded)
+
+
+def counting_decodes(monkeypatch, seconds=0.0):
+    """Count calls of the image decoder (each sleeping `seconds`, to overlap concurrent loads)."""
+    calls = []
+    decode = images_module.decode_images
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        time.sleep(seconds)
+        return decode(*args, **kwargs)
+    monkeypatch.setattr(images_module, "decode_images", counted)
+    return lambda: len(calls)
 
 
 # ----------------------------------------------------------------------------- npz / tensors

@@ -1,5 +1,6 @@
 """File helpers shared by the readers: locating files, checksums and the decode cache."""
 import contextlib
+import fcntl
 import hashlib
 import os
 import tempfile
@@ -58,6 +59,25 @@ def atomic_write(path: Path):
         if os.path.exists(temporary):
             os.unlink(temporary)
         raise
+
+
+@contextlib.contextmanager
+def cache_lock(path: Path):
+    """Hold an exclusive lock on `path`.lock while inside, so that processes building the same
+    cache file (the ranks of one machine loading a set the first time) take turns: the first
+    builds it, the others then find it. Without a writable folder, no lock (each builds its own)."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle = open(path.with_name(path.name + ".lock"), "a")
+    except OSError:
+        yield
+        return
+    with handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def save_npy_atomic(path: Path, array: np.ndarray) -> None:

@@ -1,8 +1,9 @@
 """Image-file data sets: TinyImageNet (tiny-imagenet-200 tree) and generic ImageFolder trees.
 
 Files are decoded with PIL in a thread pool (the decoders release the GIL). TinyImageNet's
-decoded arrays are cached as an .npy that later loads map rather than read: they skip the 100k
-JPEG decodes, and the ranks of one machine share one copy of the images in memory.
+decoded arrays (and an ImageFolder tree's) are cached as an .npy that later loads map rather
+than read: they skip the decodes (100k JPEGs for TinyImageNet), and the ranks of one machine
+share one copy of the images in memory.
 """
 import hashlib
 import os
@@ -14,7 +15,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from condense_engine.datasets._files import cache_dir, load_npy_shared, require_dir, save_npy_atomic
+from condense_engine.datasets._files import (cache_dir, cache_lock, load_npy_shared, require_dir,
+                                             save_npy_atomic)
 from condense_engine.datasets.base import DatasetError, ImageDataset, channel_stats
 from condense_engine.datasets.constants import NORMALIZATION
 
@@ -67,8 +69,12 @@ def _image_files(folder: Path) -> list:
     return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
 
 
-def read_imagefolder(root: Path, split: str, size: tuple | None = None) -> ImageDataset:
-    """Load root/<split>/<class>/* (or root/<class>/* when there is no split folder)."""
+def read_imagefolder(root: Path, split: str, size: tuple | None = None, cache: bool = True) -> ImageDataset:
+    """Load root/<split>/<class>/* (or root/<class>/* when there is no split folder).
+
+    With `cache`, the decoded images are kept as for TinyImageNet, keyed by every file's path,
+    size and modification time (so an edited tree is decoded afresh) and by `size`.
+    """
     require_dir(root, "an image folder: <root>/<split>/<class>/<images> or <root>/<class>/<images>")
     base = root / split
     if not base.is_dir():
@@ -89,10 +95,19 @@ def read_imagefolder(root: Path, split: str, size: tuple | None = None) -> Image
                                f"; expected at least one image per class folder")
         paths += files
         labels += [label] * len(files)
-    images = stack_images(decode_images(paths, size=size), paths)
+    identity = [str(base.resolve()), str(size), *classes, *(_file_identity(path, base) for path in paths)]
+    shape = (len(paths), None, *(size or (None, None)))
+    images = cached_images("imagefolder", identity, shape, cache,
+                           lambda: stack_images(decode_images(paths, size=size), paths))
     mean, std = channel_stats(images)
     return ImageDataset(images, torch.tensor(labels, dtype=torch.int64), classes, mean, std,
                         name="imagefolder", split=split, meta={"root": str(base)})
+
+
+def _file_identity(path: Path, base: Path) -> str:
+    """A file's path under `base`, size and modification time: what a cache built from it depends on."""
+    status = path.stat()
+    return f"{path.relative_to(base)}\0{status.st_size}\0{status.st_mtime_ns}"
 
 
 def tiny_imagenet_root(root: Path) -> Path:
@@ -143,34 +158,53 @@ def tiny_imagenet_listing(base: Path, split: str) -> tuple[list, list, list]:
 
 
 def read_tiny_imagenet(root: Path, split: str, cache: bool = True) -> ImageDataset:
-    """Load TinyImageNet train or test (= val/) as uint8 (N, 3, 64, 64), cached after the first decode.
-
-    With `cache`, the images are a copy-on-write map of the cache file (see `load_npy_shared`).
-    """
+    """Load TinyImageNet train or test (= val/) as uint8 (N, 3, 64, 64), cached after the first decode
+    (keyed by the tree, split and classes: the official files do not change)."""
     base = tiny_imagenet_root(root)
     paths, labels, classes = tiny_imagenet_listing(base, split)
-    listing = "\0".join([str(base.resolve()), split, str(len(paths)), *classes])
-    key = hashlib.sha256(listing.encode()).hexdigest()[:24]
-    cache_file = cache_dir() / f"tinyimagenet-{split}-{key}.npy"
-    images = _read_cache(cache_file, len(paths)) if cache else None
-    if images is None:
+
+    def decode() -> torch.Tensor:
         arrays = decode_images(paths, mode="RGB")
         for array, path in zip(arrays, paths):
             if array.shape[:2] != TINY_SIZE:
                 raise DatasetError(f"{path}: image is {array.shape[0]}×{array.shape[1]}; expected "
                                    f"{TINY_SIZE[0]}×{TINY_SIZE[1]}")
-        images = stack_images(arrays, paths)
-        if cache and _write_cache(cache_file, images):
-            mapped = _read_cache(cache_file, len(paths))
-            images = mapped if mapped is not None else images
+        return stack_images(arrays, paths)
+
+    identity = [str(base.resolve()), split, str(len(paths)), *classes]
+    images = cached_images(f"tinyimagenet-{split}", identity, (len(paths), 3, *TINY_SIZE), cache, decode)
     mean, std = NORMALIZATION["tinyimagenet"]
     return ImageDataset(images, torch.tensor(labels, dtype=torch.int64), classes, mean, std,
                         name="tinyimagenet", split=split, meta={"root": str(base)})
 
 
-def _read_cache(path: Path, count: int) -> torch.Tensor | None:
-    """The cached images, mapped, when the file is intact and holds `count` images (the key names
-    the tree, split and classes); None means decode afresh."""
+def cached_images(stem: str, identity: list, shape: tuple, cache: bool, decode) -> torch.Tensor:
+    """uint8 (N, C, H, W) images: `decode()`'s, or with `cache` the decode cache's.
+
+    The cache file is `<cache_dir>/<stem>-<digest of identity>.npy`, and a hit is a copy-on-write
+    map of it (`load_npy_shared`): no decode, and the ranks of one machine share one copy in memory.
+    Processes loading the same set at once take turns on a lock, so one decodes and the rest map
+    its file. `shape` is the expected shape, None for an axis not known before decoding; a cache
+    that is damaged or does not match is ignored with a warning and rebuilt.
+    """
+    if not cache:
+        return decode()
+    digest = hashlib.sha256()
+    for part in identity:
+        digest.update(part.encode() + b"\0")
+    path = cache_dir() / f"{stem}-{digest.hexdigest()[:24]}.npy"
+    with cache_lock(path):
+        mapped = _read_cache(path, shape)
+        if mapped is not None:
+            return mapped
+        images = decode()
+        if _write_cache(path, images):
+            mapped = _read_cache(path, tuple(images.shape))
+        return mapped if mapped is not None else images
+
+
+def _read_cache(path: Path, shape: tuple) -> torch.Tensor | None:
+    """The mapped cache when the file is intact and matches `shape`; None means decode afresh."""
     if not path.is_file():
         return None
     try:
@@ -178,9 +212,11 @@ def _read_cache(path: Path, count: int) -> torch.Tensor | None:
     except Exception as error:  # a damaged cache is rebuilt, never trusted
         warnings.warn(f"ignoring unreadable cache {path} ({error}); decoding again")
         return None
-    if images.shape != (count, 3, *TINY_SIZE) or images.dtype != np.uint8:
+    matches = images.ndim == len(shape) and all(want is None or want == got for want, got in zip(shape, images.shape))
+    if images.dtype != np.uint8 or not matches:
+        expected = tuple("?" if axis is None else axis for axis in shape)
         warnings.warn(f"ignoring cache {path}: it holds {images.dtype} {images.shape}, expected uint8 "
-                      f"{(count, 3, *TINY_SIZE)}; decoding again")
+                      f"{expected}; decoding again")
         return None
     return torch.from_numpy(images)
 

@@ -56,7 +56,7 @@ _DATASETS = [
                 aliases=("tinyimagenet200", "tiny"), options=("cache",)),
     DatasetInfo("imagefolder", "any root/<split>/<class>/<images> or root/<class>/<images> tree",
                 images.read_imagefolder, lambda root, split: [root], splits=None,
-                aliases=("folder",), options=("size",)),
+                aliases=("folder",), options=("size", "cache")),
     DatasetInfo("npz", "a .npz with images (N,H,W,C or N,C,H,W) and labels, or <split>_images/_labels",
                 arrays.read_npz, lambda root, split: [root], splits=None),
     DatasetInfo("tensors", "a torch.save'd dict with images and labels (or <split>_images/_labels)",
@@ -155,7 +155,8 @@ def load(name: str, root=None, split: str = "train", *, verify: bool = False,
     verify: check the md5 of the official files first (where one is known) and raise on a mismatch.
     zca: True fits ZCA whitening on this split (train); a fitted ZCA applies it (test); the
     result then holds float32 images in network space with `dataset.zca` set.
-    size: (H, W) to resize imagefolder images. cache: keep TinyImageNet's decoded arrays on disk.
+    size: (H, W) to resize imagefolder images. cache: keep TinyImageNet's and imagefolder's decoded
+    images on disk ($CONDENSE_CACHE or ~/.cache/condense_engine) and map them on later loads.
     """
     if not (zca is None or isinstance(zca, (bool, ZCA))):
         raise TypeError(f"zca must be None, True or a fitted ZCA, got {type(zca).__name__}")
