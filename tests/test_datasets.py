@@ -463,6 +463,15 @@ def test_loads_at_once_decode_once(tmp_path, monkeypatch):
     assert all(torch.equal(images, loaded[0]) for images in loaded)
 
 
+def test_unwritable_cache_folder_still_loads(tmp_path, monkeypatch):
+    base = write_tiny(tmp_path)
+    (tmp_path / "a-file").write_text("not a folder")
+    monkeypatch.setenv("CONDENSE_CACHE", str(tmp_path / "a-file" / "cache"))
+    with pytest.warns(UserWarning, match="could not write the decode cache"):
+        loaded = ds.load("tinyimagenet", base)
+    assert torch.equal(loaded.images, ds.load("tinyimagenet", base, cache=False).images)
+
+
 def counting_decodes(monkeypatch, seconds=0.0):
     """Count calls of the image decoder (each sleeping `seconds`, to overlap concurrent loads)."""
     calls = []

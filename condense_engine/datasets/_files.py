@@ -70,6 +70,8 @@ def cache_lock(path: Path):
         path.parent.mkdir(parents=True, exist_ok=True)
         handle = open(path.with_name(path.name + ".lock"), "a")
     except OSError:
+        handle = None
+    if handle is None:
         yield
         return
     with handle:
