@@ -65,6 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint-every", type=int, default=500, help="iterations between checkpoints (500)")
     p.add_argument("--sync-every", type=int, default=None,
                    help="iterations between reading the loss back from the device (1 on CPU, 10 on a GPU)")
+    p.add_argument("--real-images-on", choices=("device", "host"), default="device",
+                   help="where the real images stay: on the device (default, fastest) or on the host, "
+                        "moving each batch (for a set larger than the device's memory)")
     p.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint.pt; with a larger --iterations, "
                    "extend that run to the longer schedule (on the CPU, bit for bit the longer run)")
     p.add_argument("--eval-every", type=int, default=0, help="evaluate every N iterations (0: never)")
@@ -158,7 +161,7 @@ def _distill(args, device, lead: bool) -> int:
     synset = ce.distill(train, method=args.method, ipc=args.ipc, iterations=args.iterations, device=device,
                         seed=args.seed, test_set=test, eval_every=args.eval_every, eval_options=eval_options,
                         checkpoint=os.path.join(args.out, "checkpoint.pt"), checkpoint_every=args.checkpoint_every,
-                        sync_every=args.sync_every,
+                        sync_every=args.sync_every, real_images_on=args.real_images_on,
                         resume=args.resume, log=os.path.join(args.out, "log.jsonl"), progress=not args.quiet,
                         **dict(args.options))
     distill_seconds = time.perf_counter() - began

@@ -129,7 +129,7 @@ def distill(dataset, method: str = "dm", ipc: int = 10, iterations: int | None =
             seed: int = 0, *, test_set: ImageDataset | None = None, eval_every: int = 0,
             eval_options: dict | None = None, checkpoint: str | None = None, checkpoint_every: int = 500,
             resume: bool = False, log: str | None = None, progress: bool = True, sync_every: int | None = None,
-            **options) -> SyntheticSet:
+            real_images_on: str = "device", **options) -> SyntheticSet:
     """Condense `dataset` into `ipc` images per class with `method`; returns a SyntheticSet.
 
     Method options (e.g. lr_img, batch_real) pass through `**options`; defaults come from the
@@ -146,6 +146,9 @@ def distill(dataset, method: str = "dm", ipc: int = 10, iterations: int | None =
     It changes neither the results nor the log (each record keeps its iteration; the guard names
     the first bad iteration and never checkpoints after it), only when they are written: if the
     run dies of another error, up to sync_every − 1 finished iterations may be missing from the log.
+
+    `real_images_on` "host" keeps the real images off the device and moves each batch there (a
+    set larger than the device's memory; see `ClassSampler`); the results are the same.
     """
     dataset = as_dataset(dataset)
     counts = dataset.class_counts()
@@ -182,7 +185,7 @@ def distill(dataset, method: str = "dm", ipc: int = 10, iterations: int | None =
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
     sampler = ClassSampler(dataset, device=device, generator=generator,
-                           classes=(shard.first, shard.end) if shard.sharded else None)
+                           classes=(shard.first, shard.end) if shard.sharded else None, images_on=real_images_on)
     config = dict(method=algorithm.name, dataset=dataset.name, ipc=ipc, seed=seed, options=algorithm.options)
     meta = dict(config, iterations=total, version=__version__, normalization=dict(mean=dataset.mean, std=dataset.std),
                 ranks=shard.world)

@@ -325,7 +325,7 @@ def evaluate(synset, test_set: ImageDataset, model: str = "ConvNet", repeats: in
     report = EvalReport(model, accs, described, losses=losses)
     if baseline:
         ipc = int(synset.ipc)
-        sampler = ClassSampler(train_set, device=device)
+        sampler = ClassSampler(train_set, device=device, images_on="host")  # draws only ipc per class
         base_recipe = dict(described, lr=0.01, images_per_class=ipc)
         key = (fingerprint("random real", ipc, train_set.images, train_set.labels, train_set.mean, train_set.std,
                            test_key, dict(recipe_key, lr=0.01), device.type) if checkpoint else "")

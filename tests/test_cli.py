@@ -50,7 +50,8 @@ def test_distill_evaluate_show_round_trip(tmp_path, capsys):
 def test_evaluate_fair_writes_the_robust_scores(tmp_path, capsys):
     out = tmp_path / "run"
     assert main(["distill", "--dataset", "default", "--ipc", "1", "--iterations", "1", "--set", "batch_real=4",
-                 "--set", "model='ConvNetW32'", "--out", str(out), "--quiet", "--device", "cpu"]) == 0
+                 "--set", "model='ConvNetW32'", "--out", str(out), "--quiet", "--device", "cpu",
+                 "--real-images-on", "host"]) == 0
     command = ["evaluate", str(out / "synset.pt"), "--model", "ConvNetW32", "--epochs", "1", "--repeats", "1",
                "--fair", "--full-accuracy", "0.99", "--out", str(tmp_path / "e.json"), "--device", "cpu",
                "--checkpoint", str(tmp_path / "runs.pt")]

@@ -73,6 +73,16 @@ def test_results_and_log_do_not_depend_on_sync_every(tmp_path):
         assert other_records == records
 
 
+@pytest.mark.parametrize("method", ["dm", "m3d"])
+def test_results_do_not_depend_on_where_the_real_images_are(method):
+    data = toy_dataset()
+    runs = [ce.distill(data, iterations=3, real_images_on=place, **dict(RUN, method=method))
+            for place in ("device", "host")]
+    assert torch.equal(runs[0].images, runs[1].images)
+    with pytest.raises(ValueError, match="images_on must be 'device' or 'host'"):
+        ce.distill(data, iterations=1, real_images_on="disk", **RUN)
+
+
 def test_log_grows_at_the_cadence_and_before_checkpoints(tmp_path):
     log = str(tmp_path / "log.jsonl")
     seen = []
@@ -206,3 +216,7 @@ def test_gpu_run_follows_the_cpu_run(method, options):
                                **options) for device in ("cpu", "cuda")}
     assert runs["cuda"].images.device.type == "cuda"
     torch.testing.assert_close(runs["cuda"].images.cpu(), runs["cpu"].images, rtol=2e-2, atol=2e-2)
+    if method != "dsa":  # the real images streamed from the host: the same batches reach the GPU
+        streamed = ce.distill(data, method=method, ipc=2, iterations=2, seed=0, progress=False, device="cuda",
+                              real_images_on="host", **options)
+        torch.testing.assert_close(streamed.images, runs["cuda"].images, rtol=1e-5, atol=1e-5)

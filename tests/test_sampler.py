@@ -111,6 +111,40 @@ def test_a_sampler_holding_some_classes_stores_only_them_and_draws_the_whole_str
             ds.ClassSampler(dataset, classes=bad)
 
 
+@pytest.mark.parametrize("storage", [torch.uint8, torch.float32])
+@pytest.mark.parametrize("classes", [None, (1, 3)])
+def test_a_streaming_sampler_keeps_the_images_where_they_are_and_draws_the_same(storage, classes):
+    dataset = indexed_dataset(dtype=storage)
+    resident = ds.ClassSampler(dataset, generator=seeded(4), classes=classes)
+    streamed = ds.ClassSampler(dataset, generator=seeded(4), classes=classes, images_on="host")
+    assert streamed.images.data_ptr() == dataset.images.data_ptr()  # no copy, not even of a shard
+    first, end = classes or (0, 4)
+    for _ in range(2):
+        expected, expected_labels = resident.sample_range(2, first, end)
+        images, labels = streamed.sample_range(2, first, end)
+        assert torch.equal(images, expected) and torch.equal(labels, expected_labels)
+    assert torch.equal(dataset.labels[rows_of(images, dataset)], labels)
+    if classes:
+        with pytest.raises(ValueError, match="holds only classes 1..2"):
+            streamed.sample(1, classes=[0])
+
+
+def test_images_on_must_be_device_or_host():
+    with pytest.raises(ValueError, match="images_on must be 'device' or 'host'"):
+        ds.ClassSampler(indexed_dataset(), images_on="disk")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_a_streaming_sampler_moves_only_the_batch_to_the_gpu():
+    dataset = indexed_dataset()
+    resident = ds.ClassSampler(dataset, device="cuda", generator=seeded(4), classes=(1, 3))
+    streamed = ds.ClassSampler(dataset, device="cuda", generator=seeded(4), classes=(1, 3), images_on="host")
+    assert streamed.images.device.type == "cpu" and resident.images.device.type == "cuda"
+    images, labels = streamed.sample_range(2, 1, 3)
+    assert images.device.type == "cuda" and labels.device.type == "cuda"
+    assert torch.equal(images, resident.sample_range(2, 1, 3)[0])
+
+
 def test_sample_every_class_without_a_shard_is_sample():
     dataset = indexed_dataset()
     images, labels = ds.ClassSampler(dataset, generator=seeded(7)).sample_every_class(2)

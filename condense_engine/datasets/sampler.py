@@ -11,6 +11,11 @@ check), hence a draw never makes the host wait for the device.
 A class-sharded rank (`condense_engine.distributed`) keeps only its own classes' images
 (`classes=(first, end)`): its device holds 1/world of the set, and its draws are still the
 whole set's random stream, so every class gets the images it gets in one process.
+
+`images_on="host"` streams instead, for a set larger than the device's memory: the images stay
+where the data set has them (for a decode-cached set, a map of the cache file, so not even the
+host must hold it all), each draw gathers its rows there and only the batch travels, as uint8,
+through pinned memory. The draws are the same as with the images on the device.
 """
 from collections.abc import Sequence
 
@@ -28,11 +33,17 @@ class ClassSampler:
     global CPU generator). Positions are drawn on the generator's device, so a CPU generator with
     one seed gives the same batches whatever device the sampler keeps the images on.
     `classes=(first, end)` keeps only those classes' images (held); the others cannot be sampled.
+    `images_on`: "device" copies the held images to `device`; "host" leaves them in the data set
+    and moves each batch (see the module docstring).
     """
 
     def __init__(self, dataset: ImageDataset, device=None, generator: torch.Generator | None = None,
-                 classes: tuple[int, int] | None = None):
+                 classes: tuple[int, int] | None = None, images_on: str = "device"):
+        if images_on not in ("device", "host"):
+            raise ValueError(f"images_on must be 'device' or 'host', got {images_on!r}")
         self.device = torch.device(device) if device is not None else dataset.images.device
+        self.images_on = images_on
+        storage = self.device if images_on == "device" else dataset.images.device
         self.num_classes = dataset.num_classes
         self.generator = generator
         self.mean = torch.tensor(dataset.mean, dtype=torch.float32, device=self.device)
@@ -52,15 +63,17 @@ class ClassSampler:
         sorted_labels = labels[order]
         starts = torch.cumsum(self._counts, 0) - self._counts
         position = torch.arange(len(labels)) - starts[sorted_labels]
-        # Rows of the held classes, in class order: the stored images are exactly these.
+        # On the device, a shard stores just its classes' rows (in class order) and the index
+        # points into that copy; streamed, the data set's images stay whole and it points into them.
         kept = (sorted_labels >= first) & (sorted_labels < end)
         rows = order[kept] if classes is not None else order
-        images = dataset.images if classes is None else dataset.images.index_select(0, rows.to(dataset.images.device))
-        self.images = images.to(self.device)
+        compact = classes is not None and images_on == "device"
+        images = dataset.images.index_select(0, rows.to(dataset.images.device)) if compact else dataset.images
+        self.images = images.to(storage)
         # Width is the largest class of the whole set, so draws match the one-process stream.
         index = torch.full((self.num_classes, max(1, int(self._counts.max()))), -1, dtype=torch.int64)
-        index[sorted_labels[kept], position[kept]] = torch.arange(len(rows)) if classes is not None else rows
-        self.index = index.to(self.device)
+        index[sorted_labels[kept], position[kept]] = torch.arange(len(rows)) if compact else rows
+        self.index = index.to(storage)
 
     @property
     def counts(self) -> torch.Tensor:
@@ -88,7 +101,7 @@ class ClassSampler:
 
     def draw_indices(self, n_per_class: int, classes: Sequence[int] | torch.Tensor | None = None,
                      generator: torch.Generator | None = None) -> torch.Tensor:
-        """Row indices (len(classes)·n,) on the sampler device: n distinct rows per class, class by class."""
+        """Rows of `images` (len(classes)·n,), on its device: n distinct per class, class by class."""
         return self._draw_rows(n_per_class, self._class_list(classes), generator)
 
     def _draw_rows(self, n_per_class: int, chosen: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
@@ -110,7 +123,8 @@ class ClassSampler:
         padding = torch.arange(width, device=draw_device).unsqueeze(0) >= counts.unsqueeze(1)
         keys.masked_fill_(padding, 2.0)
         positions = keys.topk(n_per_class, dim=1, largest=False, sorted=True).indices
-        rows = self.index[host_to_device(chosen, self.device)].gather(1, host_to_device(positions, self.device))
+        storage = self.index.device
+        rows = self.index[host_to_device(chosen, storage)].gather(1, host_to_device(positions, storage))
         return rows.reshape(-1)
 
     def sample(self, n_per_class: int, classes: Sequence[int] | torch.Tensor | None = None,
@@ -137,10 +151,14 @@ class ClassSampler:
 
     def _gather(self, rows: torch.Tensor, chosen: torch.Tensor, n_per_class: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(float32 network-space images at `rows`, labels of the `chosen` classes × n each)."""
-        if self.images.dtype == torch.uint8:
-            images = gather_normalize(self.images, rows, self.mean, self.std, check_bounds=False)
+        images = self.images
+        if self.images_on == "host":  # gather where the images are, move only the batch
+            images = host_to_device(images.index_select(0, rows), self.device)
+            rows = torch.arange(len(rows), device=self.device)
+        if images.dtype == torch.uint8:
+            images = gather_normalize(images, rows, self.mean, self.std, check_bounds=False)
         else:
-            images = self.images.index_select(0, rows)
+            images = images.index_select(0, rows)
         labels = host_to_device(chosen, self.device).repeat_interleave(n_per_class)
         return images, labels
 
