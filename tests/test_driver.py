@@ -219,4 +219,4 @@ def test_gpu_run_follows_the_cpu_run(method, options):
     if method != "dsa":  # the real images streamed from the host: the same batches reach the GPU
         streamed = ce.distill(data, method=method, ipc=2, iterations=2, seed=0, progress=False, device="cuda",
                               real_images_on="host", **options)
-        torch.testing.assert_close(streamed.images, runs["cuda"].images, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(streamed.images, runs["cuda"].images, rtol=1e-4, atol=1e-4)  # atomics' order
