@@ -148,7 +148,7 @@ def distill(dataset, method: str = "dm", ipc: int = 10, iterations: int | None =
     run dies of another error, up to sync_every − 1 finished iterations may be missing from the log.
 
     `real_images_on` "host" keeps the real images off the device and moves each batch there (a
-    set larger than the device's memory; see `ClassSampler`); the results are the same.
+    set larger than the device's memory; see `ClassSampler`); the draws are the same.
     """
     dataset = as_dataset(dataset)
     counts = dataset.class_counts()

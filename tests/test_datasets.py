@@ -1,5 +1,7 @@
 """Readers of every supported format, on the real MNIST/Fashion-MNIST files and on small files
 written here in each official format, including corrupt ones and wrong layouts."""
+import errno
+import fcntl
 import gzip
 import os
 import pickle
@@ -8,6 +10,7 @@ import tarfile
 import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -449,6 +452,8 @@ def test_imagefolder_cache_follows_the_files_and_size(tmp_path, monkeypatch):
     os.utime(tmp_path / "tree" / "b" / "2.png", ns=(1, 1))  # a new modification time, even on a coarse clock
     assert ds.load("imagefolder", tmp_path / "tree").images[1, :, 0, 0].tolist() == [7, 8, 9]
     assert decodes() == 3
+    cache = Path(os.environ["CONDENSE_CACHE"])
+    assert len(list(cache.glob("imagefolder-*.npy"))) == 2  # the edit replaced its tree's file: one per size
     ds.load("imagefolder", tmp_path / "tree", cache=False)
     assert decodes() == 4
 
@@ -470,6 +475,40 @@ def test_unwritable_cache_folder_still_loads(tmp_path, monkeypatch):
     with pytest.warns(UserWarning, match="could not write the decode cache"):
         loaded = ds.load("tinyimagenet", base)
     assert torch.equal(loaded.images, ds.load("tinyimagenet", base, cache=False).images)
+
+
+def test_a_cache_too_large_to_map_copy_on_write_is_mapped_read_only(tmp_path, monkeypatch):
+    base = write_tiny(tmp_path)
+    decoded = ds.load("tinyimagenet", base).images.clone()
+    load = np.load
+
+    def refuse_private_maps(*args, mmap_mode=None, **kwargs):
+        if mmap_mode == "c":
+            raise OSError(errno.ENOMEM, "Cannot allocate memory")
+        return load(*args, mmap_mode=mmap_mode, **kwargs)
+    monkeypatch.setattr(np, "load", refuse_private_maps)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        images = ds.load("tinyimagenet", base).images
+    assert [str(w.message) for w in caught if "mapped read-only" in str(w.message)]
+    assert not any("not writable" in str(w.message) for w in caught)
+    assert torch.equal(images, decoded)
+    cache_file, = Path(os.environ["CONDENSE_CACHE"]).glob("tinyimagenet-train-*.npy")
+    with open("/proc/self/maps") as maps:
+        permissions = {line.split()[1] for line in maps if line.rstrip().endswith(str(cache_file))}
+    assert "r--s" in permissions  # a shared read-only map (copy-on-write ones read rw-p)
+
+
+def test_a_file_system_without_locks_still_loads(tmp_path, monkeypatch):
+    base = write_tiny(tmp_path)
+
+    def no_locks(handle, operation):
+        raise OSError(errno.ENOSYS, "Function not implemented")
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    with pytest.warns(UserWarning, match="loading without the lock"):
+        first = ds.load("tinyimagenet", base).images
+    with pytest.warns(UserWarning, match="loading without the lock"):
+        assert torch.equal(ds.load("tinyimagenet", base).images, first)
 
 
 def counting_decodes(monkeypatch, seconds=0.0):

@@ -75,7 +75,7 @@ def test_bin_quotas_take_the_same_fraction_of_every_bin(sizes, ipc):
 
 def test_a_run_selects_real_training_images_deterministically():
     data = toy_dataset()
-    runs = [ce.distill(data, iterations=1, **RUN) for _ in range(2)]
+    runs = [ce.distill(data, iterations=1, real_images_on=place, **RUN) for place in ("device", "host")]
     synset = runs[0]
     selected = torch.tensor(synset.meta["selected"])
     assert len(selected.unique()) == len(selected) == 3 * 4

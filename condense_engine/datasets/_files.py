@@ -1,9 +1,11 @@
 """File helpers shared by the readers: locating files, checksums and the decode cache."""
 import contextlib
+import errno
 import fcntl
 import hashlib
 import os
 import tempfile
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -65,17 +67,24 @@ def atomic_write(path: Path):
 def cache_lock(path: Path):
     """Hold an exclusive lock on `path`.lock while inside, so that processes building the same
     cache file (the ranks of one machine loading a set the first time) take turns: the first
-    builds it, the others then find it. Without a writable folder, no lock (each builds its own)."""
+    builds it, the others then find it. Where no lock can be had (an unwritable folder, a file
+    system without flock), each process goes on alone and may build its own."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         handle = open(path.with_name(path.name + ".lock"), "a")
     except OSError:
         handle = None
+    if handle is not None:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        except OSError as error:
+            warnings.warn(f"cannot lock {handle.name} ({error}); loading without the lock")
+            handle.close()
+            handle = None
     if handle is None:
         yield
         return
     with handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
         try:
             yield
         finally:
@@ -88,8 +97,25 @@ def save_npy_atomic(path: Path, array: np.ndarray) -> None:
         np.save(stream, array, allow_pickle=False)
 
 
+def save_text_atomic(path: Path, text: str) -> None:
+    """Write a small text file atomically."""
+    with atomic_write(path) as stream:
+        stream.write(text.encode())
+
+
 def load_npy_shared(path: Path) -> np.ndarray:
-    """Map a .npy copy-on-write: pages come from the OS page cache, so processes on one machine
-    (torchrun ranks) share one copy of a large decoded set, and nothing is read until used; a
-    write to the array stays private to the process and never reaches the file."""
-    return np.load(path, mmap_mode="c", allow_pickle=False)
+    """Map a .npy: pages come from the OS page cache, so processes on one machine (torchrun
+    ranks) share one copy of a large decoded set, and nothing is read until used.
+
+    The map is copy-on-write (a write stays private to the process). The kernel may refuse that
+    for a file larger than the memory that could back the writes; the map is then read-only
+    (`flags.writeable` False; writing into it would crash the process), with a warning.
+    """
+    try:
+        return np.load(path, mmap_mode="c", allow_pickle=False)
+    except OSError as error:
+        if error.errno != errno.ENOMEM:
+            raise
+    warnings.warn(f"{path} ({path.stat().st_size / 2**30:.1f} GiB) is larger than this machine can map "
+                  f"copy-on-write; it is mapped read-only, so the images must not be written in place")
+    return np.load(path, mmap_mode="r", allow_pickle=False)

@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 
 from condense_engine.datasets._files import (cache_dir, cache_lock, load_npy_shared, require_dir,
-                                             save_npy_atomic)
+                                             save_npy_atomic, save_text_atomic)
 from condense_engine.datasets.base import DatasetError, ImageDataset, channel_stats
 from condense_engine.datasets.constants import NORMALIZATION
 
@@ -72,8 +72,8 @@ def _image_files(folder: Path) -> list:
 def read_imagefolder(root: Path, split: str, size: tuple | None = None, cache: bool = True) -> ImageDataset:
     """Load root/<split>/<class>/* (or root/<class>/* when there is no split folder).
 
-    With `cache`, the decoded images are kept as for TinyImageNet, keyed by every file's path,
-    size and modification time (so an edited tree is decoded afresh) and by `size`.
+    With `cache`, the decoded images are kept as for TinyImageNet, one cache per tree and `size`,
+    stamped with every file's path, size and modification time (an edited tree is decoded afresh).
     """
     require_dir(root, "an image folder: <root>/<split>/<class>/<images> or <root>/<class>/<images>")
     base = root / split
@@ -95,10 +95,10 @@ def read_imagefolder(root: Path, split: str, size: tuple | None = None, cache: b
                                f"; expected at least one image per class folder")
         paths += files
         labels += [label] * len(files)
-    identity = [str(base.resolve()), str(size), *classes, *(_file_identity(path, base) for path in paths)]
+    size = tuple(size) if size is not None else None
     shape = (len(paths), None, *(size or (None, None)))
-    images = cached_images("imagefolder", identity, shape, cache,
-                           lambda: stack_images(decode_images(paths, size=size), paths))
+    images = cached_images("imagefolder", [base.resolve(), size], [*classes, *(_file_identity(p, base) for p in paths)],
+                           shape, cache, lambda: stack_images(decode_images(paths, size=size), paths))
     mean, std = channel_stats(images)
     return ImageDataset(images, torch.tensor(labels, dtype=torch.int64), classes, mean, std,
                         name="imagefolder", split=split, meta={"root": str(base)})
@@ -159,7 +159,7 @@ def tiny_imagenet_listing(base: Path, split: str) -> tuple[list, list, list]:
 
 def read_tiny_imagenet(root: Path, split: str, cache: bool = True) -> ImageDataset:
     """Load TinyImageNet train or test (= val/) as uint8 (N, 3, 64, 64), cached after the first decode
-    (keyed by the tree, split and classes: the official files do not change)."""
+    (stamped with the file count and classes only: the official files do not change)."""
     base = tiny_imagenet_root(root)
     paths, labels, classes = tiny_imagenet_listing(base, split)
 
@@ -171,36 +171,49 @@ def read_tiny_imagenet(root: Path, split: str, cache: bool = True) -> ImageDatas
                                    f"{TINY_SIZE[0]}×{TINY_SIZE[1]}")
         return stack_images(arrays, paths)
 
-    identity = [str(base.resolve()), split, str(len(paths)), *classes]
-    images = cached_images(f"tinyimagenet-{split}", identity, (len(paths), 3, *TINY_SIZE), cache, decode)
+    images = cached_images(f"tinyimagenet-{split}", [base.resolve()], [len(paths), *classes],
+                           (len(paths), 3, *TINY_SIZE), cache, decode)
     mean, std = NORMALIZATION["tinyimagenet"]
     return ImageDataset(images, torch.tensor(labels, dtype=torch.int64), classes, mean, std,
                         name="tinyimagenet", split=split, meta={"root": str(base)})
 
 
-def cached_images(stem: str, identity: list, shape: tuple, cache: bool, decode) -> torch.Tensor:
+#: Part of every decode cache's contents stamp: raise it when decoding changes what a file gives.
+CACHE_FORMAT = "1"
+
+
+def cached_images(stem: str, place: list, contents: list, shape: tuple, cache: bool, decode) -> torch.Tensor:
     """uint8 (N, C, H, W) images: `decode()`'s, or with `cache` the decode cache's.
 
-    The cache file is `<cache_dir>/<stem>-<digest of identity>.npy`, and a hit is a copy-on-write
-    map of it (`load_npy_shared`): no decode, and the ranks of one machine share one copy in memory.
-    Processes loading the same set at once take turns on a lock, so one decodes and the rest map
-    its file. `shape` is the expected shape, None for an axis not known before decoding; a cache
-    that is damaged or does not match is ignored with a warning and rebuilt.
+    The cache file is `<cache_dir>/<stem>-<digest of place>.npy` (place: which tree and variant),
+    with a stamp of `contents` (what was decoded) beside it in `.npy.source`; a changed tree
+    replaces the file instead of adding one. A hit is a map of the file (`load_npy_shared`): no
+    decode, and the ranks of one machine share one copy in memory. Processes loading the same set
+    at once take turns on a lock, so one decodes and the rest map its file. `shape` is the
+    expected shape, None for an axis not known before decoding; a damaged or mismatched cache is
+    ignored with a warning and rebuilt.
     """
     if not cache:
         return decode()
-    digest = hashlib.sha256()
-    for part in identity:
-        digest.update(part.encode() + b"\0")
-    path = cache_dir() / f"{stem}-{digest.hexdigest()[:24]}.npy"
+    path = cache_dir() / f"{stem}-{_digest(place)[:24]}.npy"
+    stamp = path.with_name(path.name + ".source")
+    source = _digest([CACHE_FORMAT, *contents])
     with cache_lock(path):
-        mapped = _read_cache(path, shape)
+        current = stamp.is_file() and stamp.read_text() == source
+        mapped = _read_cache(path, shape) if current else None
         if mapped is not None:
             return mapped
         images = decode()
-        if _write_cache(path, images):
+        if _write_cache(path, stamp, source, images):
             mapped = _read_cache(path, tuple(images.shape))
         return mapped if mapped is not None else images
+
+
+def _digest(parts: list) -> str:
+    digest = hashlib.sha256()
+    for part in parts:
+        digest.update(str(part).encode() + b"\0")
+    return digest.hexdigest()
 
 
 def _read_cache(path: Path, shape: tuple) -> torch.Tensor | None:
@@ -218,13 +231,17 @@ def _read_cache(path: Path, shape: tuple) -> torch.Tensor | None:
         warnings.warn(f"ignoring cache {path}: it holds {images.dtype} {images.shape}, expected uint8 "
                       f"{expected}; decoding again")
         return None
-    return torch.from_numpy(images)
+    with warnings.catch_warnings():  # a read-only map was announced by load_npy_shared
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return torch.from_numpy(images)
 
 
-def _write_cache(path: Path, images: torch.Tensor) -> bool:
-    """Whether the decode cache was written (a failure only costs the next load a decode)."""
+def _write_cache(path: Path, stamp: Path, source: str, images: torch.Tensor) -> bool:
+    """Whether the decode cache and its stamp were written (a failure only costs the next load a
+    decode). The stamp goes last: a crash between the two leaves a cache that is rebuilt."""
     try:
         save_npy_atomic(path, images.numpy())
+        save_text_atomic(stamp, source)
         return True
     except OSError as error:
         warnings.warn(f"could not write the decode cache {path} ({error}); continuing without it")

@@ -14,8 +14,9 @@ whole set's random stream, so every class gets the images it gets in one process
 
 `images_on="host"` streams instead, for a set larger than the device's memory: the images stay
 where the data set has them (for a decode-cached set, a map of the cache file, so not even the
-host must hold it all), each draw gathers its rows there and only the batch travels, as uint8,
-through pinned memory. The draws are the same as with the images on the device.
+host must hold it all), each draw gathers its rows there, into pinned memory, and only the batch
+travels, in its stored dtype (uint8 normally). The draws are the same as with the images on the
+device.
 """
 from collections.abc import Sequence
 
@@ -151,16 +152,25 @@ class ClassSampler:
 
     def _gather(self, rows: torch.Tensor, chosen: torch.Tensor, n_per_class: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(float32 network-space images at `rows`, labels of the `chosen` classes × n each)."""
-        images = self.images
-        if self.images_on == "host":  # gather where the images are, move only the batch
-            images = host_to_device(images.index_select(0, rows), self.device)
-            rows = torch.arange(len(rows), device=self.device)
-        if images.dtype == torch.uint8:
-            images = gather_normalize(images, rows, self.mean, self.std, check_bounds=False)
+        if self.images_on == "host":
+            images = self._fetch(rows)
+            if images.dtype == torch.uint8:
+                every = torch.arange(len(images), device=self.device)
+                images = gather_normalize(images, every, self.mean, self.std, check_bounds=False)
+        elif self.images.dtype == torch.uint8:
+            images = gather_normalize(self.images, rows, self.mean, self.std, check_bounds=False)
         else:
-            images = images.index_select(0, rows)
+            images = self.images.index_select(0, rows)
         labels = host_to_device(chosen, self.device).repeat_interleave(n_per_class)
         return images, labels
+
+    def _fetch(self, rows: torch.Tensor) -> torch.Tensor:
+        """The stored images at `rows`, gathered where they are and moved to the sampler device
+        (to a GPU from pinned memory, without making the host wait)."""
+        if self.images.device.type == "cpu" and self.device.type == "cuda":
+            batch = torch.empty((len(rows), *self.images.shape[1:]), dtype=self.images.dtype, pin_memory=True)
+            return torch.index_select(self.images, 0, rows, out=batch).to(self.device, non_blocking=True)
+        return self.images.index_select(0, rows).to(self.device)
 
     def sample_class(self, label: int, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
         """n distinct float32 network-space images of class `label`."""

@@ -180,7 +180,7 @@ class DQ(Method):
         selected, coverage = [], []
         for first in range(0, len(counts), chunk):
             end = min(first + chunk, len(counts))
-            block = self.sampler.index[first:end]
+            block = self.sampler.index[first:end].to(self.device)  # on the host when the images stream
             valid = block >= 0
             grads, features = self.embed_parts(block[valid])
             padded_g = grads.new_zeros(end - first, width, grads.shape[1])
