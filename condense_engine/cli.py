@@ -14,6 +14,7 @@ import sys
 import time
 
 from condense_engine.bench_cli import add_bench_command, run_bench_command
+from condense_engine.datasets.rows import PLACEMENTS
 from condense_engine.expert import add_experts_command, run_experts_command
 
 
@@ -65,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint-every", type=int, default=500, help="iterations between checkpoints (500)")
     p.add_argument("--sync-every", type=int, default=None,
                    help="iterations between reading the loss back from the device (1 on CPU, 10 on a GPU)")
-    p.add_argument("--real-images-on", choices=("device", "host"), default="device",
+    p.add_argument("--real-images-on", choices=PLACEMENTS, default="device",
                    help="where the real images stay: on the device (default, fastest) or on the host, "
                         "moving each batch (for a set larger than the device's memory)")
     p.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint.pt; with a larger --iterations, "

@@ -29,6 +29,7 @@ from torch.func import stack_module_state
 from condense_engine import __version__, distributed
 from condense_engine.checkpoint import (atomic_save, check_format, load_versioned, read_torch_file,
                                         require_writable_folder)
+from condense_engine.datasets.rows import PLACEMENTS, RealImages, check_placement
 from condense_engine.device import resolve_device
 from condense_engine.evaluate_batched import augment_each, cross_entropy_of, stacked_template, unbatchable_reason
 from condense_engine.gsam import GSAM
@@ -221,26 +222,26 @@ def check_compatible(meta: dict, dataset, model, zca: bool) -> None:
         raise ValueError(f"{source} was trained with model {meta['model']!r}, not {model!r}")
 
 
-def train_expert(dataset, student: FunctionalConvNet, meta: dict, number: int, device) -> tuple:
-    """Train expert `number`; returns (trajectory (epochs + 1, P) on the CPU, mean loss per epoch)."""
+def train_expert(real: RealImages, student: FunctionalConvNet, meta: dict, number: int, device) -> tuple:
+    """Train expert `number` on the `real` images; returns (trajectory (epochs + 1, P) on the CPU,
+    mean loss per epoch)."""
     generator = _expert_generator(meta["seed"], number)
     init_seed = int(torch.randint(0, 2**62, (), generator=generator))
     net = student.to_module(student.init_params(init_seed)).to(device)
     optimizer = _expert_optimizer(net, meta)
     strategy, size = meta["augmentation"], tuple(meta["image_size"])
-    count = len(dataset)
+    count = len(real)
     snapshots = [student.flatten(net).cpu()]
     epoch_losses = []
     for _ in range(meta["epochs"]):
         total = torch.zeros((), device=device)
         for batch in torch.randperm(count, generator=generator).split(meta["batch_size"]):
-            batch = batch.to(device)
-            images = dataset.normalized(batch)
+            images = real.normalized(batch)
             if strategy:
                 params = DSAParams.sample(len(batch), strategy, size=size, siamese=False, generator=generator,
                                           device=device)
                 images = dsa(images, params)
-            labels = dataset.labels[batch]
+            labels = real.labels_at(batch)
 
             def batch_loss():  # GSAM calls it twice on the same (augmented) batch
                 optimizer.zero_grad(set_to_none=True)
@@ -255,7 +256,7 @@ def train_expert(dataset, student: FunctionalConvNet, meta: dict, number: int, d
     return torch.stack(snapshots), epoch_losses
 
 
-def train_expert_group(dataset, student: FunctionalConvNet, meta: dict, numbers: list, device) -> list:
+def train_expert_group(real: RealImages, student: FunctionalConvNet, meta: dict, numbers: list, device) -> list:
     """train_expert for each of `numbers` at once, as one vmapped model: one batched forward and
     backward per step instead of len(numbers). Each expert keeps its own initialisation, batch
     order and DSA draws (from its own generator, in the loop's order), and SGD is elementwise, so
@@ -268,7 +269,7 @@ def train_expert_group(dataset, student: FunctionalConvNet, meta: dict, numbers:
     batched_loss = torch.vmap(cross_entropy_of(template))
     optimizer = torch.optim.SGD(params.values(), lr=meta["lr"], momentum=meta["momentum"],
                                 weight_decay=meta["weight_decay"])
-    strategy, count, experts = meta["augmentation"], len(dataset), len(numbers)
+    strategy, count, experts = meta["augmentation"], len(real), len(numbers)
 
     def flat() -> torch.Tensor:  # (experts, P) in the student's parameter order
         return torch.cat([params[name].detach().reshape(experts, -1) for name in student.names], dim=1).cpu()
@@ -278,11 +279,11 @@ def train_expert_group(dataset, student: FunctionalConvNet, meta: dict, numbers:
         orders = torch.stack([torch.randperm(count, generator=g) for g in generators])
         total = torch.zeros(experts, device=device)
         for start in range(0, count, meta["batch_size"]):
-            index = orders[:, start:start + meta["batch_size"]].to(device)
-            images = dataset.normalized(index.reshape(-1)).view(*index.shape, *dataset.images.shape[1:])
+            index = orders[:, start:start + meta["batch_size"]]
+            images = real.normalized(index.reshape(-1)).view(*index.shape, *real.images.shape[1:])
             if strategy:
                 images = augment_each(images, strategy, generators)
-            losses = batched_loss(params, images, dataset.labels[index])
+            losses = batched_loss(params, images, real.labels_at(index))
             optimizer.zero_grad(set_to_none=True)
             losses.sum().backward()
             optimizer.step()
@@ -305,7 +306,8 @@ def train_experts(dataset, num_experts: int, epochs: int, *, model: str = "ConvN
                   momentum: float = 0.0, weight_decay: float = 0.0, batch_size: int = 256, dsa: bool = True,
                   dsa_strategy: str | None = None, optimizer: str = "sgd", rho: float | None = None,
                   alpha: float | None = None, adaptive: bool | None = None, device=None, seed: int = 0,
-                  out=None, progress: bool = False, parallel: int = 1) -> ExpertBuffer:
+                  out=None, progress: bool = False, parallel: int = 1,
+                  images_on: str = "device") -> ExpertBuffer:
     """Train `num_experts` experts for `epochs` epochs each (MTT's buffer.py recipe by default).
 
     `optimizer="gsam"` trains DATM's flat experts: GSAM over the SGD settings, with `rho`,
@@ -315,6 +317,8 @@ def train_experts(dataset, num_experts: int, epochs: int, *, model: str = "ConvN
     buffer there with the same settings is continued; without it the buffer stays in memory.
     `parallel` experts train at once as one vmapped model (`train_expert_group`; SGD only): as
     many as the device's memory holds, each costing one expert's activations.
+    `images_on="host"` leaves the real images off the device and moves each batch there
+    (`datasets.rows.RealImages`; for a set larger than the device's memory): the same experts.
     """
     if isinstance(num_experts, bool) or not isinstance(num_experts, int) or num_experts < 1:
         raise ValueError(f"num_experts must be a positive int, got {num_experts!r}")
@@ -326,6 +330,7 @@ def train_experts(dataset, num_experts: int, epochs: int, *, model: str = "ConvN
         raise ValueError(f"parallel must be a positive int, got {parallel!r}")
     if parallel > 1 and optimizer != "sgd":
         raise ValueError(f"parallel experts train with SGD only; optimizer {optimizer!r} trains one at a time")
+    check_placement(images_on)
     gsam = _gsam_settings(optimizer, rho=rho, alpha=alpha, adaptive=adaptive)
     device = resolve_device(device)
     strategy = (dsa_strategy or default_strategy(dataset.name)) if dsa else None
@@ -343,19 +348,19 @@ def train_experts(dataset, num_experts: int, epochs: int, *, model: str = "ConvN
         lambda: {expert_number(name) for name in _finished_files(out, meta)} if out is not None else set())
     numbers = [number for number in range(num_experts) if number not in finished][rank::world]
     trajectories = []
-    resident = dataset.to(device)
+    real = RealImages(dataset, device, images_on)
     if parallel > 1:
         probe = [student.to_module(student.init_params(0)).to(device) for _ in range(2)]
-        reason = unbatchable_reason(model, probe, resident.normalized(torch.arange(1, device=resident.images.device)))
+        reason = unbatchable_reason(model, probe, real.normalized(torch.arange(1)))
         if reason:
             raise ValueError(f"parallel experts need a model torch.func can batch: {reason}")
     for group_start in range(0, len(numbers), parallel):
         group = numbers[group_start:group_start + parallel]
         began = time.perf_counter()
         if len(group) > 1:
-            results = train_expert_group(resident, student, meta, group, device)
+            results = train_expert_group(real, student, meta, group, device)
         else:
-            results = [train_expert(resident, student, meta, group[0], device)]
+            results = [train_expert(real, student, meta, group[0], device)]
         for number, (trajectory, losses) in zip(group, results):
             if out is None:
                 trajectories.append(trajectory)
@@ -463,6 +468,9 @@ def add_experts_command(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, help="buffer folder to write")
+    p.add_argument("--real-images-on", choices=PLACEMENTS, default="device",
+                   help="where the real images stay: on the device (default, fastest) or on the host, "
+                        "moving each batch (for a set larger than the device's memory)")
     return p
 
 
@@ -477,7 +485,7 @@ def run_experts_command(args) -> int:
                                momentum=args.momentum, weight_decay=args.weight_decay, batch_size=args.batch_size,
                                dsa=not args.no_dsa, optimizer=args.optimizer, rho=args.rho, alpha=args.alpha,
                                adaptive=args.adaptive, device=device, seed=args.seed, out=args.out, progress=True,
-                               parallel=args.parallel)
+                               parallel=args.parallel, images_on=args.real_images_on)
         if distributed.rank() == 0:
             print(f"{buffer}", flush=True)
         return 0

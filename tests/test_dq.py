@@ -79,12 +79,23 @@ def test_a_run_selects_real_training_images_deterministically():
     synset = runs[0]
     selected = torch.tensor(synset.meta["selected"])
     assert len(selected.unique()) == len(selected) == 3 * 4
-    assert torch.equal(synset.images, data.normalized(selected))
+    torch.testing.assert_close(synset.images, data.normalized(selected))  # the same pixels, up to rounding
     assert torch.equal(synset.labels, data.labels[selected])
     assert torch.equal(runs[1].images, synset.images)
     assert len(synset.meta["coverage"]) == 3 and all(0 < c <= 1 + 1e-6 for c in synset.meta["coverage"])
     other_seed = ce.distill(data, iterations=1, **dict(RUN, seed=1))
     assert other_seed.meta["selected"] != synset.meta["selected"]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_a_streamed_run_on_the_gpu_selects_real_images():
+    """With the images on the host, the embedding network trains and the bins fill from batches
+    moved one at a time; the set is still made of the real images it names."""
+    data = toy_dataset()
+    synset = ce.distill(data, iterations=1, real_images_on="host", **dict(RUN, device="cuda"))
+    selected = torch.tensor(synset.meta["selected"])
+    assert synset.images.device.type == "cuda" and len(selected.unique()) == len(selected) == 3 * 4
+    torch.testing.assert_close(synset.images.cpu(), data.normalized(selected))
 
 
 def test_every_bin_contributes_its_share():

@@ -172,6 +172,34 @@ def test_parallel_experts_follow_the_one_at_a_time_trajectories(tmp_path, moment
     assert saved["number"] == 3 and len(saved["epoch_losses"]) == 3
 
 
+@pytest.mark.parametrize("parallel", [1, 2])
+@pytest.mark.parametrize("storage", [torch.uint8, torch.float32])
+def test_experts_on_streamed_images_are_the_resident_ones(parallel, storage):
+    data = _toy(per_class=9)
+    if storage == torch.float32:
+        data = replace(data, images=data.normalized())  # float storage, as after ZCA
+    resident = train_experts(data, 2, 2, seed=4, parallel=parallel, **SETTINGS)
+    streamed = train_experts(data, 2, 2, seed=4, parallel=parallel, images_on="host", **SETTINGS)
+    assert all(torch.equal(streamed[n], resident[n]) for n in range(2))
+    with pytest.raises(ValueError, match="images_on must be 'device' or 'host'"):
+        train_experts(data, 1, 1, images_on="disk", **SETTINGS)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_streamed_experts_keep_the_set_off_the_gpu():
+    data = _toy(per_class=2048, size=32)  # a 25 MB uint8 set
+    settings = dict(SETTINGS, device="cuda", batch_size=256)
+    buffers, peaks = {}, {}
+    for place in ("device", "host"):
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        start = torch.cuda.memory_allocated()
+        buffers[place] = train_experts(data, 1, 1, seed=4, images_on=place, **settings)
+        peaks[place] = torch.cuda.max_memory_allocated() - start
+    assert peaks["device"] - peaks["host"] >= 0.9 * data.images.numel()
+    torch.testing.assert_close(buffers["host"][0], buffers["device"][0], rtol=1e-4, atol=1e-5)  # atomic DSA backward
+
+
 def test_parallel_experts_refuse_gsam_batchnorm_and_bad_counts():
     data = _toy()
     with pytest.raises(ValueError, match="SGD only"):
@@ -274,8 +302,8 @@ def test_experts_command_trains_a_buffer(tmp_path, capsys):
     out = tmp_path / "buffer"
     args = parser.parse_args(["experts", "--dataset", "npz", "--root", str(npz), "--num-experts", "1",
                               "--epochs", "1", "--model", "ConvNetD1", "--batch-size", "16", "--device", "cpu",
-                              "--out", str(out)])
-    assert run_experts_command(args) == 0
+                              "--out", str(out), "--real-images-on", "host"])
+    assert args.real_images_on == "host" and run_experts_command(args) == 0
     buffer = load_experts(out)
     assert len(buffer) == 1 and buffer.meta["epochs"] == 1 and buffer.meta["batch_size"] == 16
     assert "expert 1/1" in capsys.readouterr().out

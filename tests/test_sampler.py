@@ -95,7 +95,7 @@ def test_a_sampler_holding_some_classes_stores_only_them_and_draws_the_whole_str
     dataset = indexed_dataset(dtype=storage)
     whole, held = ds.ClassSampler(dataset, generator=seeded(4)), ds.ClassSampler(dataset, generator=seeded(4),
                                                                                  classes=(1, 3))
-    assert len(held.images) == COUNTS[1] + COUNTS[2] and held.counts.tolist() == COUNTS
+    assert len(held.store) == COUNTS[1] + COUNTS[2] and held.counts.tolist() == COUNTS
     for _ in range(2):
         images, _ = whole.sample(2)
         part, labels = held.sample_range(2, 1, 3)
@@ -117,7 +117,7 @@ def test_a_streaming_sampler_keeps_the_images_where_they_are_and_draws_the_same(
     dataset = indexed_dataset(dtype=storage)
     resident = ds.ClassSampler(dataset, generator=seeded(4), classes=classes)
     streamed = ds.ClassSampler(dataset, generator=seeded(4), classes=classes, images_on="host")
-    assert streamed.images.data_ptr() == dataset.images.data_ptr()  # no copy, not even of a shard
+    assert streamed.store.images.data_ptr() == dataset.images.data_ptr()  # no copy, not even of a shard
     first, end = classes or (0, 4)
     for _ in range(2):
         expected, expected_labels = resident.sample_range(2, first, end)
@@ -139,7 +139,7 @@ def test_a_streaming_sampler_moves_only_the_batch_to_the_gpu():
     dataset = indexed_dataset()
     resident = ds.ClassSampler(dataset, device="cuda", generator=seeded(4), classes=(1, 3))
     streamed = ds.ClassSampler(dataset, device="cuda", generator=seeded(4), classes=(1, 3), images_on="host")
-    assert streamed.images.device.type == "cpu" and resident.images.device.type == "cuda"
+    assert streamed.store.images.device.type == "cpu" and resident.store.images.device.type == "cuda"
     images, labels = streamed.sample_range(2, 1, 3)
     assert images.device.type == "cuda" and labels.device.type == "cuda"
     assert torch.equal(images, resident.sample_range(2, 1, 3)[0])

@@ -11,8 +11,9 @@ missing file or folder raises FileNotFoundError with its path.
 from condense_engine.datasets.arrays import from_tensors, from_torch_dataset
 from condense_engine.datasets.base import DatasetError, ImageDataset, channel_stats
 from condense_engine.datasets.registry import list_datasets, load, verify
+from condense_engine.datasets.rows import RealImages
 from condense_engine.datasets.sampler import ClassSampler
 from condense_engine.datasets.zca import ZCA, whiten
 
 __all__ = ["ImageDataset", "DatasetError", "load", "list_datasets", "verify",
-           "ClassSampler", "ZCA", "whiten", "from_tensors", "from_torch_dataset", "channel_stats"]
+           "ClassSampler", "RealImages", "ZCA", "whiten", "from_tensors", "from_torch_dataset", "channel_stats"]

@@ -13,18 +13,17 @@ A class-sharded rank (`condense_engine.distributed`) keeps only its own classes'
 whole set's random stream, so every class gets the images it gets in one process.
 
 `images_on="host"` streams instead, for a set larger than the device's memory: the images stay
-where the data set has them (for a decode-cached set, a map of the cache file, so not even the
-host must hold it all), each draw gathers its rows there, into pinned memory, and only the batch
-travels, in its stored dtype (uint8 normally). The draws are the same as with the images on the
-device.
+where the data set has them and only each batch travels (`datasets.rows.RealImages`, which
+serves the batches in both placements). The draws are the same as with the images on the device.
 """
 from collections.abc import Sequence
 
 import torch
 
 from condense_engine.datasets.base import ImageDataset
+from condense_engine.datasets.rows import RealImages, check_placement
 from condense_engine.distributed import ClassShard
-from condense_engine.ops.gather import gather_normalize, host_to_device
+from condense_engine.ops.gather import host_to_device
 
 
 class ClassSampler:
@@ -40,15 +39,11 @@ class ClassSampler:
 
     def __init__(self, dataset: ImageDataset, device=None, generator: torch.Generator | None = None,
                  classes: tuple[int, int] | None = None, images_on: str = "device"):
-        if images_on not in ("device", "host"):
-            raise ValueError(f"images_on must be 'device' or 'host', got {images_on!r}")
         self.device = torch.device(device) if device is not None else dataset.images.device
-        self.images_on = images_on
+        self.images_on = check_placement(images_on)
         storage = self.device if images_on == "device" else dataset.images.device
         self.num_classes = dataset.num_classes
         self.generator = generator
-        self.mean = torch.tensor(dataset.mean, dtype=torch.float32, device=self.device)
-        self.std = torch.tensor(dataset.std, dtype=torch.float32, device=self.device)
         labels = dataset.labels.cpu()
         if len(labels) and (int(labels.min()) < 0 or int(labels.max()) >= self.num_classes):
             raise ValueError(f"labels must lie in [0, {self.num_classes}), got "
@@ -69,8 +64,7 @@ class ClassSampler:
         kept = (sorted_labels >= first) & (sorted_labels < end)
         rows = order[kept] if classes is not None else order
         compact = classes is not None and images_on == "device"
-        images = dataset.images.index_select(0, rows.to(dataset.images.device)) if compact else dataset.images
-        self.images = images.to(storage)
+        self.store = RealImages(dataset, self.device, images_on, rows=rows if compact else None)
         # Width is the largest class of the whole set, so draws match the one-process stream.
         index = torch.full((self.num_classes, max(1, int(self._counts.max()))), -1, dtype=torch.int64)
         index[sorted_labels[kept], position[kept]] = torch.arange(len(rows)) if compact else rows
@@ -152,25 +146,8 @@ class ClassSampler:
 
     def _gather(self, rows: torch.Tensor, chosen: torch.Tensor, n_per_class: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(float32 network-space images at `rows`, labels of the `chosen` classes × n each)."""
-        if self.images_on == "host":
-            images = self._fetch(rows)
-            if images.dtype == torch.uint8:
-                every = torch.arange(len(images), device=self.device)
-                images = gather_normalize(images, every, self.mean, self.std, check_bounds=False)
-        elif self.images.dtype == torch.uint8:
-            images = gather_normalize(self.images, rows, self.mean, self.std, check_bounds=False)
-        else:
-            images = self.images.index_select(0, rows)
         labels = host_to_device(chosen, self.device).repeat_interleave(n_per_class)
-        return images, labels
-
-    def _fetch(self, rows: torch.Tensor) -> torch.Tensor:
-        """The stored images at `rows`, gathered where they are and moved to the sampler device
-        (to a GPU from pinned memory, without making the host wait)."""
-        if self.images.device.type == "cpu" and self.device.type == "cuda":
-            batch = torch.empty((len(rows), *self.images.shape[1:]), dtype=self.images.dtype, pin_memory=True)
-            return torch.index_select(self.images, 0, rows, out=batch).to(self.device, non_blocking=True)
-        return self.images.index_select(0, rows).to(self.device)
+        return self.store.normalized(rows), labels
 
     def sample_class(self, label: int, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
         """n distinct float32 network-space images of class `label`."""

@@ -121,7 +121,8 @@ class DQ(Method):
         if self.iterations < 0:
             raise ValueError(f"iterations (training epochs of the embedding network) must be >= 0, "
                              f"got {self.iterations}")
-        self.dataset, self.sampler, self.generator, self.device = dataset.to(device), sampler, generator, device
+        self.dataset, self.sampler, self.generator, self.device = dataset, sampler, generator, device
+        self.real = sampler.store  # the images where the sampler keeps them: on the device, or streamed
         self.net = get_model(self.options["model"], dataset.channels, dataset.num_classes,
                              im_size=dataset.image_size).to(device)
         if self.options["embed_state"] is not None:
@@ -148,12 +149,11 @@ class DQ(Method):
         count = len(self.dataset)
         total = torch.zeros((), device=self.device)
         for batch in torch.randperm(count, generator=self.generator).split(self.options["batch_net"]):
-            batch = batch.to(self.device)
-            images = self.dataset.normalized(batch)
+            images = self.real.normalized(batch)
             if self.strategy:
                 images = dsa(images, DSAParams.sample(len(batch), self.strategy, size=self.dataset.image_size,
                                                       siamese=False, generator=self.generator, device=self.device))
-            loss = F.cross_entropy(self.net(images), self.dataset.labels[batch])
+            loss = F.cross_entropy(self.net(images), self.real.labels_at(batch))
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             self.optimizer.step()
@@ -166,8 +166,8 @@ class DQ(Method):
         self.net.eval()
         grads, features = [], []
         for batch in index.split(self.options["embed_batch"]):
-            hidden = self.net.embed(self.dataset.normalized(batch))
-            grads.append(gradient_embedding_parts(self.net.classifier(hidden), self.dataset.labels[batch],
+            hidden = self.net.embed(self.real.normalized(batch))
+            grads.append(gradient_embedding_parts(self.net.classifier(hidden), self.real.labels_at(batch),
                                                   self.options["double_softmax"]))
             features.append(hidden)
         return torch.cat(grads), torch.cat(features)
@@ -180,9 +180,10 @@ class DQ(Method):
         selected, coverage = [], []
         for first in range(0, len(counts), chunk):
             end = min(first + chunk, len(counts))
-            block = self.sampler.index[first:end].to(self.device)  # on the host when the images stream
+            stored = self.sampler.index[first:end]  # beside the images: on the host when they stream
+            grads, features = self.embed_parts(stored[stored >= 0])
+            block = stored.to(self.device)
             valid = block >= 0
-            grads, features = self.embed_parts(block[valid])
             padded_g = grads.new_zeros(end - first, width, grads.shape[1])
             padded_h = features.new_zeros(end - first, width, features.shape[1])
             padded_g[valid], padded_h[valid] = grads, features
@@ -194,7 +195,7 @@ class DQ(Method):
             coverage.append((nearest * valid).sum(1) / valid.sum(1))
             selected.append(block.gather(1, positions))
         selected = torch.cat(selected).reshape(-1)
-        synset.images = self.dataset.normalized(selected).to(synset.images.device)
+        synset.images = self.real.normalized(selected).to(synset.images.device)
         synset.meta["selected"] = selected.cpu().tolist()
         synset.meta["coverage"] = torch.cat(coverage).cpu().tolist()
 
