@@ -6,6 +6,7 @@ than read: they skip the decodes (100k JPEGs for TinyImageNet), and the ranks of
 share one copy of the images in memory.
 """
 import hashlib
+import stat
 import os
 import warnings
 from concurrent.futures import ThreadPoolExecutor
@@ -66,7 +67,15 @@ def stack_images(arrays: list, paths: list) -> torch.Tensor:
 
 
 def _image_files(folder: Path) -> list:
-    return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    """(path, stat) of the image files under `folder`, sorted by path; each file is stat'ed once
+    (the cache stamp reuses it), which matters on a million-file tree on a network file system."""
+    found = []
+    for path in folder.rglob("*"):
+        if path.suffix.lower() in IMAGE_SUFFIXES:
+            status = path.stat()
+            if stat.S_ISREG(status.st_mode):
+                found.append((path, status))
+    return sorted(found, key=lambda entry: entry[0])
 
 
 def read_imagefolder(root: Path, split: str, size: tuple | None = None, cache: bool = True) -> ImageDataset:
@@ -87,26 +96,26 @@ def read_imagefolder(root: Path, split: str, size: tuple | None = None, cache: b
     classes = sorted(p.name for p in base.iterdir() if p.is_dir())
     if not classes:
         raise FileNotFoundError(f"{base}: no class folders; expected {base}/<class>/<image files>")
-    paths, labels = [], []
+    paths, identities, labels = [], [], []
     for label, name in enumerate(classes):
         files = _image_files(base / name)
         if not files:
             raise DatasetError(f"{base / name}: no image files ({', '.join(sorted(IMAGE_SUFFIXES))})"
                                f"; expected at least one image per class folder")
-        paths += files
+        paths += [path for path, _ in files]
+        identities += [_file_identity(path, status, base) for path, status in files]
         labels += [label] * len(files)
     size = tuple(size) if size is not None else None
     shape = (len(paths), None, *(size or (None, None)))
-    images = cached_images("imagefolder", [base.resolve(), size], [*classes, *(_file_identity(p, base) for p in paths)],
+    images = cached_images("imagefolder", [base.resolve(), size], [*classes, *identities],
                            shape, cache, lambda: stack_images(decode_images(paths, size=size), paths))
     mean, std = channel_stats(images)
     return ImageDataset(images, torch.tensor(labels, dtype=torch.int64), classes, mean, std,
                         name="imagefolder", split=split, meta={"root": str(base)})
 
 
-def _file_identity(path: Path, base: Path) -> str:
+def _file_identity(path: Path, status: os.stat_result, base: Path) -> str:
     """A file's path under `base`, size and modification time: what a cache built from it depends on."""
-    status = path.stat()
     return f"{path.relative_to(base)}\0{status.st_size}\0{status.st_mtime_ns}"
 
 
@@ -132,7 +141,7 @@ def tiny_imagenet_listing(base: Path, split: str) -> tuple[list, list, list]:
             files = _image_files(folder)
             if not files:
                 raise DatasetError(f"{folder}: no images; expected {wnid}_<n>.JPEG files")
-            paths += files
+            paths += [path for path, _ in files]
             labels += [label] * len(files)
         return paths, labels, classes
     annotations = base / "val" / "val_annotations.txt"
