@@ -9,6 +9,11 @@ come from all classes are all-reduced as device tensors (no host sync). The imag
 optimiser state) are gathered when a checkpoint, an evaluation or the end needs the whole set,
 so a checkpoint has the single-process format and resumes under any number of ranks.
 
+DC and DSA shard the same way: each rank matches its classes' gradients and updates their
+images; the network trained between image updates is trained data-parallel (each rank takes
+its classes' rows of every synthetic batch; one all-reduce of the network's gradient per step),
+so every rank keeps the same network without ever moving images.
+
 Expert training (`condense_engine.expert`) spreads whole experts over the ranks instead: they
 are independent, so there is nothing to exchange but a final barrier.
 """
@@ -65,6 +70,16 @@ class ClassShard:
         total = tensor.detach().clone()
         dist.all_reduce(total, op=dist.ReduceOp.SUM)
         return total
+
+    def sum_in_place(self, tensors: list) -> None:
+        """Sum every tensor of `tensors` over ranks, in place, in one collective (a data-parallel
+        step's gradients); nothing when not sharded."""
+        if not self.sharded or not tensors:
+            return
+        flat = torch.cat([t.reshape(-1) for t in tensors])
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+        for tensor, part in zip(tensors, flat.split([t.numel() for t in tensors])):
+            tensor.copy_(part.view_as(tensor))
 
     def all_true(self, flag: torch.Tensor) -> torch.Tensor:
         """A 0-d bool tensor: `flag` holds on every rank."""

@@ -1,4 +1,4 @@
-"""Class-sharded DM/M3D across processes (Gloo on the CPU) equals the one-process run.
+"""Class-sharded DM/M3D/DC/DSA across processes (Gloo on the CPU) equals the one-process run.
 
 Each test spawns `world` processes that join a process group and call ce.distill exactly as a
 torchrun launch would; every rank saves what it got, and the test compares with one process.
@@ -42,7 +42,7 @@ def _record_held(monkeypatch_setattr) -> list:
 
     def recorded(self, *args, **kwargs):
         init(self, *args, **kwargs)
-        held[0] = len(self.images)
+        held[0] = len(self.store)
     monkeypatch_setattr(ClassSampler, "__init__", recorded)
     return held
 
@@ -144,6 +144,25 @@ def test_sharded_run_gives_every_rank_the_one_process_set_and_log(tmp_path, worl
     torch.testing.assert_close(_losses(tmp_path / "log.jsonl"), _losses(tmp_path / "single.jsonl"), rtol=1e-4, atol=0)
 
 
+@pytest.mark.parametrize("world, method, classes", [(2, "dc", 3), (3, "dsa", 5)])
+def test_sharded_gradient_matching_gives_every_rank_the_one_process_set_and_log(tmp_path, world, method, classes):
+    """DC/DSA: each rank matches its classes; the network between image updates trains
+    data-parallel on batches of 3 rows that straddle the ranks' classes (some hold none of a
+    batch's rows), and still follows the one-process network."""
+    loops = dict(outer_loop=3, inner_loop=2, batch_real=8, batch_train=3, model="ConvNetW32")
+    call = dict(RUN, method=method, iterations=2, log="log.jsonl", classes=classes, **loops)
+    _run_ranks(world, tmp_path, [call])
+    single = dict(call, log=str(tmp_path / "single.jsonl"))
+    data = toy_dataset(classes=single.pop("classes"))
+    expected = ce.distill(data, **single).images
+    assert not torch.equal(expected, ce.distill(data, **dict(single, iterations=0, log=None)).images)
+    for rank in range(world):
+        got = torch.load(tmp_path / f"images-0-{rank}.pt")
+        torch.testing.assert_close(got["images"], expected, rtol=1e-4, atol=1e-4)
+        assert got["held"] == int(data.class_counts()[slice(*ClassShard(rank, world, 0, 0, classes).bounds(rank))].sum())
+    torch.testing.assert_close(_losses(tmp_path / "log.jsonl"), _losses(tmp_path / "single.jsonl"), rtol=1e-4, atol=0)
+
+
 def test_a_sharded_checkpoint_extends_in_one_process(tmp_path):
     """Rank 0 writes the one-process checkpoint format: two ranks run 3 iterations, one
     process resumes it to 6, and the set is the 6-iteration one-process set."""
@@ -178,11 +197,13 @@ def test_non_finite_pixels_on_one_rank_stop_every_rank_at_the_same_iteration(tmp
 
 
 def test_methods_and_models_that_cannot_shard_are_refused_on_every_rank(tmp_path):
-    calls = [dict(RUN, method="dc", **FAST), dict(RUN, method="dm", **dict(FAST, model="ConvNetBN"))]
+    calls = [dict(RUN, method="idc"), dict(RUN, method="dm", **dict(FAST, model="ConvNetBN")),
+             dict(RUN, method="dsa", outer_loop=1, inner_loop=1, model="ConvNetBN")]
     _run_ranks(2, tmp_path, calls)
     for rank in range(2):
         assert "cannot run class-sharded" in (tmp_path / f"error-0-{rank}.txt").read_text()
         assert "BatchNorm" in (tmp_path / f"error-1-{rank}.txt").read_text()
+        assert "BatchNorm" in (tmp_path / f"error-2-{rank}.txt").read_text()
 
 
 @pytest.mark.parametrize("classes, world", [(10, 3), (200, 8), (5, 5)])

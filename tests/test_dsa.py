@@ -278,6 +278,17 @@ def test_without_siamese_samples_differ():
     assert len(set(params.brightness.tolist())) == 8
 
 
+def test_selected_params_transform_those_samples_as_the_whole_batch_does():
+    images = torch.randn(6, 3, 9, 9, generator=torch.Generator().manual_seed(3))
+    params = DSAParams.sample(6, "color_crop_cutout_flip_scale_rotate", mode="M", size=(9, 9), siamese=False,
+                              seed=5)
+    index = torch.tensor([4, 1])
+    chosen = params.select(index)
+    assert chosen.ops == params.ops and chosen.cutout_size == params.cutout_size
+    torch.testing.assert_close(ops.dsa(images[index], chosen, backend="torch"),
+                               ops.dsa(images, params, backend="torch")[index])
+
+
 def test_generator_is_reproducible_and_advances():
     gen = torch.Generator().manual_seed(21)
     first = DSAParams.sample(4, mode="M", siamese=False, generator=gen)

@@ -109,6 +109,15 @@ class Method:
         optimiser state) onto every rank, before a checkpoint, an evaluation or the end."""
         raise NotImplementedError(f"method {self.name!r} does not run class-sharded")
 
+    def gather_images_and_momentum(self, synset, optimizer: torch.optim.Optimizer) -> None:
+        """gather() for a method whose only per-pixel state is its optimiser's momentum: every
+        rank's classes of the stored images and their momentum, onto every rank."""
+        per_class = len(synset.images) // self.shard.num_classes
+        self.shard.gather_classes(synset.images, per_class)
+        for state in optimizer.state.values():
+            if state.get("momentum_buffer") is not None:
+                self.shard.gather_classes(state["momentum_buffer"], per_class)
+
     def finish(self, synset) -> None:
         """Called once at the end of a run: put anything learned beside the images (e.g. step
         sizes) into the set."""

@@ -15,12 +15,17 @@ On GPUs the per-class gradients of all classes come from one vmapped forward/bac
 (torch.func) instead of a loop over classes, and the distance of all classes and layers is one
 `ops.match_dist` call. vmap runs each class's batch as its own forward, so this equals the
 published per-class loop (BatchNorm is frozen in eval mode while matching, as published).
+
+Under torchrun (without BatchNorm) the classes are sharded across the ranks
+(`condense_engine.distributed`): each rank matches and updates its own classes, and the network
+between image updates trains data-parallel on every rank's rows of each synthetic batch.
 """
 import torch
 import torch.nn.functional as F
 from torch.func import functional_call, grad, vmap
 
 from condense_engine import ops
+from condense_engine.distributed import ClassShard
 from condense_engine.methods.augment import matched_batches
 from condense_engine.methods.base import Method, register
 from condense_engine.models import get_model
@@ -66,6 +71,7 @@ class DC(Method):
     )
     overrides = [(None, [ipc], dict(outer_loop=outer, inner_loop=inner))
                  for ipc, (outer, inner) in PUBLISHED_LOOPS.items()]
+    class_sharded = True
 
     def init(self, synset, dataset, sampler, generator, device):
         if self.options["outer_loop"] is None or self.options["inner_loop"] is None:
@@ -79,6 +85,10 @@ class DC(Method):
         self.sampler, self.generator, self.device = sampler, generator, device
         self.num_classes = dataset.num_classes
         self.channels, self.image_size = dataset.channels, tuple(dataset.image_size)
+        self.shard = self.shard or ClassShard.whole(dataset.num_classes)
+        if self.shard.sharded and self.uses_batchnorm():
+            raise ValueError(f"{self.options['model']} uses BatchNorm, whose statistics mix classes: it cannot "
+                             f"run class-sharded; use one process or an instance-norm ConvNet")
         self.strategy = None
         if self.options["dsa"]:
             self.strategy = self.options["dsa_strategy"] or ops.default_strategy(dataset.name)
@@ -97,18 +107,24 @@ class DC(Method):
             net = get_model(self.options["model"], self.channels, self.num_classes, self.image_size)
         return net.to(self.device).train()
 
+    def uses_batchnorm(self) -> bool:
+        with torch.random.fork_rng(devices=[]):
+            net = get_model(self.options["model"], self.channels, self.num_classes, self.image_size)
+        return any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in net.modules())
+
     def class_gradients(self, net: torch.nn.Module, images: torch.Tensor, per_class: int,
                         create_graph: bool) -> list:
         """∇θ CE(net(images of class c), c) for every class c, as one (C, *shape) tensor per parameter.
 
-        `images` are class-ordered, `per_class` per class. With `create_graph` the result is
+        `images` are class-ordered, `per_class` per class, from class shard.first on. With `create_graph` the result is
         differentiable w.r.t. `images`; otherwise it is computed without an outer graph.
         `class_batching` "vmap" computes all classes in one vmapped pass, "loop" one class at a
         time; None picks vmap on GPUs and the loop on CPUs, where vmap's decomposed norm
         backward measured about 2× slower than the loop.
         """
         classes = images.shape[0] // per_class
-        labels = torch.arange(classes, device=images.device).repeat_interleave(per_class)
+        first = self.shard.first if self.shard is not None else 0  # a sharded rank's classes start there
+        labels = torch.arange(first, first + classes, device=images.device).repeat_interleave(per_class)
         mode = self.options["class_batching"] or ("vmap" if images.is_cuda else "loop")
         if mode == "loop":
             params = list(net.parameters())
@@ -154,31 +170,60 @@ class DC(Method):
 
     def train_network(self, net: torch.nn.Module, optimizer: torch.optim.Optimizer, synset) -> None:
         """`inner_loop` epochs of CE training on the detached synthetic set, shuffled batches;
-        DSA with independent per-sample parameters when the method uses DSA (as published)."""
-        images, labels = synset.materialize()
+        DSA with independent per-sample parameters when the method uses DSA (as published).
+        A class-sharded rank trains on its classes' rows of every batch (see _sharded_batch_step)."""
+        if self.shard.sharded:
+            images, labels = synset.materialize((self.shard.first, self.shard.end))
+        else:
+            images, labels = synset.materialize()
         images, labels = images.detach(), labels.detach()
+        total = len(images) // self.shard.count * self.shard.num_classes if self.shard.sharded else len(images)
         net.train()
         for _ in range(self.options["inner_loop"]):
-            order = torch.randperm(images.shape[0], generator=self.generator).to(images.device)
+            order = torch.randperm(total, generator=self.generator)
             for batch in order.split(self.options["batch_train"]):
-                inputs = images[batch]
+                params = None
                 if self.strategy:
-                    params = ops.DSAParams.sample(len(batch), self.strategy, size=inputs.shape[2:], siamese=False,
-                                                  generator=self.generator, device=inputs.device)
-                    inputs = ops.dsa(inputs, params)
-                loss = F.cross_entropy(net(inputs), labels[batch])
+                    params = ops.DSAParams.sample(len(batch), self.strategy, size=images.shape[2:], siamese=False,
+                                                  generator=self.generator, device=images.device)
                 optimizer.zero_grad(set_to_none=True)
-                loss.backward()
+                if self.shard.sharded:
+                    self._sharded_batch_step(net, images, labels, batch, params)
+                else:
+                    batch = batch.to(images.device)
+                    inputs = images[batch] if params is None else ops.dsa(images[batch], params)
+                    F.cross_entropy(net(inputs), labels[batch]).backward()
                 optimizer.step()
+
+    def _sharded_batch_step(self, net, images, labels, batch, params) -> None:
+        """The gradient of the whole batch's mean loss, on every rank: each rank backpropagates
+        the summed loss of the batch's rows of its classes (`images` holds just those, from row
+        first·per_class of the whole set), divided by the batch size, and the ranks all-reduce
+        the sums. Per-sample DSA and instance norm keep every row's loss its own, so this equals
+        the one-process step up to summation order."""
+        offset = self.shard.first * (len(images) // self.shard.count)
+        local = batch - offset
+        mine = ((local >= 0) & (local < len(images))).nonzero().squeeze(1)
+        grads = [p for p in net.parameters() if p.requires_grad]
+        if len(mine):
+            rows = local[mine].to(images.device)
+            inputs = images[rows] if params is None else ops.dsa(images[rows], params.select(mine.to(images.device)))
+            (F.cross_entropy(net(inputs), labels[rows], reduction="sum") / len(batch)).backward()
+        for p in grads:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        self.shard.sum_in_place([p.grad for p in grads])
 
     def step(self, synset, iteration):
         net = self.fresh_network()
         net_optimizer = torch.optim.SGD(net.parameters(), lr=self.options["lr_net"])
         batch_real, outer_loop = self.options["batch_real"], self.options["outer_loop"]
+        classes = (self.shard.first, self.shard.end) if self.shard.sharded else None
         total = torch.zeros((), device=self.device)
         for outer in range(outer_loop):
             self.freeze_batchnorm(net)
-            real, syn, per_class = matched_batches(self.sampler, synset, batch_real, self.strategy, self.generator)
+            real, syn, per_class = matched_batches(self.sampler, synset, batch_real, self.strategy, self.generator,
+                                                   classes)
             loss = self.matching_loss(net, real, syn, batch_real, per_class)
             # Only the pixels' gradient: the network's parameters are leaves of this graph too.
             synset.images.grad, = torch.autograd.grad(loss, synset.images)
@@ -188,7 +233,10 @@ class DC(Method):
                 self.train_network(net, net_optimizer, synset)
         # The published log: the matching loss per class and outer step (a device tensor: the
         # driver reads stats back at its own cadence).
-        return {"loss": total / (self.num_classes * outer_loop)}
+        return {"loss": self.shard.sum(total) / (self.num_classes * outer_loop)}
+
+    def gather(self, synset) -> None:
+        self.gather_images_and_momentum(synset, self.optimizer)
 
     def state_dict(self):
         return {"optimizer": self.optimizer.state_dict()}

@@ -156,11 +156,7 @@ class DM(Method):
     def gather(self, synset) -> None:
         """Every rank's classes of the stored images and their momentum, onto every rank (a
         sharded rank updates only its own)."""
-        per_class = len(synset.images) // self.shard.num_classes
-        self.shard.gather_classes(synset.images, per_class)
-        for state in self.optimizer.state.values():
-            if state.get("momentum_buffer") is not None:
-                self.shard.gather_classes(state["momentum_buffer"], per_class)
+        self.gather_images_and_momentum(synset, self.optimizer)
 
     def state_dict(self):
         return {"optimizer": self.optimizer.state_dict()}

@@ -34,6 +34,7 @@ METRICS = ("l1", "mse")
 
 @register("idc")
 class IDC(DC):
+    class_sharded = False  # its network also trains on real data each step; one process only
     defaults = dict(
         iterations=2000,      # outer iterations (published n_iter = niter·100 / inner_loop = 2000)
         inner_steps=100,      # image steps per network (published inner_loop 100)

@@ -145,6 +145,10 @@ class DSAParams:
         moved = {name: value.to(device) for name, value in self.tensors().items()}
         return dataclasses.replace(self, **moved)
 
+    def select(self, index: torch.Tensor) -> "DSAParams":
+        """The parameters of the samples at `index` only (a rank's share of a batch drawn whole)."""
+        return dataclasses.replace(self, **{name: value[index] for name, value in self.tensors().items()})
+
     def resolved_cutout_size(self, height: int) -> int:
         """The cutout side for images of `height` rows."""
         if self.cutout_size is not None:
