@@ -47,14 +47,16 @@ class RealImages:
     def __len__(self) -> int:
         return self.images.shape[0]
 
-    def normalized(self, rows: torch.Tensor) -> torch.Tensor:
+    def normalized(self, rows: torch.Tensor, check_bounds: bool = True) -> torch.Tensor:
         """Float32 network-space images at `rows` (int64 (B,)), on the device.
 
-        Rows on the CPU are bounds-checked (ValueError); rows already on an accelerator are
-        not, since reading them back would make the host wait. Streamed images want CPU rows
-        (device rows are copied back first).
+        Rows on the CPU are bounds-checked (ValueError) unless `check_bounds` is False (rows in
+        range by construction, as the ClassSampler's); rows already on an accelerator never are,
+        since reading them back would make the host wait. Streamed images want CPU rows (device
+        rows are copied back first).
         """
-        if rows.device.type == "cpu" and rows.numel() and (int(rows.min()) < 0 or int(rows.max()) >= len(self)):
+        if (check_bounds and rows.device.type == "cpu" and rows.numel()
+                and (int(rows.min()) < 0 or int(rows.max()) >= len(self))):
             raise ValueError(f"rows must lie in [0, {len(self)}), got [{int(rows.min())}, {int(rows.max())}]")
         if self.images_on == "host":
             batch = self._fetch(rows.cpu())

@@ -147,7 +147,7 @@ class ClassSampler:
     def _gather(self, rows: torch.Tensor, chosen: torch.Tensor, n_per_class: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(float32 network-space images at `rows`, labels of the `chosen` classes × n each)."""
         labels = host_to_device(chosen, self.device).repeat_interleave(n_per_class)
-        return self.store.normalized(rows), labels
+        return self.store.normalized(rows, check_bounds=False), labels
 
     def sample_class(self, label: int, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
         """n distinct float32 network-space images of class `label`."""

@@ -26,6 +26,7 @@ from torch.func import functional_call, grad, vmap
 
 from condense_engine import ops
 from condense_engine.distributed import ClassShard
+from condense_engine.ops.gather import host_to_device
 from condense_engine.methods.augment import matched_batches
 from condense_engine.methods.base import Method, register
 from condense_engine.models import get_model
@@ -181,6 +182,8 @@ class DC(Method):
         net.train()
         for _ in range(self.options["inner_loop"]):
             order = torch.randperm(total, generator=self.generator)
+            if not self.shard.sharded:  # a sharded rank picks its rows on the host
+                order = host_to_device(order, images.device)
             for batch in order.split(self.options["batch_train"]):
                 params = None
                 if self.strategy:
@@ -190,7 +193,6 @@ class DC(Method):
                 if self.shard.sharded:
                     self._sharded_batch_step(net, images, labels, batch, params)
                 else:
-                    batch = batch.to(images.device)
                     inputs = images[batch] if params is None else ops.dsa(images[batch], params)
                     F.cross_entropy(net(inputs), labels[batch]).backward()
                 optimizer.step()
@@ -204,15 +206,17 @@ class DC(Method):
         offset = self.shard.first * (len(images) // self.shard.count)
         local = batch - offset
         mine = ((local >= 0) & (local < len(images))).nonzero().squeeze(1)
-        grads = [p for p in net.parameters() if p.requires_grad]
+        weights = [p for p in net.parameters() if p.requires_grad]
         if len(mine):
-            rows = local[mine].to(images.device)
-            inputs = images[rows] if params is None else ops.dsa(images[rows], params.select(mine.to(images.device)))
+            rows = host_to_device(local[mine], images.device)
+            if params is not None:
+                params = params.select(host_to_device(mine, images.device))
+            inputs = images[rows] if params is None else ops.dsa(images[rows], params)
             (F.cross_entropy(net(inputs), labels[rows], reduction="sum") / len(batch)).backward()
-        for p in grads:
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-        self.shard.sum_in_place([p.grad for p in grads])
+        for weight in weights:
+            if weight.grad is None:  # none of the batch's rows is this rank's: it adds zero
+                weight.grad = torch.zeros_like(weight)
+        self.shard.sum_in_place([weight.grad for weight in weights])
 
     def step(self, synset, iteration):
         net = self.fresh_network()
