@@ -26,11 +26,11 @@ from torch.func import functional_call, grad, vmap
 
 from condense_engine import ops
 from condense_engine.distributed import ClassShard
-from condense_engine.ops.gather import host_to_device
 from condense_engine.methods.augment import matched_batches
 from condense_engine.methods.base import Method, register
 from condense_engine.models import get_model
 from condense_engine.models.layers import ACTIVATION_CHANNELS, forward_chunk
+from condense_engine.ops.gather import host_to_device
 
 #: (outer_loop, inner_loop) per IPC, from the published get_loops.
 PUBLISHED_LOOPS = {1: (1, 1), 10: (10, 50), 20: (20, 25), 30: (30, 20), 40: (40, 15), 50: (50, 10)}
@@ -109,6 +109,7 @@ class DC(Method):
         return net.to(self.device).train()
 
     def uses_batchnorm(self) -> bool:
+        """Whether the method's model has BatchNorm layers (built aside, leaving the RNGs as they are)."""
         with torch.random.fork_rng(devices=[]):
             net = get_model(self.options["model"], self.channels, self.num_classes, self.image_size)
         return any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in net.modules())
@@ -117,8 +118,9 @@ class DC(Method):
                         create_graph: bool) -> list:
         """∇θ CE(net(images of class c), c) for every class c, as one (C, *shape) tensor per parameter.
 
-        `images` are class-ordered, `per_class` per class, from class shard.first on. With `create_graph` the result is
-        differentiable w.r.t. `images`; otherwise it is computed without an outer graph.
+        `images` are class-ordered, `per_class` per class, from the shard's first class on. With
+        `create_graph` the result is differentiable w.r.t. `images`; otherwise it is computed
+        without an outer graph.
         `class_batching` "vmap" computes all classes in one vmapped pass, "loop" one class at a
         time; None picks vmap on GPUs and the loop on CPUs, where vmap's decomposed norm
         backward measured about 2× slower than the loop.
