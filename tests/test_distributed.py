@@ -144,13 +144,14 @@ def test_sharded_run_gives_every_rank_the_one_process_set_and_log(tmp_path, worl
     torch.testing.assert_close(_losses(tmp_path / "log.jsonl"), _losses(tmp_path / "single.jsonl"), rtol=1e-4, atol=0)
 
 
-@pytest.mark.parametrize("world, method, classes", [(2, "dc", 3), (3, "dsa", 5)])
-def test_sharded_gradient_matching_gives_every_rank_the_one_process_set_and_log(tmp_path, world, method, classes):
+@pytest.mark.parametrize("world, method, classes, place", [(2, "dc", 3, "device"), (3, "dsa", 5, "host")])
+def test_sharded_gradient_matching_gives_every_rank_the_one_process_set_and_log(tmp_path, world, method, classes,
+                                                                                place):
     """DC/DSA: each rank matches its classes; the network between image updates trains
     data-parallel on batches of 3 rows that straddle the ranks' classes (some hold none of a
-    batch's rows), and still follows the one-process network."""
+    batch's rows), and still follows the one-process network (also with streamed real images)."""
     loops = dict(outer_loop=3, inner_loop=2, batch_real=8, batch_train=3, model="ConvNetW32")
-    call = dict(RUN, method=method, iterations=2, log="log.jsonl", classes=classes, **loops)
+    call = dict(RUN, method=method, iterations=2, log="log.jsonl", classes=classes, real_images_on=place, **loops)
     _run_ranks(world, tmp_path, [call])
     single = dict(call, log=str(tmp_path / "single.jsonl"))
     data = toy_dataset(classes=single.pop("classes"))
@@ -159,7 +160,8 @@ def test_sharded_gradient_matching_gives_every_rank_the_one_process_set_and_log(
     for rank in range(world):
         got = torch.load(tmp_path / f"images-0-{rank}.pt")
         torch.testing.assert_close(got["images"], expected, rtol=1e-4, atol=1e-4)
-        assert got["held"] == int(data.class_counts()[slice(*ClassShard(rank, world, 0, 0, classes).bounds(rank))].sum())
+        own = int(data.class_counts()[slice(*ClassShard(rank, world, 0, 0, classes).bounds(rank))].sum())
+        assert got["held"] == (own if place == "device" else len(data))  # streamed: the set's own tensor, no copy
     torch.testing.assert_close(_losses(tmp_path / "log.jsonl"), _losses(tmp_path / "single.jsonl"), rtol=1e-4, atol=0)
 
 
