@@ -1,4 +1,4 @@
-"""Class-sharded DM/M3D/DC/DSA across processes (Gloo on the CPU) equals the one-process run.
+"""Class-sharded DM/M3D/DC/DSA/IDC across processes (Gloo on the CPU) equals the one-process run.
 
 Each test spawns `world` processes that join a process group and call ce.distill exactly as a
 torchrun launch would; every rank saves what it got, and the test compares with one process.
@@ -144,14 +144,22 @@ def test_sharded_run_gives_every_rank_the_one_process_set_and_log(tmp_path, worl
     torch.testing.assert_close(_losses(tmp_path / "log.jsonl"), _losses(tmp_path / "single.jsonl"), rtol=1e-4, atol=0)
 
 
-@pytest.mark.parametrize("world, method, classes, place", [(2, "dc", 3, "device"), (3, "dsa", 5, "host")])
+GRADIENT_MATCHING = dict(outer_loop=3, inner_loop=2, batch_real=8, batch_train=3, model="ConvNetW32")
+IDC_SMALL = dict(inner_steps=3, batch_real=8, real_per_epoch=15, batch_net=4, cutmix_prob=0.5, model="ConvNetW32")
+
+
+@pytest.mark.parametrize("world, method, classes, place, options", [
+    (2, "dc", 3, "device", GRADIENT_MATCHING),
+    (3, "dsa", 5, "host", GRADIENT_MATCHING),
+    (2, "idc", 3, "device", IDC_SMALL),
+])
 def test_sharded_gradient_matching_gives_every_rank_the_one_process_set_and_log(tmp_path, world, method, classes,
-                                                                                place):
-    """DC/DSA: each rank matches its classes; the network between image updates trains
-    data-parallel on batches of 3 rows that straddle the ranks' classes (some hold none of a
-    batch's rows), and still follows the one-process network (also with streamed real images)."""
-    loops = dict(outer_loop=3, inner_loop=2, batch_real=8, batch_train=3, model="ConvNetW32")
-    call = dict(RUN, method=method, iterations=2, log="log.jsonl", classes=classes, real_images_on=place, **loops)
+                                                                                place, options):
+    """DC/DSA/IDC: each rank matches its classes; the network between image updates trains
+    data-parallel on small batches that straddle the ranks' classes (some hold none of a batch's
+    rows; IDC's real batches with CutMix about half the time), and still follows the one-process
+    network (also with streamed real images)."""
+    call = dict(RUN, method=method, iterations=2, log="log.jsonl", classes=classes, real_images_on=place, **options)
     _run_ranks(world, tmp_path, [call])
     single = dict(call, log=str(tmp_path / "single.jsonl"))
     data = toy_dataset(classes=single.pop("classes"))
@@ -199,7 +207,7 @@ def test_non_finite_pixels_on_one_rank_stop_every_rank_at_the_same_iteration(tmp
 
 
 def test_methods_and_models_that_cannot_shard_are_refused_on_every_rank(tmp_path):
-    calls = [dict(RUN, method="idc"), dict(RUN, method="dm", **dict(FAST, model="ConvNetBN")),
+    calls = [dict(RUN, method="mtt"), dict(RUN, method="dm", **dict(FAST, model="ConvNetBN")),
              dict(RUN, method="dsa", outer_loop=1, inner_loop=1, model="ConvNetBN")]
     _run_ranks(2, tmp_path, calls)
     for rank in range(2):

@@ -86,10 +86,7 @@ class DC(Method):
         self.sampler, self.generator, self.device = sampler, generator, device
         self.num_classes = dataset.num_classes
         self.channels, self.image_size = dataset.channels, tuple(dataset.image_size)
-        self.shard = self.shard or ClassShard.whole(dataset.num_classes)
-        if self.shard.sharded and self.uses_batchnorm():
-            raise ValueError(f"{self.options['model']} uses BatchNorm, whose statistics mix classes: it cannot "
-                             f"run class-sharded; use one process or an instance-norm ConvNet")
+        self.take_shard(dataset)
         self.strategy = None
         if self.options["dsa"]:
             self.strategy = self.options["dsa_strategy"] or ops.default_strategy(dataset.name)
@@ -108,11 +105,18 @@ class DC(Method):
             net = get_model(self.options["model"], self.channels, self.num_classes, self.image_size)
         return net.to(self.device).train()
 
-    def uses_batchnorm(self) -> bool:
-        """Whether the method's model has BatchNorm layers (built aside, leaving the RNGs as they are)."""
+    def take_shard(self, dataset) -> None:
+        """This process's classes (all of them unless the driver set a shard); ValueError for a
+        BatchNorm model under sharding, whose statistics would mix every rank's classes. The
+        model is built aside for the check, leaving the RNGs as they are."""
+        self.shard = self.shard or ClassShard.whole(dataset.num_classes)
+        if not self.shard.sharded:
+            return
         with torch.random.fork_rng(devices=[]):
-            net = get_model(self.options["model"], self.channels, self.num_classes, self.image_size)
-        return any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in net.modules())
+            net = get_model(self.options["model"], dataset.channels, dataset.num_classes, tuple(dataset.image_size))
+        if any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in net.modules()):
+            raise ValueError(f"{self.options['model']} uses BatchNorm, whose statistics mix classes: it cannot "
+                             f"run class-sharded; use one process or an instance-norm ConvNet")
 
     def class_gradients(self, net: torch.nn.Module, images: torch.Tensor, per_class: int,
                         create_graph: bool) -> list:
@@ -205,18 +209,27 @@ class DC(Method):
         first·per_class of the whole set), divided by the batch size, and the ranks all-reduce
         the sums. Per-sample DSA and instance norm keep every row's loss its own, so this equals
         the one-process step up to summation order."""
-        offset = self.shard.first * (len(images) // self.shard.count)
-        local = batch - offset
-        mine = ((local >= 0) & (local < len(images))).nonzero().squeeze(1)
-        weights = [p for p in net.parameters() if p.requires_grad]
+        mine, rows = self.own_rows(batch, len(images))
         if len(mine):
-            rows = host_to_device(local[mine], images.device)
-            if params is not None:
-                params = params.select(host_to_device(mine, images.device))
-            inputs = images[rows] if params is None else ops.dsa(images[rows], params)
+            rows = host_to_device(rows, images.device)
+            inputs = images[rows] if params is None else ops.dsa(images[rows], params.select(
+                host_to_device(mine, images.device)))
             (F.cross_entropy(net(inputs), labels[rows], reduction="sum") / len(batch)).backward()
+        self.sum_gradients(net)
+
+    def own_rows(self, batch: torch.Tensor, held: int) -> tuple:
+        """(positions in `batch` of this rank's rows, those rows in its own `held` class-ordered
+        rows), for a CPU `batch` of rows of the whole class-ordered set (host tensors, no sync)."""
+        local = batch - self.shard.first * (held // self.shard.count)
+        mine = ((local >= 0) & (local < held)).nonzero().squeeze(1)
+        return mine, local[mine]
+
+    def sum_gradients(self, net: torch.nn.Module) -> None:
+        """Sum the network's gradients over the ranks (a rank none of whose rows were in the
+        batch adds zeros): every rank then takes the same optimiser step."""
+        weights = [p for p in net.parameters() if p.requires_grad]
         for weight in weights:
-            if weight.grad is None:  # none of the batch's rows is this rank's: it adds zero
+            if weight.grad is None:
                 weight.grad = torch.zeros_like(weight)
         self.shard.sum_in_place([weight.grad for weight in weights])
 

@@ -19,6 +19,11 @@ Deviations, all data: the real batches are class-balanced draws (published: a cl
 matching, a random `n_data` subset for the network epoch); the network epoch's batch is 64 (the
 published loader's size is not recorded in methods.md); `lr_base` for data sets IDC did not
 run (TinyImageNet) is CIFAR's.
+
+Under torchrun IDC shards the classes as DC does (`condense_engine.distributed`); the real-data
+epoch trains data-parallel too, each rank on its classes' rows of every batch. A CutMix batch
+needs its partners' images, so its augmented rows are summed across the ranks first (one
+batch-sized all-reduce).
 """
 import torch
 import torch.nn.functional as F
@@ -28,13 +33,22 @@ from condense_engine.methods.augment import cutmix, matched_batches
 from condense_engine.methods.base import register
 from condense_engine.methods.dc import DC
 from condense_engine.methods.dm import multi_formation_init
+from condense_engine.ops.gather import host_to_device
 
 METRICS = ("l1", "mse")
 
 
+def real_loss(logits, targets, pasted, kept: float, reduction: str) -> torch.Tensor:
+    """Cross-entropy of a real batch; after CutMix (`pasted` labels, `kept` fraction) the mix of
+    the two labels' losses, as IDC trains."""
+    loss = F.cross_entropy(logits, targets, reduction=reduction)
+    if pasted is None:
+        return loss
+    return kept * loss + (1 - kept) * F.cross_entropy(logits, pasted, reduction=reduction)
+
+
 @register("idc")
 class IDC(DC):
-    class_sharded = False  # its network also trains on real data each step; one process only
     defaults = dict(
         iterations=2000,      # outer iterations (published n_iter = niter·100 / inner_loop = 2000)
         inner_steps=100,      # image steps per network (published inner_loop 100)
@@ -75,9 +89,10 @@ class IDC(DC):
         self.sampler, self.generator, self.device = sampler, generator, device
         self.num_classes = dataset.num_classes
         self.channels, self.image_size = dataset.channels, tuple(dataset.image_size)
+        self.take_shard(dataset)
         self.strategy = self.options["dsa_strategy"] if self.options["dsa"] else None
         if factor > 1:
-            multi_formation_init(synset, sampler, factor, self.ipc)
+            multi_formation_init(synset, sampler, factor, self.ipc, self.shard)
         synset.images.requires_grad_(True)
         lr = self.options["lr_img"] or self.options["lr_base"] * self.ipc / 10
         self.optimizer = torch.optim.SGD([synset.images], lr=lr, momentum=self.options["momentum"])
@@ -101,32 +116,61 @@ class IDC(DC):
         if per_class <= cap:
             return syn, per_class
         keep = torch.randperm(per_class, generator=self.generator)[:cap].to(syn.device)
-        by_class = syn.unflatten(0, (self.num_classes, per_class)).index_select(1, keep)
+        by_class = syn.unflatten(0, (len(syn) // per_class, per_class)).index_select(1, keep)
         return by_class.flatten(0, 1), cap
 
     def train_on_real(self, net, optimizer) -> None:
         """One epoch on `real_per_epoch` class-balanced real images: per-sample DSA and CutMix."""
         per_class = max(1, self.options["real_per_epoch"] // self.num_classes)
-        images, labels = self.sampler.sample(per_class)
+        sharded = self.shard.sharded
+        if sharded:  # this rank's classes of the same draw
+            images, labels = self.sampler.sample_range(per_class, self.shard.first, self.shard.end)
+        else:
+            images, labels = self.sampler.sample(per_class)
         net.train()
-        order = torch.randperm(len(images), generator=self.generator).to(images.device)
+        order = torch.randperm(per_class * self.num_classes, generator=self.generator)
+        if not sharded:
+            order = host_to_device(order, images.device)
         for batch in order.split(self.options["batch_net"]):
-            inputs, targets = images[batch], labels[batch]
+            params = None
             if self.strategy:
-                params = ops.DSAParams.sample(len(batch), self.strategy, size=inputs.shape[2:], siamese=False,
-                                              generator=self.generator, device=inputs.device)
-                inputs = ops.dsa(inputs, params)
+                params = ops.DSAParams.sample(len(batch), self.strategy, size=images.shape[2:], siamese=False,
+                                              generator=self.generator, device=images.device)
             use_cutmix = self.options["cutmix"] and float(torch.rand((), generator=self.generator)) < \
                 self.options["cutmix_prob"]
-            if use_cutmix:
-                inputs, other, kept = cutmix(inputs, targets, self.options["cutmix_beta"], self.generator)
-                logits = net(inputs)
-                loss = kept * F.cross_entropy(logits, targets) + (1 - kept) * F.cross_entropy(logits, other)
-            else:
-                loss = F.cross_entropy(net(inputs), targets)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            if sharded:
+                self._sharded_real_step(net, images, labels, batch, params, use_cutmix, per_class)
+            else:
+                inputs, targets, other, kept = images[batch], labels[batch], None, 1.0
+                if params is not None:
+                    inputs = ops.dsa(inputs, params)
+                if use_cutmix:
+                    inputs, other, kept = cutmix(inputs, targets, self.options["cutmix_beta"], self.generator)
+                real_loss(net(inputs), targets, other, kept, "mean").backward()
             optimizer.step()
+
+    def _sharded_real_step(self, net, images, labels, batch, params, use_cutmix: bool, per_class: int) -> None:
+        """A sharded rank's share of one real batch (`images`: its classes' rows, class-ordered):
+        its rows' summed loss over the batch size, gradients summed across the ranks. For CutMix
+        the augmented rows of every rank are assembled into the whole batch by an all-reduce
+        (each rank fills its own positions), so every rank mixes with the same partners and
+        makes the same random draws."""
+        mine, rows = self.own_rows(batch, len(images))
+        mine, rows = host_to_device(mine, images.device), host_to_device(rows, images.device)
+        inputs, targets, other, kept = images[rows], labels[rows], None, 1.0
+        if params is not None and len(mine):
+            inputs = ops.dsa(inputs, params.select(mine))
+        if use_cutmix:
+            whole = inputs.new_zeros((len(batch), *inputs.shape[1:]))
+            whole[mine] = inputs
+            self.shard.sum_in_place([whole])
+            whole_labels = host_to_device(batch // per_class, images.device)  # the batch is class-ordered
+            mixed, pasted, kept = cutmix(whole, whole_labels, self.options["cutmix_beta"], self.generator)
+            inputs, other = mixed[mine], pasted[mine]
+        if len(mine):
+            (real_loss(net(inputs), targets, other, kept, "sum") / len(batch)).backward()
+        self.sum_gradients(net)
 
     def step(self, synset, iteration):
         net = self.fresh_network()
@@ -134,10 +178,12 @@ class IDC(DC):
                                         momentum=self.options["net_momentum"],
                                         weight_decay=self.options["net_weight_decay"])
         batch_real, steps = self.options["batch_real"], self.options["inner_steps"]
+        classes = (self.shard.first, self.shard.end) if self.shard.sharded else None
         total = torch.zeros((), device=self.device)
         for _ in range(steps):
             self.freeze_batchnorm(net)
-            real, syn, per_class = matched_batches(self.sampler, synset, batch_real, self.strategy, self.generator)
+            real, syn, per_class = matched_batches(self.sampler, synset, batch_real, self.strategy, self.generator,
+                                                   classes)
             syn, per_class = self.capped(syn, per_class)
             loss = self.matching_loss(net, real, syn, batch_real, per_class)
             grad, = torch.autograd.grad(loss, synset.images)
@@ -147,4 +193,4 @@ class IDC(DC):
             self.train_on_real(net, net_optimizer)
         with torch.no_grad():
             synset.images.copy_(torch.maximum(torch.minimum(synset.images, self.high), self.low))
-        return {"loss": total / (self.num_classes * steps)}
+        return {"loss": self.shard.sum(total) / (self.num_classes * steps)}
