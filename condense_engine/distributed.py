@@ -9,9 +9,9 @@ come from all classes are all-reduced as device tensors (no host sync). The imag
 optimiser state) are gathered when a checkpoint, an evaluation or the end needs the whole set,
 so a checkpoint has the single-process format and resumes under any number of ranks.
 
-DC and DSA shard the same way: each rank matches its classes' gradients and updates their
+DC, DSA and IDC shard the same way: each rank matches its classes' gradients and updates their
 images; the network trained between image updates is trained data-parallel (each rank takes
-its classes' rows of every synthetic batch; one all-reduce of the network's gradient per step),
+its classes' rows of every batch; one all-reduce of the network's gradient per step),
 so every rank keeps the same network without ever moving images.
 
 Expert training (`condense_engine.expert`) spreads whole experts over the ranks instead: they
