@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from condense_engine import models
 from condense_engine.checkpoint import atomic_save, load_versioned
 from condense_engine.models.layers import ACTIVATION_CHANNELS, forward_chunk
-from condense_engine.datasets import ClassSampler, ImageDataset
+from condense_engine.datasets import ClassSampler, ImageDataset, RealImages
 from condense_engine.device import resolve_device
 from condense_engine.evaluate_batched import train_and_test_batched, unbatchable_reason
 from condense_engine.methods.augment import cutmix
@@ -167,13 +167,13 @@ def accuracy(model: torch.nn.Module, test_set: ImageDataset, batch_size: int | N
     if batch_size is None:
         height, width = test_set.image_size
         batch_size = forward_chunk(device, ACTIVATION_CHANNELS * height * width * 4, TEST_BATCH)
-    correct = 0
+    test = RealImages(test_set, device, "host")  # batches travel as stored (uint8), without a sync
+    correct = torch.zeros((), dtype=torch.int64, device=device)
     for start in range(0, len(test_set), batch_size):
         index = torch.arange(start, min(start + batch_size, len(test_set)))
-        images = test_set.normalized(index).to(device)
-        correct += int((model(images).argmax(1) == test_set.labels[index].to(device)).sum())
+        correct += (model(test.normalized(index, check_bounds=False)).argmax(1) == test.labels_at(index)).sum()
     model.train()
-    return correct / len(test_set)
+    return int(correct) / len(test_set)
 
 
 def fresh_models(model: str, repeats: int, seed: int, channel: int, num_classes: int, im_size,
