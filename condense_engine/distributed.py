@@ -11,8 +11,9 @@ so a checkpoint has the single-process format and resumes under any number of ra
 
 DC, DSA and IDC shard the same way: each rank matches its classes' gradients and updates their
 images; the network trained between image updates is trained data-parallel (each rank takes
-its classes' rows of every batch; one all-reduce of the network's gradient per step),
-so every rank keeps the same network without ever moving images.
+its classes' rows of every batch; one all-reduce of the network's gradient per step, and for
+an IDC CutMix batch one of the batch's images, whose partners may be another rank's), so every
+rank keeps the same network; the summed loss is all-reduced once per iteration.
 
 Expert training (`condense_engine.expert`) spreads whole experts over the ranks instead: they
 are independent, so there is nothing to exchange but a final barrier.

@@ -410,6 +410,9 @@ def test_imagefolder_with_split_folders_and_computed_stats(tmp_path):
     assert dataset.images[2, :, 0, 0].tolist() == [10, 20, 30]
     assert dataset.mean == pytest.approx([50 / 255, 60 / 255, 70 / 255])
     assert dataset.std[0] == pytest.approx(np.std([10, 50, 90]) / 255)
+    (tmp_path / "train" / "dog" / "gone.png").symlink_to(tmp_path / "nowhere.png")  # dangling: not an image
+    (tmp_path / "train" / "dog" / "folder.png").mkdir()
+    assert torch.equal(ds.load("imagefolder", tmp_path, "train", cache=False).images, dataset.images)
 
 
 def test_imagefolder_without_split_mixed_modes_and_resize(tmp_path):

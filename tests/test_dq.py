@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 import condense_engine as ce
 from condense_engine.checkpoint import load_checkpoint
+from condense_engine.datasets import ClassSampler
 from condense_engine.methods.dq import (DQ, bin_quotas, bin_sizes, gradient_cosine_similarity, gradient_embedding_parts,
                                         graphcut_bins)
 from tests.toy_data import toy_dataset
@@ -96,6 +97,13 @@ def test_a_streamed_run_on_the_gpu_selects_real_images():
     selected = torch.tensor(synset.meta["selected"])
     assert synset.images.device.type == "cuda" and len(selected.unique()) == len(selected) == 3 * 4
     torch.testing.assert_close(synset.images.cpu(), data.normalized(selected))
+
+
+def test_a_sampler_holding_only_some_classes_is_refused():
+    data = toy_dataset()
+    sampler = ClassSampler(data, classes=(0, 2))
+    with pytest.raises(ValueError, match=r"sampler holds \d+ of its 72"):
+        DQ("toy", 2, bins=3).init(None, data, sampler, torch.Generator().manual_seed(0), torch.device("cpu"))
 
 
 def test_every_bin_contributes_its_share():

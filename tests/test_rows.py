@@ -47,6 +47,10 @@ def test_rows_out_of_range_and_bad_placements_are_refused(place):
             real.normalized(rows)
     with pytest.raises(ValueError, match="images_on must be 'device' or 'host'"):
         RealImages(_dataset(), "cpu", "disk")
+    half = _dataset(torch.float32)
+    half.images = half.images.half()
+    with pytest.raises(ValueError, match="uint8 .* or float32 .*, got torch.float16"):
+        RealImages(half, "cpu", place)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

@@ -6,8 +6,8 @@ than read: they skip the decodes (100k JPEGs for TinyImageNet), and the ranks of
 share one copy of the images in memory.
 """
 import hashlib
-import stat
 import os
+import stat
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -72,7 +72,10 @@ def _image_files(folder: Path) -> list:
     found = []
     for path in folder.rglob("*"):
         if path.suffix.lower() in IMAGE_SUFFIXES:
-            status = path.stat()
+            try:
+                status = path.stat()
+            except (FileNotFoundError, NotADirectoryError):  # a dangling link or a file gone meanwhile
+                continue
             if stat.S_ISREG(status.st_mode):
                 found.append((path, status))
     return sorted(found, key=lambda entry: entry[0])

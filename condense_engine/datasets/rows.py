@@ -34,6 +34,9 @@ class RealImages:
     def __init__(self, dataset: ImageDataset, device=None, images_on: str = "device",
                  rows: torch.Tensor | None = None):
         self.images_on = check_placement(images_on)
+        if dataset.images.dtype not in (torch.uint8, torch.float32):
+            raise ValueError(f"images must be uint8 (raw pixels) or float32 (network space), "
+                             f"got {dataset.images.dtype}")
         self.device = torch.device(device) if device is not None else dataset.images.device
         images, labels = dataset.images, dataset.labels
         if rows is not None:

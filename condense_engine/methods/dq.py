@@ -121,6 +121,9 @@ class DQ(Method):
         if self.iterations < 0:
             raise ValueError(f"iterations (training epochs of the embedding network) must be >= 0, "
                              f"got {self.iterations}")
+        if len(sampler.store) != len(dataset):
+            raise ValueError(f"DQ bins every image of the data set, but the sampler holds {len(sampler.store)} of "
+                             f"its {len(dataset)} (a class-sharded sampler); give it one over the whole set")
         self.dataset, self.sampler, self.generator, self.device = dataset, sampler, generator, device
         self.real = sampler.store  # the images where the sampler keeps them: on the device, or streamed
         self.net = get_model(self.options["model"], dataset.channels, dataset.num_classes,
