@@ -191,7 +191,7 @@ class DC(Method):
             if not self.shard.sharded:  # a sharded rank picks its rows on the host
                 order = host_to_device(order, images.device)
             for batch in order.split(self.options["batch_train"]):
-                params = None
+                params = None  # drawn for the whole batch on every rank, so the random stream stays shared
                 if self.strategy:
                     params = ops.DSAParams.sample(len(batch), self.strategy, size=images.shape[2:], siamese=False,
                                                   generator=self.generator, device=images.device)

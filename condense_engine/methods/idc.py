@@ -132,7 +132,7 @@ class IDC(DC):
         if not sharded:
             order = host_to_device(order, images.device)
         for batch in order.split(self.options["batch_net"]):
-            params = None
+            params = None  # drawn for the whole batch on every rank, so the random stream stays shared
             if self.strategy:
                 params = ops.DSAParams.sample(len(batch), self.strategy, size=images.shape[2:], siamese=False,
                                               generator=self.generator, device=images.device)
