@@ -359,8 +359,52 @@ def accuracy_section(files: list[tuple[str, dict]]) -> str:
                      f"`{stem}.json`"]
             parts.append("| " + " | ".join(cells) + " |")
         parts.append("")
+        parts += method_comparison(rows, "dm", "m3d")
     parts += published_reference_table()
     return "\n".join(parts)
+
+
+#: Recipe fields that say how an evaluation ran, not what it trained: left out of comparisons.
+_EXECUTION_FIELDS = ("path", "loop_reason")
+
+
+def _same_recipe_key(row: dict) -> tuple:
+    """What must match for two rows to be compared: data set, IPC, distillation iterations, the
+    --set overrides other than the method's own options (e.g. M3D's factor), and the evaluation
+    recipe (how it was executed aside; rows from before the recipe was named used "dc")."""
+    recipe = {key: value for key, value in row["recipe"].items() if key not in _EXECUTION_FIELDS}
+    recipe.setdefault("recipe", "dc")
+    own = row.get("method_options") or {}
+    shared = {key: value for key, value in (row.get("options") or {}).items() if key not in own}
+    return (row["dataset"], row["ipc"], row["iterations"], json.dumps(shared, sort_keys=True),
+            json.dumps(recipe, sort_keys=True))
+
+
+def method_comparison(rows: list[tuple[str, dict]], baseline: str, method: str) -> list[str]:
+    """`method` against `baseline` on every cell both ran under the same recipe (the newest row of
+    each, superseded rows left out): the difference and whether it exceeds the two stds."""
+    newest = {}
+    for stem, row in sorted(rows, key=lambda item: item[0]):
+        if row["method"] in (baseline, method) and "superseded" not in (row.get("note") or ""):
+            newest[(row["method"], _same_recipe_key(row))] = (stem, row)
+    lines = [f"### {method.upper()} against {baseline.upper()} under the same recipe", "",
+             "Same data set, IPC, iterations, options and evaluation recipe; a difference larger than the "
+             "two stds together is called ahead or behind, a smaller one a tie.", "",
+             f"| data set | IPC | {baseline} | {method} | {method} − {baseline} | verdict | schedule | files |",
+             "|---|---|---|---|---|---|---|---|"]
+    pairs = [(key, newest[(baseline, key)], found) for (name, key), found in newest.items()
+             if name == method and (baseline, key) in newest]
+    if not pairs:
+        return []
+    for key, (base_stem, base), (stem, row) in sorted(pairs, key=lambda pair: pair[0][:3]):
+        difference = row["acc_mean"] - base["acc_mean"]
+        margin = row["acc_std"] + base["acc_std"]
+        verdict = "ahead" if difference > margin else "behind" if difference < -margin else "tie"
+        files = f"`{base_stem}.json`" + ("" if stem == base_stem else f", `{stem}.json`")
+        lines.append(f"| {row['dataset']} | {row['ipc']} | {base['acc_mean']:.2f}±{base['acc_std']:.2f} | "
+                     f"{row['acc_mean']:.2f}±{row['acc_std']:.2f} | {difference:+.2f} | {verdict} | "
+                     f"{base.get('schedule', '–')} | {files} |")
+    return lines + [""]
 
 
 def schedule_text(row: dict) -> str:

@@ -167,6 +167,29 @@ def test_accuracy_section_puts_published_numbers_and_recipes_beside_ours(tmp_pat
     assert "300 epochs" in line and "5 sets × 20 models" in line
 
 
+def test_m3d_is_compared_with_dm_only_under_the_same_recipe():
+    recipe = dict(model="ConvNet", repeats=2, epochs=200, lr=0.01, path="loop")
+
+    def row(method, ipc, mean, std, **extra):
+        return dict(dict(method=method, dataset="mnist", ipc=ipc, acc_mean=mean, acc_std=std, iterations=200,
+                         options=dict(batch_real=64), recipe=recipe, schedule="REDUCED (x)"), **extra)
+    own = dict(method_options=dict(factor=2), options=dict(batch_real=64, factor=2))
+    rows = [("a", row("dm", 1, 88.0, 1.0)), ("a", row("m3d", 1, 94.0, 0.5, **own)),
+            ("a", row("dm", 10, 95.8, 0.1)), ("b", row("m3d", 10, 95.85, 0.1, recipe=dict(recipe, path="batched"))),
+            ("a", row("m3d", 10, 99.0, 0.1, note="superseded: old defaults")),
+            ("a", row("dm", 50, 97.7, 0.1)), ("b", row("m3d", 50, 97.0, 0.1)), ("c", row("m3d", 50, 96.0, 0.1)),
+            ("a", row("dm", 20, 90.0, 0.1)), ("a", row("m3d", 20, 99.0, 0.1, iterations=400)),
+            ("a", row("m3d", 30, 99.0, 0.1))]
+    lines = accuracy.method_comparison(rows, "dm", "m3d")
+    body = [line for line in lines if line.startswith("| mnist")]
+    assert [line.split(" | ")[1:6] for line in body] == [
+        ["1", "88.00±1.00", "94.00±0.50", "+6.00", "ahead"],     # M3D's own factor does not split the recipe
+        ["10", "95.80±0.10", "95.85±0.10", "+0.05", "tie"],      # nor does how the evaluation ran
+        ["50", "97.70±0.10", "96.00±0.10", "-1.70", "behind"]]   # the newest file's row
+    assert "`a.json`, `c.json`" in body[2]
+    assert accuracy.method_comparison(rows[-2:], "dm", "m3d") == []
+
+
 def test_accuracy_rows_show_our_own_method_defaults_and_notes():
     row = dict(schedule="REDUCED (x)", method_options=dict(factor=2, kernel="gaussian"), note="superseded: old defaults")
     assert accuracy.schedule_text(row) == "REDUCED (x); options factor=2, kernel=gaussian; **superseded: old defaults**"
