@@ -1,13 +1,15 @@
 """ops.trajectory_match: the exact mode equals autograd through the unrolled steps, TESLA's scheme
 matches its published closed form, the exact mode's saved activations do not grow with the
 number of steps, and bad inputs are refused by name."""
+import threading
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 from condense_engine.models import FunctionalConvNet
 from condense_engine.ops import trajectory_match, unroll
-from condense_engine.ops.trajectory import dsa_augment, schedule
+from condense_engine.ops.trajectory import RowShare, dsa_augment, schedule
 
 DOUBLE = torch.float64
 
@@ -52,6 +54,64 @@ def test_exact_equals_unrolled(soft, augment):
         assert torch.allclose(exact.grad_labels, unrolled.grad_labels, rtol=1e-9, atol=1e-14)
     else:
         assert exact.grad_labels is None and unrolled.grad_labels is None
+
+
+class _ThreadSum:
+    """RowShare.sum for `parties` threads standing in for processes: each call returns the sum of
+    what every party passed in the same round."""
+
+    def __init__(self, parties: int):
+        self.barrier, self.slots = threading.Barrier(parties), [None] * parties
+
+    def of(self, party: int):
+        def total(tensor):
+            self.slots[party] = tensor.clone()
+            self.barrier.wait()
+            result = torch.stack(self.slots).sum(0)
+            self.barrier.wait()  # all have read this round before the next one writes
+            return result
+        return total
+
+
+@pytest.mark.parametrize("memory", ["exact", "tesla"])
+@pytest.mark.parametrize("soft", [False, True], ids=["hard", "soft"])
+def test_a_set_split_in_row_shares_gives_the_one_process_result(memory, soft):
+    """Three shares (rows 0-1, 2, 3-7; batches of 3, so a share often holds none of a batch) with
+    DSA: every share gets the one-process loss and lr gradient, and its rows' gradients."""
+    net, images, labels, lr, start, target = _problem(soft=soft)
+    augment = dsa_augment("color_crop_cutout_flip_scale_rotate")
+    options = dict(steps=6, batch_size=3, seed=7, memory=memory, augment=augment)
+    whole = trajectory_match(images, labels, lr, start, target, net, **options)
+    bounds, collective, results = [(0, 2), (2, 3), (3, 8)], _ThreadSum(3), {}
+
+    def run(party, first, end):
+        share = RowShare(first, end - first, len(images), collective.of(party))
+        part_labels = labels[first:end].detach().requires_grad_(soft)
+        results[party] = trajectory_match(images[first:end], part_labels, lr, start, target, net, share=share,
+                                          **options)
+    threads = [threading.Thread(target=run, args=(party, *span)) for party, span in enumerate(bounds)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sorted(results) == [0, 1, 2]
+    for party, (first, end) in enumerate(bounds):
+        got = results[party]
+        torch.testing.assert_close(got.loss, whole.loss, rtol=1e-12, atol=0)
+        torch.testing.assert_close(got.grad_lr, whole.grad_lr, rtol=1e-9, atol=1e-14)
+        torch.testing.assert_close(got.grad_images, whole.grad_images[first:end], rtol=1e-9, atol=1e-14)
+        if soft:
+            torch.testing.assert_close(got.grad_labels, whole.grad_labels[first:end], rtol=1e-9, atol=1e-14)
+    assert whole.grad_images.abs().max() > 1e-4
+
+
+def test_a_share_is_checked():
+    net, images, labels, lr, start, target = _problem()
+    share = RowShare(2, 3, 8, lambda tensor: tensor)
+    with pytest.raises(ValueError, match="share holds rows 2..4 of 8, but 8 images were given"):
+        trajectory_match(images, labels, lr, start, target, net, steps=2, batch_size=3, memory="exact", share=share)
+    with pytest.raises(ValueError, match="memory='unrolled' runs in one process"):
+        trajectory_match(images[2:5], labels[2:5], lr, start, target, net, steps=2, batch_size=3, share=share)
 
 
 def test_exact_equals_unrolled_with_batchnorm_and_many_steps():

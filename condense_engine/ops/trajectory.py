@@ -12,25 +12,28 @@ import torch
 from condense_engine.ops._backend import choose
 from condense_engine.ops.dsa import DSAParams, dsa
 from condense_engine.reference import trajectory as reference
-from condense_engine.reference.trajectory import TrajectoryResult, schedule
+from condense_engine.reference.trajectory import RowShare, TrajectoryResult, schedule
 
 MEMORY_MODES = ("unrolled", "exact", "tesla")
 
-__all__ = ["MEMORY_MODES", "TrajectoryResult", "dsa_augment", "schedule", "trajectory_match"]
+__all__ = ["MEMORY_MODES", "RowShare", "TrajectoryResult", "dsa_augment", "schedule", "trajectory_match"]
 
 
 def dsa_augment(strategy: str):
     """An `augment` callable for trajectory_match: non-Siamese DSA (per-sample parameters) as MTT
-    applies it to every student minibatch, with the parameters drawn from the step's seed."""
-    def augment(x: torch.Tensor, step_seed: int) -> torch.Tensor:
-        params = DSAParams.sample(x.shape[0], strategy, size=tuple(x.shape[2:]), siamese=False,
+    applies it to every student minibatch, with the parameters drawn from the step's seed.
+    `share=(positions, size)` augments rows at those positions of a minibatch of `size` as the
+    whole minibatch would (a RowShare's part)."""
+    def augment(x: torch.Tensor, step_seed: int, share=None) -> torch.Tensor:
+        positions, size = share if share is not None else (None, x.shape[0])
+        params = DSAParams.sample(size, strategy, size=tuple(x.shape[2:]), siamese=False,
                                   seed=int(step_seed), device=x.device)
-        return dsa(x, params)
+        return dsa(x, params if positions is None else params.select(positions))
     return augment
 
 
 def trajectory_match(images, labels, lr, start, target, model, *, steps, batch_size, memory="unrolled",
-                     augment=None, seed=0, backend=None) -> TrajectoryResult:
+                     augment=None, seed=0, share=None, backend=None) -> TrajectoryResult:
     """Run `steps` student SGD steps from `start` on the synthetic set; match `target`.
 
     images: float (N, C, H, W) synthetic images; labels: int64 class indices (N,) or float soft
@@ -42,8 +45,15 @@ def trajectory_match(images, labels, lr, start, target, model, *, steps, batch_s
     grad_labels). `memory` picks "unrolled", "exact" or "tesla" (see the reference module).
     Values are checked (finite lr, start ≠ target) only on CPU: on a GPU a bad value gives a
     non-finite loss instead of a host sync on every call.
+
+    `share` (a RowShare; "exact" and "tesla" only) splits the set across processes: `images` and
+    `labels` are rows share.first … of share.total, every process passes the same other
+    arguments, and each gets the whole loss and grad_lr and its rows' gradients. `augment` must
+    then take share=(positions, size) (dsa_augment does).
     """
     count = _check_student(images, labels, start, model)
+    if share is not None:
+        count = _check_share(share, count, memory)
     if not isinstance(target, torch.Tensor) or target.shape != start.shape or target.dtype != start.dtype:
         raise ValueError(f"target must match start ({start.dtype} {tuple(start.shape)}), got {_describe(target)}")
     if target.device != images.device:
@@ -59,7 +69,20 @@ def trajectory_match(images, labels, lr, start, target, model, *, steps, batch_s
     choose("trajectory_match", backend, images.device, ("torch",))
     return reference.trajectory_match(images, labels, lr, start, target, model, steps=steps,
                                       batch_size=min(batch_size, count), memory=memory, augment=augment,
-                                      seed=seed)
+                                      seed=seed, share=share)
+
+
+def _check_share(share, count: int, memory: str) -> int:
+    """ValueError unless `share` describes the `count` rows given; the whole set's row count."""
+    if not isinstance(share, RowShare):
+        raise ValueError(f"share must be a RowShare, got {type(share).__name__}")
+    if share.count != count or not 0 <= share.first <= share.total - count:
+        raise ValueError(f"share holds rows {share.first}..{share.first + share.count - 1} of {share.total}, "
+                         f"but {count} images were given")
+    if memory == "unrolled":
+        raise ValueError("memory='unrolled' runs in one process; a share needs 'exact' (the same gradient) "
+                         "or 'tesla'")
+    return share.total
 
 
 def _check_labels(labels, count: int, images: torch.Tensor) -> None:

@@ -25,7 +25,14 @@ so every mode sees identical batches and identical augmentations.
 `unroll` is the same machinery for any loss L = terminal(θ_N) and one lr per step (DD: the
 cross-entropy of θ_N on real data): the adjoint starts at a_N = ∇terminal(θ_N), and dL/dα_k =
 −g_k·a_{k+1}.
+
+Split across processes (a `RowShare`, for class-sharded trajectory matching) the "exact" and
+"tesla" sweeps are data-parallel: every process holds the same θ_k and adjoint and only its own
+rows of the set; g_k = Σ_processes (Σ_own ∇ℓ_i)/|B_k| and H_k a_{k+1} are summed across the
+processes, while dL/dx (and dL/dy) of a row comes from the process that holds it. Each row's
+loss and augmentation are its own, so this equals the one-process sweep up to summation order.
 """
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -40,6 +47,23 @@ class TrajectoryResult:
     grad_images: torch.Tensor
     grad_lr: torch.Tensor
     grad_labels: torch.Tensor | None = None
+
+
+@dataclass(frozen=True)
+class RowShare:
+    """This process's part of a synthetic set split by rows across processes: rows first …
+    first + count − 1 of `total`; `sum` adds a tensor over the processes (a collective)."""
+
+    first: int
+    count: int
+    total: int
+    sum: Callable[[torch.Tensor], torch.Tensor]
+
+    def split(self, batch: torch.Tensor) -> tuple:
+        """(positions in the CPU `batch` of this process's rows, those rows among its own)."""
+        local = batch - self.first
+        mine = ((local >= 0) & (local < self.count)).nonzero().squeeze(1)
+        return mine, local[mine]
 
 
 def schedule(num_images: int, steps: int, batch_size: int, seed: int) -> tuple[list, list]:
@@ -59,56 +83,76 @@ def schedule(num_images: int, steps: int, batch_size: int, seed: int) -> tuple[l
     return batches, step_seeds
 
 
-def _student_loss(model, images, labels, params, augment, step_seed):
-    """Cross-entropy of the student on one (augmented) minibatch; soft labels are probabilities."""
+def _student_loss(model, images, labels, params, augment, step_seed, part=None):
+    """Cross-entropy of the student on one (augmented) minibatch; soft labels are probabilities.
+
+    With `part` = (positions, size) the images are only those positions of a minibatch of
+    `size` (a process's share): their summed loss over `size`, augmented as in the whole batch."""
+    if part is None:
+        if augment is not None:
+            images = augment(images, step_seed)
+        return F.cross_entropy(model.forward(images, params), labels)
+    positions, size = part
     if augment is not None:
-        images = augment(images, step_seed)
-    return F.cross_entropy(model.forward(images, params), labels)
+        images = augment(images, step_seed, share=(positions, size))
+    return F.cross_entropy(model.forward(images, params), labels, reduction="sum") / size
 
 
-def _step_gradient(model, images, labels, params, augment, step_seed, create_graph):
-    """g = ∇_θ CE at `params` (a leaf requiring grad), optionally keeping its graph."""
-    loss = _student_loss(model, images, labels, params, augment, step_seed)
+def _step_gradient(model, images, labels, params, augment, step_seed, create_graph, part=None):
+    """g = ∇_θ CE at `params` (a leaf requiring grad), optionally keeping its graph (zero for a
+    share without rows)."""
+    if part is not None and not len(images):
+        return torch.zeros_like(params)
+    loss = _student_loss(model, images, labels, params, augment, step_seed, part)
     return torch.autograd.grad(loss, params, create_graph=create_graph)[0]
 
 
 def trajectory_match(images, labels, lr, start, target, model, *, steps, batch_size,
-                     memory="unrolled", augment=None, seed=0) -> TrajectoryResult:
-    """Trajectory-matching loss and gradients (inputs already validated by ops.trajectory_match)."""
-    batches, step_seeds = schedule(images.shape[0], steps, batch_size, seed)
+                     memory="unrolled", augment=None, seed=0, share=None) -> TrajectoryResult:
+    """Trajectory-matching loss and gradients (inputs already validated by ops.trajectory_match).
+    With a `share`, `images` and `labels` are its rows and the batches cover all share.total."""
+    batches, step_seeds = schedule(share.total if share else images.shape[0], steps, batch_size, seed)
     start, target = start.detach(), target.detach()
     initial_distance = (start - target).pow(2).sum()
     return unroll(images, labels, lr, start, model, batches, step_seeds,
-                  lambda params: (params - target).pow(2).sum() / initial_distance, memory=memory, augment=augment)
+                  lambda params: (params - target).pow(2).sum() / initial_distance, memory=memory, augment=augment,
+                  share=share)
 
 
 def unroll(images, labels, lr, start, model, batches, step_seeds, terminal, *, memory="unrolled",
-           augment=None) -> TrajectoryResult:
+           augment=None, share=None) -> TrajectoryResult:
     """L = terminal(θ_N) after one SGD step per batch (row indices into `images`) from `start`;
     `lr` is 0-dim (one lr for all steps) or holds one lr per step, and grad_lr has its shape.
-    "tesla" needs a 0-dim lr. Inputs are validated by the ops layer."""
+    "tesla" needs a 0-dim lr. With a `share` (adjoint modes only) the CPU batches index all
+    share.total rows and each step uses this process's part. Inputs are validated by the ops layer."""
     device = images.device
-    batches = [batch.to(device) for batch in batches]
+    if share is None:
+        steps = [(batch.to(device), None) for batch in batches]
+    else:
+        steps = []
+        for batch in batches:
+            positions, rows = share.split(batch.cpu())
+            steps.append((rows.to(device), (positions.to(device), len(batch))))
     want_labels = labels.is_floating_point() and labels.requires_grad
-    inputs = (images.detach(), labels.detach(), lr.detach(), start.detach(), terminal, model, batches, step_seeds,
+    inputs = (images.detach(), labels.detach(), lr.detach(), start.detach(), terminal, model, steps, step_seeds,
               augment, want_labels)
     if memory == "unrolled":
         return _unrolled(*inputs)
-    return _adjoint(*inputs, exact=memory == "exact")
+    return _adjoint(*inputs, exact=memory == "exact", share=share)
 
 
 def _lr_at(lr: torch.Tensor, step: int) -> torch.Tensor:
     return lr if lr.dim() == 0 else lr[step]
 
 
-def _unrolled(images, labels, lr, start, terminal, model, batches, step_seeds, augment, want_labels):
-    """Autograd through every step (the published MTT computation)."""
+def _unrolled(images, labels, lr, start, terminal, model, steps, step_seeds, augment, want_labels):
+    """Autograd through every step (the published MTT computation); one process only."""
     with torch.enable_grad():
         images = images.requires_grad_(True)
         lr = lr.requires_grad_(True)
         labels = labels.requires_grad_(want_labels)
         params = start.clone().requires_grad_(True)
-        for step, (batch, step_seed) in enumerate(zip(batches, step_seeds)):
+        for step, ((batch, _), step_seed) in enumerate(zip(steps, step_seeds)):
             grad = _step_gradient(model, images[batch], labels[batch], params, augment, step_seed, True)
             params = params - _lr_at(lr, step) * grad
         loss = terminal(params)
@@ -117,16 +161,19 @@ def _unrolled(images, labels, lr, start, terminal, model, batches, step_seeds, a
     return TrajectoryResult(loss.detach(), grads[0], grads[1], grads[2] if want_labels else None)
 
 
-def _adjoint(images, labels, lr, start, terminal, model, batches, step_seeds, augment, want_labels, exact):
+def _adjoint(images, labels, lr, start, terminal, model, steps, step_seeds, augment, want_labels, exact,
+             share=None):
     """The "exact" (`exact=True`) and "tesla" modes: a graph-free forward, then one step's graph at a time."""
     visited = []             # θ_0 … θ_{N−1}: the only per-step state kept
     gradient_sum = torch.zeros_like(start)
     params = start
     with torch.enable_grad():
-        for step, (batch, step_seed) in enumerate(zip(batches, step_seeds)):
+        for step, ((batch, part), step_seed) in enumerate(zip(steps, step_seeds)):
             visited.append(params)
             leaf = params.detach().requires_grad_(True)
-            grad = _step_gradient(model, images[batch], labels[batch], leaf, augment, step_seed, False)
+            grad = _step_gradient(model, images[batch], labels[batch], leaf, augment, step_seed, False, part)
+            if share is not None:
+                grad = share.sum(grad)
             gradient_sum += grad
             params = params - _lr_at(lr, step) * grad
         final = params.detach().requires_grad_(True)
@@ -136,33 +183,42 @@ def _adjoint(images, labels, lr, start, terminal, model, batches, step_seeds, au
     grad_lr = torch.zeros_like(lr) if exact else -(gradient_sum * adjoint).sum()
     grad_images = torch.zeros_like(images)
     grad_labels = torch.zeros_like(labels) if want_labels else None
-    for k in reversed(range(len(batches))):
-        batch = batches[k]
+    for k in reversed(range(len(steps))):
+        batch, part = steps[k]
         step_grad, products = _vector_products(model, images[batch], labels[batch], visited[k], augment,
-                                               step_seeds[k], adjoint, want_labels, exact)
+                                               step_seeds[k], adjoint, want_labels, exact, part)
         step_lr = _lr_at(lr, k)
         grad_images.index_add_(0, batch, -step_lr * products[0])
         if want_labels:
             grad_labels.index_add_(0, batch, -step_lr * products[1])
         if exact:
-            step_lr_grad = -(step_grad * adjoint).sum()
+            hessian_product, step_lr_grad = products[-1], -(step_grad * adjoint).sum()
+            if share is not None:  # both are sums over the batch's rows: one collective for the two
+                summed = share.sum(torch.cat([hessian_product, step_lr_grad.reshape(1)]))
+                hessian_product, step_lr_grad = summed[:-1], summed[-1]
             if lr.dim() == 0:
                 grad_lr = grad_lr + step_lr_grad
             else:
                 grad_lr[k] = step_lr_grad
-            adjoint = adjoint - step_lr * products[-1]     # a_k = a_{k+1} − α_k·H_k a_{k+1}
+            adjoint = adjoint - step_lr * hessian_product  # a_k = a_{k+1} − α_k·H_k a_{k+1}
     return TrajectoryResult(loss, grad_images, grad_lr, grad_labels)
 
 
-def _vector_products(model, images, labels, params, augment, step_seed, adjoint, want_labels, with_hessian):
+def _vector_products(model, images, labels, params, augment, step_seed, adjoint, want_labels, with_hessian,
+                     part=None):
     """Recompute one step's gradient g at `params` and return (g, products) where products are
     (∂g/∂x)ᵀa, then (∂g/∂y)ᵀa when `want_labels`, then H·a when `with_hessian`, from one double
-    backward. The step's graph is freed on return, so only one step's activations ever live."""
+    backward. The step's graph is freed on return, so only one step's activations ever live.
+    With a `part`, g and H·a are this process's share of the sums (zeros when it has no rows)."""
+    if part is not None and not len(images):
+        zeros = torch.zeros_like(params)
+        products = [torch.zeros_like(images)] + ([torch.zeros_like(labels)] if want_labels else [])
+        return zeros, products + ([zeros] if with_hessian else [])
     with torch.enable_grad():
         leaf = params.detach().requires_grad_(True)
         images = images.requires_grad_(True)
         labels = labels.requires_grad_(want_labels)
-        grad = _step_gradient(model, images, labels, leaf, augment, step_seed, True)
+        grad = _step_gradient(model, images, labels, leaf, augment, step_seed, True, part)
         inputs = [images] + ([labels] if want_labels else []) + ([leaf] if with_hessian else [])
         products = torch.autograd.grad(grad, inputs, grad_outputs=adjoint)
     return grad.detach(), products
