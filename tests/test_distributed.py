@@ -1,4 +1,4 @@
-"""Class-sharded DM/M3D/DC/DSA/IDC across processes (Gloo on the CPU) equals the one-process run.
+"""Class-sharded DM/M3D/DC/DSA/IDC/MTT/TESLA across processes (Gloo on the CPU) equals the one-process run.
 
 Each test spawns `world` processes that join a process group and call ce.distill exactly as a
 torchrun launch would; every rank saves what it got, and the test compares with one process.
@@ -17,6 +17,7 @@ import condense_engine as ce
 from condense_engine import distributed
 from condense_engine.datasets import ClassSampler
 from condense_engine.distributed import ClassShard
+from condense_engine.expert import train_experts
 from condense_engine.methods.dm import DM
 from condense_engine.models import ConvNetBank
 from tests.ranks import exit_rank
@@ -71,7 +72,8 @@ def _rank_main(rank: int, world: int, folder: str, calls: list) -> None:
             try:
                 embedded[0] = 0
                 synset = ce.distill(data, **kwargs)
-                torch.save(dict(images=synset.images, embedded=embedded[0], held=held[0]),
+                torch.save(dict(images=synset.images, labels=synset.labels, lr=synset.lr, embedded=embedded[0],
+                                held=held[0]),
                            os.path.join(folder, f"images-{index}-{rank}.pt"))
             except (ValueError, KeyboardInterrupt) as err:
                 with open(os.path.join(folder, f"error-{index}-{rank}.txt"), "w", encoding="utf-8") as f:
@@ -173,6 +175,32 @@ def test_sharded_gradient_matching_gives_every_rank_the_one_process_set_and_log(
     torch.testing.assert_close(_losses(tmp_path / "log.jsonl"), _losses(tmp_path / "single.jsonl"), rtol=1e-4, atol=0)
 
 
+@pytest.mark.parametrize("world, method, classes, memory", [(2, "mtt", 3, "exact"), (3, "tesla", 5, "tesla")])
+def test_sharded_trajectory_matching_gives_every_rank_the_one_process_set_and_log(tmp_path, world, method,
+                                                                                  classes, memory):
+    """MTT (exact gradient) and TESLA (soft labels from the target expert, gathered with the set):
+    every rank runs the same student, each step's gradient summed from the ranks' own rows of
+    minibatches of 4 that straddle them; the set, lr and log equal one process's."""
+    buffer = str(tmp_path / "experts")
+    train_experts(toy_dataset(classes=classes), 2, 3, model="ConvNetD1", batch_size=16, device="cpu", out=buffer)
+    trajectory = dict(model="ConvNetD1", syn_steps=4, expert_epochs=2, max_start_epoch=1, lr_img=100.0, batch_syn=4)
+    call = dict(RUN, method=method, iterations=3, log="log.jsonl", classes=classes, buffer=buffer, memory=memory,
+                **trajectory)
+    _run_ranks(world, tmp_path, [call])
+    single = dict(call, log=str(tmp_path / "single.jsonl"))
+    data = toy_dataset(classes=single.pop("classes"))
+    expected = ce.distill(data, **single)
+    assert not torch.equal(expected.images, ce.distill(data, **dict(single, iterations=0, log=None)).images)
+    for rank in range(world):
+        got = torch.load(tmp_path / f"images-0-{rank}.pt")
+        torch.testing.assert_close(got["images"], expected.images, rtol=1e-4, atol=1e-4)
+        if method == "tesla":
+            torch.testing.assert_close(got["labels"], expected.labels, rtol=1e-4, atol=1e-5)
+            assert got["labels"].dim() == 2
+        torch.testing.assert_close(got["lr"], expected.lr, rtol=1e-4, atol=1e-7)
+    torch.testing.assert_close(_losses(tmp_path / "log.jsonl"), _losses(tmp_path / "single.jsonl"), rtol=1e-4, atol=0)
+
+
 def test_a_sharded_checkpoint_extends_in_one_process(tmp_path):
     """Rank 0 writes the one-process checkpoint format: two ranks run 3 iterations, one
     process resumes it to 6, and the set is the 6-iteration one-process set."""
@@ -207,13 +235,20 @@ def test_non_finite_pixels_on_one_rank_stop_every_rank_at_the_same_iteration(tmp
 
 
 def test_methods_and_models_that_cannot_shard_are_refused_on_every_rank(tmp_path):
-    calls = [dict(RUN, method="mtt"), dict(RUN, method="dm", **dict(FAST, model="ConvNetBN")),
-             dict(RUN, method="dsa", outer_loop=1, inner_loop=1, model="ConvNetBN")]
+    buffer = str(tmp_path / "experts")
+    train_experts(toy_dataset(), 1, 2, model="ConvNetBN", batch_size=16, device="cpu", out=buffer)
+    calls = [dict(RUN, method="datm"), dict(RUN, method="dm", **dict(FAST, model="ConvNetBN")),
+             dict(RUN, method="dsa", outer_loop=1, inner_loop=1, model="ConvNetBN"),
+             dict(RUN, method="mtt", buffer=buffer, model="ConvNetBN", max_start_epoch=1, expert_epochs=1),
+             dict(RUN, method="mtt", buffer=buffer, model="ConvNetBN", memory="exact", max_start_epoch=1,
+                  expert_epochs=1)]
     _run_ranks(2, tmp_path, calls)
     for rank in range(2):
         assert "cannot run class-sharded" in (tmp_path / f"error-0-{rank}.txt").read_text()
         assert "BatchNorm" in (tmp_path / f"error-1-{rank}.txt").read_text()
         assert "BatchNorm" in (tmp_path / f"error-2-{rank}.txt").read_text()
+        assert "memory='unrolled' runs in one process" in (tmp_path / f"error-3-{rank}.txt").read_text()
+        assert "BatchNorm" in (tmp_path / f"error-4-{rank}.txt").read_text()
 
 
 @pytest.mark.parametrize("classes, world", [(10, 3), (200, 8), (5, 5)])

@@ -9,16 +9,22 @@ images initialised from correctly classified real samples.
 
 The expert buffer (option `buffer`, a folder from `condense experts`) must match the data set,
 its whitening and the model; `expert.check_compatible` says what differs.
+
+Under torchrun MTT and TESLA shard the classes (`condense_engine.distributed`) in the "exact"
+and "tesla" memory modes: every rank runs the same student from the same expert segment and
+each step's gradient and Hessian-vector product are summed across the ranks, each computed on
+the rank's own synthetic rows of the minibatch (`ops.RowShare`); a rank updates only its rows.
 """
 import warnings
 
 import torch
 import torch.nn.functional as F
 
+from condense_engine.distributed import ClassShard
 from condense_engine.expert import check_compatible, load_experts
 from condense_engine.methods.base import Method, register
 from condense_engine.ops.dsa import default_strategy
-from condense_engine.ops.trajectory import MEMORY_MODES, dsa_augment, trajectory_match
+from condense_engine.ops.trajectory import MEMORY_MODES, RowShare, dsa_augment, trajectory_match
 
 _TINY = ("tinyimagenet", "tiny", "tinyimagenet200")
 _IMAGENET_SUBSETS = ("imagenette", "imagewoof", "imagefruit", "imagemeow", "imagesquawk", "imageyellow")
@@ -61,6 +67,7 @@ class MTT(Method):
         model="ConvNet",      # must be the buffer's architecture
         zca=None,             # whether the published setting whitens the data (warned about on mismatch)
     )
+    class_sharded = True
     # methods.md §6.3 (DC-Bench commands "provided by the original authors"; CIFAR-10 lr_teacher
     # 0.001 is unverified against the paper; lr_img of CIFAR-10 IPC10 is not the README typo).
     overrides = [
@@ -83,8 +90,15 @@ class MTT(Method):
         self.memory = "exact" if self.options["memory"] == "constant" else self.options["memory"]
         if self.memory not in MEMORY_MODES:
             raise ValueError(f"memory must be one of {MEMORY_MODES} or 'constant', got {self.options['memory']!r}")
+        self.shard = self.shard or ClassShard.whole(dataset.num_classes)
+        if self.shard.sharded and self.memory == "unrolled":
+            raise ValueError(f"{self.name}: memory='unrolled' runs in one process; under torchrun pass "
+                             f"memory='exact' (the same gradient, computed across the ranks) or 'tesla'")
         self.buffer = self._open_buffer(dataset)
         self.student = self.buffer.network()
+        if self.shard.sharded and self.student.config["norm"] == "batchnorm":
+            raise ValueError(f"{self.options['model']} uses BatchNorm, whose batch statistics mix classes: it "
+                             f"cannot run class-sharded; use one process or an instance-norm ConvNet")
         self._check_window(*self.start_window_limits())
         self.augment = None
         if self.options["dsa"]:
@@ -111,6 +125,11 @@ class MTT(Method):
                           f"{'uses' if published else 'does not use'} ZCA whitening but the data here "
                           f"{'are' if whitened else 'are not'} whitened; results will differ from the paper's")
         return buffer
+
+    def own_rows(self, synset) -> slice:
+        """This rank's rows of the (class-ordered) synthetic set: all of them in one process."""
+        per_class = len(synset.images) // self.shard.num_classes
+        return slice(self.shard.first * per_class, self.shard.end * per_class)
 
     def start_window_limits(self) -> tuple:
         """(lowest, highest) start epoch any iteration may draw."""
@@ -145,15 +164,26 @@ class MTT(Method):
         return synset.labels
 
     def match(self, synset, labels, start, target):
+        """trajectory_match on the set (a sharded rank: on its rows, the others' summed in)."""
         seed = int(torch.randint(0, 2**31 - 1, (), generator=self.generator))
         batch = self.options["batch_syn"] or len(synset.images)
-        return trajectory_match(synset.images.detach(), labels, self.syn_lr.detach(), start, target, self.student,
+        images, share = synset.images.detach(), None
+        if self.shard.sharded:
+            rows = self.own_rows(synset)
+            images, labels = images[rows], labels[rows]
+            share = RowShare(rows.start, rows.stop - rows.start, len(synset.images), self.shard.sum)
+        return trajectory_match(images, labels, self.syn_lr.detach(), start, target, self.student,
                                 steps=self.options["syn_steps"], batch_size=int(batch), memory=self.memory,
-                                augment=self.augment, seed=seed)
+                                augment=self.augment, seed=seed, share=share)
 
     def update(self, synset, result) -> None:
         """Set the gradients of images and lr from the match and step their optimisers."""
-        synset.images.grad = result.grad_images.to(synset.images.dtype)
+        grad = result.grad_images.to(synset.images.dtype)
+        if self.shard.sharded:  # only this rank's rows move
+            full = torch.zeros_like(synset.images)
+            full[self.own_rows(synset)] = grad
+            grad = full
+        synset.images.grad = grad
         self.syn_lr.grad = result.grad_lr.to(self.syn_lr.dtype)
         self.image_optimizer.step()
         self.lr_optimizer.step()
@@ -165,6 +195,9 @@ class MTT(Method):
         # Device tensors (syn_lr cloned: its optimiser updates it in place); the driver reads
         # stats back at its own cadence.
         return {"loss": result.loss.detach(), "syn_lr": self.syn_lr.detach().clone(), "start_epoch": float(epoch)}
+
+    def gather(self, synset) -> None:
+        self.gather_images_and_momentum(synset, self.image_optimizer)
 
     def state_dict(self):
         return {"images": self.image_optimizer.state_dict(), "lr": self.lr_optimizer.state_dict(),
@@ -205,11 +238,23 @@ class TESLA(MTT):
         self.synset = synset
 
     def student_labels(self, synset, target):
+        """The target expert's softmax on the images (a sharded rank: on its rows; the others'
+        rows come in with gather)."""
         if not self.options["teacher_label"]:
             return synset.labels
-        soft = F.softmax(expert_logits(self.student, synset.images.detach(), target), dim=1)
+        rows = self.own_rows(synset)
+        soft = F.softmax(expert_logits(self.student, synset.images.detach()[rows], target), dim=1)
+        if self.shard.sharded:
+            labels = synset.labels if synset.labels.dim() == 2 else soft.new_zeros(len(synset.images), soft.shape[1])
+            labels[rows] = soft
+            soft = labels
         synset.labels = soft
         return soft
+
+    def gather(self, synset) -> None:
+        super().gather(synset)
+        if synset.labels.dim() == 2:
+            self.shard.gather_classes(synset.labels, len(synset.labels) // self.shard.num_classes)
 
     def state_dict(self):
         return dict(super().state_dict(), labels=self.synset.labels.detach().cpu())
@@ -235,6 +280,7 @@ class DATM(MTT):
     (`condense experts --optimizer gsam --epochs 100`, methods.md §8.1); SGD buffers also work.
     """
 
+    class_sharded = False  # its learned labels, threshold and init are not split across ranks yet
     defaults = dict(MTT.defaults, iterations=10000, syn_steps=80, expert_epochs=2, min_start_epoch=0,
                     current_max_start_epoch=10, max_start_epoch=20, expansion_end_epoch=1000,
                     sequential_generation=True, lr_img=100.0, lr_lr=1e-5, lr_teacher=0.01, batch_syn=100,
