@@ -15,7 +15,7 @@ its classes' rows of every batch; one all-reduce of the network's gradient per s
 an IDC CutMix batch one of the batch's images, whose partners may be another rank's), so every
 rank keeps the same network; the summed loss is all-reduced once per iteration.
 
-MTT and TESLA (exact and tesla memory modes) run the same student on every rank; each student
+MTT, TESLA and DATM (exact and tesla memory modes) run the same student on every rank; each student
 step's gradient and, in the reverse sweep, Hessian-vector product are summed across the ranks,
 each computed on the rank's own synthetic rows (`ops.RowShare`): two parameter-sized
 all-reduces per step.

@@ -10,10 +10,11 @@ images initialised from correctly classified real samples.
 The expert buffer (option `buffer`, a folder from `condense experts`) must match the data set,
 its whitening and the model; `expert.check_compatible` says what differs.
 
-Under torchrun MTT and TESLA shard the classes (`condense_engine.distributed`) in the "exact"
-and "tesla" memory modes: every rank runs the same student from the same expert segment and
-each step's gradient and Hessian-vector product are summed across the ranks, each computed on
-the rank's own synthetic rows of the minibatch (`ops.RowShare`); a rank updates only its rows.
+Under torchrun MTT, TESLA and DATM shard the classes (`condense_engine.distributed`) in the
+"exact" and "tesla" memory modes: every rank runs the same student from the same expert segment
+and each step's gradient and Hessian-vector product are summed across the ranks, each computed
+on the rank's own synthetic rows of the minibatch (`ops.RowShare`); a rank updates only its
+rows (images, TESLA's and DATM's labels), which are gathered with the set.
 """
 import warnings
 
@@ -280,7 +281,6 @@ class DATM(MTT):
     (`condense experts --optimizer gsam --epochs 100`, methods.md §8.1); SGD buffers also work.
     """
 
-    class_sharded = False  # its learned labels, threshold and init are not split across ranks yet
     defaults = dict(MTT.defaults, iterations=10000, syn_steps=80, expert_epochs=2, min_start_epoch=0,
                     current_max_start_epoch=10, max_start_epoch=20, expansion_end_epoch=1000,
                     sequential_generation=True, lr_img=100.0, lr_lr=1e-5, lr_teacher=0.01, batch_syn=100,
@@ -309,7 +309,7 @@ class DATM(MTT):
         super().init(synset, dataset, sampler, generator, device)
         if self.options["init"] == "samples_predicted_correctly":
             with torch.no_grad():
-                synset.images.copy_(self._correct_real_images(synset, sampler))
+                synset.images[self.own_rows(synset)] = self._correct_real_images(synset, sampler)
         self.label_logits = self._initial_logits(synset).requires_grad_(True)
         synset.labels = F.softmax(self.label_logits.detach(), dim=1)
         self.synset = synset
@@ -331,12 +331,16 @@ class DATM(MTT):
         return self.buffer[expert][-1].to(self.device, torch.float32)
 
     def _correct_real_images(self, synset, sampler) -> torch.Tensor:
-        """Per class, `ipc` real images classified correctly by an expert's final parameters."""
+        """Per class of this rank, `ipc` real images classified correctly by an expert's final
+        parameters. Each class's candidate order comes from its own generator, seeded from one
+        draw, so a sharded rank's classes get the images they get in one process."""
         labels = synset.hard_labels
+        seed = int(torch.randint(0, 2**62, (), generator=self.generator))
         chosen = []
-        for label in range(synset.num_classes):
+        for label in range(self.shard.first, self.shard.end):
             need = int((labels == label).sum())
-            candidates = sampler.sample_class(label, int(sampler.counts[label]), self.generator)
+            order = torch.Generator().manual_seed(seed + label)
+            candidates = sampler.sample_class(label, int(sampler.counts[label]), order)
             remaining = torch.ones(len(candidates), dtype=torch.bool, device=candidates.device)
             picked = []
             for expert in range(len(self.buffer)):
@@ -372,14 +376,29 @@ class DATM(MTT):
         with torch.enable_grad():
             probabilities = F.softmax(self.label_logits, dim=1)
         result = self.match(synset, probabilities.detach().requires_grad_(True), start, target)
-        skipped = float(result.loss) > self.options["threshold"]
+        skipped = float(result.loss) > self.options["threshold"]  # the same on every rank
         if not skipped:
-            self.label_logits.grad = torch.autograd.grad(probabilities, self.label_logits, result.grad_labels)[0]
+            grad_labels = result.grad_labels
+            if self.shard.sharded:  # this rank's rows only
+                grad_labels = torch.zeros_like(probabilities)
+                grad_labels[self.own_rows(synset)] = result.grad_labels
+            self.label_logits.grad = torch.autograd.grad(probabilities, self.label_logits, grad_labels)[0]
             self.update(synset, result)
             self.label_optimizer.step()
             synset.labels = F.softmax(self.label_logits.detach(), dim=1)
         return {"loss": float(result.loss), "syn_lr": float(self.syn_lr.detach()), "start_epoch": float(epoch),
                 "window_end": float(self.start_window(iteration)[1]), "skipped": float(skipped)}
+
+    def gather(self, synset) -> None:
+        """The images, their momentum, and every rank's rows of the learned label logits and
+        their momentum; the labels follow the logits."""
+        super().gather(synset)
+        per_class = len(synset.images) // self.shard.num_classes
+        self.shard.gather_classes(self.label_logits, per_class)
+        for state in self.label_optimizer.state.values():
+            if state.get("momentum_buffer") is not None:
+                self.shard.gather_classes(state["momentum_buffer"], per_class)
+        synset.labels = F.softmax(self.label_logits.detach(), dim=1)
 
     def state_dict(self):
         return dict(super().state_dict(), label_optimizer=self.label_optimizer.state_dict(),
