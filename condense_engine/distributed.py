@@ -16,9 +16,9 @@ an IDC CutMix batch one of the batch's images, whose partners may be another ran
 rank keeps the same network; the summed loss is all-reduced once per iteration.
 
 MTT, TESLA and DATM (exact and tesla memory modes) run the same student on every rank; each student
-step's gradient and, in the reverse sweep, Hessian-vector product are summed across the ranks,
-each computed on the rank's own synthetic rows (`ops.RowShare`): two parameter-sized
-all-reduces per step.
+step's gradient and, in the exact mode's reverse sweep, Hessian-vector product are summed across
+the ranks, each computed on the rank's own synthetic rows (`ops.RowShare`): two parameter-sized
+all-reduces per step (one in the tesla mode).
 
 Expert training (`condense_engine.expert`) spreads whole experts over the ranks instead: they
 are independent, so there is nothing to exchange but a final barrier.

@@ -112,6 +112,12 @@ def test_a_share_is_checked():
         trajectory_match(images, labels, lr, start, target, net, steps=2, batch_size=3, memory="exact", share=share)
     with pytest.raises(ValueError, match="memory='unrolled' runs in one process"):
         trajectory_match(images[2:5], labels[2:5], lr, start, target, net, steps=2, batch_size=3, share=share)
+    with pytest.raises(ValueError, match=r"augment must accept share=\(positions, size\)"):
+        trajectory_match(images[2:5], labels[2:5], lr, start, target, net, steps=2, batch_size=3, memory="exact",
+                         share=share, augment=lambda x, step_seed: x)
+    with pytest.raises(ValueError, match="RowShare with a callable sum"):
+        trajectory_match(images[2:5], labels[2:5], lr, start, target, net, steps=2, batch_size=3, memory="exact",
+                         share=RowShare(2, 3, 8, None))
 
 
 def test_exact_equals_unrolled_with_batchnorm_and_many_steps():

@@ -11,10 +11,14 @@ The expert buffer (option `buffer`, a folder from `condense experts`) must match
 its whitening and the model; `expert.check_compatible` says what differs.
 
 Under torchrun MTT, TESLA and DATM shard the classes (`condense_engine.distributed`) in the
-"exact" and "tesla" memory modes: every rank runs the same student from the same expert segment
-and each step's gradient and Hessian-vector product are summed across the ranks, each computed
-on the rank's own synthetic rows of the minibatch (`ops.RowShare`); a rank updates only its
-rows (images, TESLA's and DATM's labels), which are gathered with the set.
+"exact" and "tesla" memory modes ("unrolled" runs as "exact", the same gradient): every rank
+runs the same student from the same expert segment and each step's gradient (and, in "exact",
+Hessian-vector product) is summed across the ranks, each computed on the rank's own synthetic
+rows of the minibatch (`ops.RowShare`). So each rank's student activations shrink with the
+ranks; every rank still holds the whole set's tensors, of which it updates only its rows
+(images, TESLA's and DATM's labels), gathered with the set. DATM's threshold test sees the same
+loss on every rank, but a loss within rounding of the threshold may be decided differently than
+in one process, after which the runs part by more than rounding.
 """
 import warnings
 
@@ -93,8 +97,9 @@ class MTT(Method):
             raise ValueError(f"memory must be one of {MEMORY_MODES} or 'constant', got {self.options['memory']!r}")
         self.shard = self.shard or ClassShard.whole(dataset.num_classes)
         if self.shard.sharded and self.memory == "unrolled":
-            raise ValueError(f"{self.name}: memory='unrolled' runs in one process; under torchrun pass "
-                             f"memory='exact' (the same gradient, computed across the ranks) or 'tesla'")
+            warnings.warn(f"{self.name}: memory='unrolled' runs in one process; across {self.shard.world} ranks "
+                          f"the exact mode computes the same gradient")
+            self.memory = "exact"
         self.buffer = self._open_buffer(dataset)
         self.student = self.buffer.network()
         if self.shard.sharded and self.student.config["norm"] == "batchnorm":

@@ -5,6 +5,7 @@ See `condense_engine.reference.trajectory` for the three memory modes ("unrolled
 ValueError names the argument) and dispatches; only the PyTorch implementation exists, because
 the work is convolutions and their double backward, which cuDNN/cuBLAS already run.
 """
+import inspect
 import math
 
 import torch
@@ -53,7 +54,7 @@ def trajectory_match(images, labels, lr, start, target, model, *, steps, batch_s
     """
     count = _check_student(images, labels, start, model)
     if share is not None:
-        count = _check_share(share, count, memory)
+        count = _check_share(share, count, memory, augment)
     if not isinstance(target, torch.Tensor) or target.shape != start.shape or target.dtype != start.dtype:
         raise ValueError(f"target must match start ({start.dtype} {tuple(start.shape)}), got {_describe(target)}")
     if target.device != images.device:
@@ -72,10 +73,13 @@ def trajectory_match(images, labels, lr, start, target, model, *, steps, batch_s
                                       seed=seed, share=share)
 
 
-def _check_share(share, count: int, memory: str) -> int:
-    """ValueError unless `share` describes the `count` rows given; the whole set's row count."""
-    if not isinstance(share, RowShare):
-        raise ValueError(f"share must be a RowShare, got {type(share).__name__}")
+def _check_share(share, count: int, memory: str, augment) -> int:
+    """ValueError unless `share` describes the `count` rows given (and `augment` takes a share);
+    the whole set's row count. Checked before any collective, so every process fails alike."""
+    if not isinstance(share, RowShare) or not callable(share.sum):
+        raise ValueError(f"share must be a RowShare with a callable sum, got {type(share).__name__}")
+    if augment is not None and "share" not in inspect.signature(augment).parameters:
+        raise ValueError("with a share, augment must accept share=(positions, size) (see dsa_augment)")
     if share.count != count or not 0 <= share.first <= share.total - count:
         raise ValueError(f"share holds rows {share.first}..{share.first + share.count - 1} of {share.total}, "
                          f"but {count} images were given")

@@ -28,9 +28,12 @@ cross-entropy of θ_N on real data): the adjoint starts at a_N = ∇terminal(θ_
 
 Split across processes (a `RowShare`, for class-sharded trajectory matching) the "exact" and
 "tesla" sweeps are data-parallel: every process holds the same θ_k and adjoint and only its own
-rows of the set; g_k = Σ_processes (Σ_own ∇ℓ_i)/|B_k| and H_k a_{k+1} are summed across the
-processes, while dL/dx (and dL/dy) of a row comes from the process that holds it. Each row's
-loss and augmentation are its own, so this equals the one-process sweep up to summation order.
+rows of the set; g_k = Σ_processes (Σ_own ∇ℓ_i)/|B_k| (and, in "exact", H_k a_{k+1} with the lr
+term, in one collective) are summed across the processes, while dL/dx (and dL/dy) of a row
+comes from the process that holds it. Each row's loss and augmentation are its own, so this
+equals the one-process sweep up to summation order. Every process must take the same steps: an
+error on one (out of memory on the process with most rows, say) leaves the others waiting in
+their next sum until the process group's timeout.
 """
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -129,16 +132,26 @@ def unroll(images, labels, lr, start, model, batches, step_seeds, terminal, *, m
     if share is None:
         steps = [(batch.to(device), None) for batch in batches]
     else:
+        if memory == "unrolled":
+            raise ValueError("memory='unrolled' runs in one process; a share needs 'exact' or 'tesla'")
         steps = []
         for batch in batches:
             positions, rows = share.split(batch.cpu())
-            steps.append((rows.to(device), (positions.to(device), len(batch))))
+            positions = _to_device(positions, device) if augment is not None else None
+            steps.append((_to_device(rows, device), (positions, len(batch))))
     want_labels = labels.is_floating_point() and labels.requires_grad
     inputs = (images.detach(), labels.detach(), lr.detach(), start.detach(), terminal, model, steps, step_seeds,
               augment, want_labels)
     if memory == "unrolled":
         return _unrolled(*inputs)
     return _adjoint(*inputs, exact=memory == "exact", share=share)
+
+
+def _to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A small CPU index tensor on `device` without making the host wait (pinned, non-blocking)."""
+    if device.type == "cuda":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)
 
 
 def _lr_at(lr: torch.Tensor, step: int) -> torch.Tensor:
