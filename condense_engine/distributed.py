@@ -20,6 +20,9 @@ step's gradient and, in the exact mode's reverse sweep, Hessian-vector product a
 the ranks, each computed on the rank's own synthetic rows (`ops.RowShare`): two parameter-sized
 all-reduces per step (one in the tesla mode).
 
+DQ trains its embedding network data-parallel the same way and bins each rank's classes; the
+selection is gathered at the end.
+
 Expert training (`condense_engine.expert`) spreads whole experts over the ranks instead: they
 are independent, so there is nothing to exchange but a final barrier.
 """
@@ -86,6 +89,25 @@ class ClassShard:
         dist.all_reduce(flat, op=dist.ReduceOp.SUM)
         for tensor, part in zip(tensors, flat.split([t.numel() for t in tensors])):
             tensor.copy_(part.view_as(tensor))
+
+    def sum_gradients(self, module: torch.nn.Module) -> None:
+        """Sum the gradients of `module`'s trainable parameters over ranks (one a rank did not
+        reach counts as zeros), so every rank takes the same optimiser step: a data-parallel step."""
+        if not self.sharded:
+            return
+        weights = [p for p in module.parameters() if p.requires_grad]
+        for weight in weights:
+            if weight.grad is None:
+                weight.grad = torch.zeros_like(weight)
+        self.sum_in_place([weight.grad for weight in weights])
+
+    def gather_objects(self, value) -> list:
+        """Every rank's `value` (picklable), in rank order ([value] when not sharded)."""
+        if not self.sharded:
+            return [value]
+        values = [None] * self.world
+        dist.all_gather_object(values, value)
+        return values
 
     def all_true(self, flag: torch.Tensor) -> torch.Tensor:
         """A 0-d bool tensor: `flag` holds on every rank."""

@@ -138,8 +138,8 @@ def distill(dataset, method: str = "dm", ipc: int = 10, iterations: int | None =
     `resume=True` continues from it (bit-identically on CPU), also when it was written by the
     same run with fewer iterations, which extends that run. `test_set` with `eval_every > 0`
     evaluates the set periodically (`eval_options` go to `ce.evaluate`). Called on every rank of
-    an initialised torch.distributed group (e.g. under torchrun), DM, M3D, DC, DSA, IDC, MTT,
-    TESLA and DATM shard the classes across the ranks and every rank returns the whole set (see `condense_engine.distributed`).
+    an initialised torch.distributed group (e.g. under torchrun), every method but DD shards the
+    classes across the ranks and every rank returns the whole set (see `condense_engine.distributed`).
 
     `sync_every` (a positive int; None: 1 on the CPU, ACCELERATOR_SYNC_EVERY elsewhere) is how
     often the stats and the non-finite guard are read back to the host, which waits for the device.
@@ -172,7 +172,7 @@ def distill(dataset, method: str = "dm", ipc: int = 10, iterations: int | None =
     if shard.sharded:
         if not algorithm.class_sharded:
             raise ValueError(f"method {algorithm.name!r} cannot run class-sharded across {shard.world} ranks; "
-                             f"run it in one process (dm, m3d, echo, dc, dsa, idc, mtt, tesla and datm can)")
+                             f"run it in one process (every method but dd can)")
         algorithm.shard = shard
     lead = shard.rank == 0  # the rank that logs, evaluates and writes
     # The lead alone writes checkpoints; every rank stops if it cannot.

@@ -72,8 +72,8 @@ def _rank_main(rank: int, world: int, folder: str, calls: list) -> None:
             try:
                 embedded[0] = 0
                 synset = ce.distill(data, **kwargs)
-                torch.save(dict(images=synset.images, labels=synset.labels, lr=synset.lr, embedded=embedded[0],
-                                held=held[0]),
+                torch.save(dict(images=synset.images, labels=synset.labels, lr=synset.lr, meta=synset.meta,
+                                embedded=embedded[0], held=held[0]),
                            os.path.join(folder, f"images-{index}-{rank}.pt"))
             except (ValueError, KeyboardInterrupt) as err:
                 with open(os.path.join(folder, f"error-{index}-{rank}.txt"), "w", encoding="utf-8") as f:
@@ -223,6 +223,25 @@ def test_a_sharded_datm_run_resumes_under_ranks_and_skips_where_one_process_does
         got = torch.load(tmp_path / f"images-1-{rank}.pt")
         for key in ("images", "labels", "lr"):
             torch.testing.assert_close(got[key], getattr(expected, key), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(_losses(tmp_path / "log.jsonl"), _losses(tmp_path / "single.jsonl"), rtol=1e-4, atol=0)
+
+
+@pytest.mark.parametrize("world, classes, place", [(2, 3, "device"), (3, 5, "host")])
+def test_sharded_dq_selects_the_one_process_coreset(tmp_path, world, classes, place):
+    """DQ: the embedding network trains data-parallel on batches of 5 (2 epochs, with DSA), each
+    rank bins its own classes; every rank ends with the one-process selection and images."""
+    call = dict(RUN, method="dq", iterations=2, classes=classes, real_images_on=place, bins=2, batch_net=5,
+                model="ConvNetW32", log="log.jsonl")
+    _run_ranks(world, tmp_path, [call])
+    single = dict(call, log=str(tmp_path / "single.jsonl"))
+    data = toy_dataset(classes=single.pop("classes"))
+    expected = ce.distill(data, **single)
+    assert len(expected.meta["selected"]) == classes * 2
+    for rank in range(world):
+        got = torch.load(tmp_path / f"images-0-{rank}.pt")
+        assert got["meta"]["selected"] == expected.meta["selected"]
+        torch.testing.assert_close(got["meta"]["coverage"], expected.meta["coverage"], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(got["images"], expected.images)
     torch.testing.assert_close(_losses(tmp_path / "log.jsonl"), _losses(tmp_path / "single.jsonl"), rtol=1e-4, atol=0)
 
 

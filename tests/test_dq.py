@@ -108,9 +108,8 @@ def test_a_sampler_holding_only_some_classes_is_refused():
 
 def test_every_bin_contributes_its_share():
     method = DQ("toy", 6, bins=3)
-    method.generator = torch.Generator().manual_seed(0)
     rows_by_bin = torch.tensor([[0, 1, 2] * 8, [2, 2, 1, 1, 0, 0] * 4])
-    positions = method.draw_from_bins(rows_by_bin)
+    positions = method.draw_from_bins(rows_by_bin, [torch.Generator().manual_seed(c) for c in range(2)])
     assert positions.shape == (2, 6)
     for bins_of_rows, drawn in zip(rows_by_bin, positions):
         assert len(drawn.unique()) == 6

@@ -10,6 +10,8 @@ import numbers
 
 import torch
 
+from condense_engine.models import get_model
+
 _REGISTRY: dict = {}
 
 
@@ -58,6 +60,18 @@ def check_option(method: str, name: str, value, default) -> None:
             if kind is float and not math.isfinite(value):
                 raise ValueError(f"method {method!r}: option {name} must be finite, got {value!r}")
             return
+
+
+def refuse_batchnorm_when_sharded(shard, model: str, dataset) -> None:
+    """ValueError for a BatchNorm `model` on a class-sharded run: its batch statistics would mix
+    every rank's classes. The model is built aside, leaving the RNGs as they are."""
+    if shard is None or not shard.sharded:
+        return
+    with torch.random.fork_rng(devices=[]):
+        net = get_model(model, dataset.channels, dataset.num_classes, tuple(dataset.image_size))
+    if any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in net.modules()):
+        raise ValueError(f"{model} uses BatchNorm, whose statistics mix classes: it cannot run class-sharded; "
+                         f"use one process or an instance-norm ConvNet")
 
 
 class Method:

@@ -27,7 +27,7 @@ from torch.func import functional_call, grad, vmap
 from condense_engine import ops
 from condense_engine.distributed import ClassShard
 from condense_engine.methods.augment import matched_batches
-from condense_engine.methods.base import Method, register
+from condense_engine.methods.base import Method, refuse_batchnorm_when_sharded, register
 from condense_engine.models import get_model
 from condense_engine.models.layers import ACTIVATION_CHANNELS, forward_chunk
 from condense_engine.ops.gather import host_to_device
@@ -106,17 +106,9 @@ class DC(Method):
         return net.to(self.device).train()
 
     def take_shard(self, dataset) -> None:
-        """This process's classes (all of them unless the driver set a shard); ValueError for a
-        BatchNorm model under sharding, whose statistics would mix every rank's classes. The
-        model is built aside for the check, leaving the RNGs as they are."""
+        """This process's classes (all of them unless the driver set a shard)."""
         self.shard = self.shard or ClassShard.whole(dataset.num_classes)
-        if not self.shard.sharded:
-            return
-        with torch.random.fork_rng(devices=[]):
-            net = get_model(self.options["model"], dataset.channels, dataset.num_classes, tuple(dataset.image_size))
-        if any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in net.modules()):
-            raise ValueError(f"{self.options['model']} uses BatchNorm, whose statistics mix classes: it cannot "
-                             f"run class-sharded; use one process or an instance-norm ConvNet")
+        refuse_batchnorm_when_sharded(self.shard, self.options["model"], dataset)
 
     def class_gradients(self, net: torch.nn.Module, images: torch.Tensor, per_class: int,
                         create_graph: bool) -> list:
@@ -215,7 +207,7 @@ class DC(Method):
             inputs = images[rows] if params is None else ops.dsa(images[rows], params.select(
                 host_to_device(mine, images.device)))
             (F.cross_entropy(net(inputs), labels[rows], reduction="sum") / len(batch)).backward()
-        self.sum_gradients(net)
+        self.shard.sum_gradients(net)
 
     def own_rows(self, batch: torch.Tensor, held: int) -> tuple:
         """(positions in `batch` of this rank's rows, those rows in its own `held` class-ordered
@@ -223,15 +215,6 @@ class DC(Method):
         local = batch - self.shard.first * (held // self.shard.count)
         mine = ((local >= 0) & (local < held)).nonzero().squeeze(1)
         return mine, local[mine]
-
-    def sum_gradients(self, net: torch.nn.Module) -> None:
-        """Sum the network's gradients over the ranks (a rank none of whose rows were in the
-        batch adds zeros): every rank then takes the same optimiser step."""
-        weights = [p for p in net.parameters() if p.requires_grad]
-        for weight in weights:
-            if weight.grad is None:
-                weight.grad = torch.zeros_like(weight)
-        self.shard.sum_in_place([weight.grad for weight in weights])
 
     def step(self, synset, iteration):
         net = self.fresh_network()

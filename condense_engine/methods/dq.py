@@ -19,6 +19,12 @@ run sees the initial random real images. `double_softmax` reproduces the publish
 cross-entropy on softmax(logits) for g. The selected training-set indices land in
 synset.meta["selected"].
 
+Under torchrun DQ shards the classes (`condense_engine.distributed`): the embedding network
+trains data-parallel (each rank backpropagates its classes' rows of every batch; one gradient
+all-reduce per step), and each rank bins and draws its own classes, the costly part on a large
+set (a class's similarity matrix is n²). Every class draws from its own generator, seeded from
+one draw, so the selection is the one-process selection.
+
 Not implemented: DQ's pixel quantisation (GradCAM patch dropping, reconstruction with an MAE
 ViT-L/16), which needs pretrained MAE weights; the keep ratio is therefore the sample ratio.
 """
@@ -28,9 +34,11 @@ import pickle
 import torch
 import torch.nn.functional as F
 
-from condense_engine.methods.base import Method, register
+from condense_engine.distributed import ClassShard
+from condense_engine.methods.base import Method, refuse_batchnorm_when_sharded, register
 from condense_engine.models import get_model
 from condense_engine.ops.dsa import DSAParams, default_strategy, dsa
+from condense_engine.ops.gather import host_to_device
 
 #: Entries of one class chunk's similarity matrices held at once (chunk · n² floats).
 SIMILARITY_BUDGET = 2**27
@@ -112,6 +120,7 @@ class DQ(Method):
         embed_batch=1024,       # images per forward pass while embedding
     )
     overrides = [(("tinyimagenet", "tiny", "tinyimagenet200"), None, dict(model="ConvNetD4"))]
+    class_sharded = True
 
     def init(self, synset, dataset, sampler, generator, device):
         counts = dataset.class_counts().cpu()
@@ -121,10 +130,11 @@ class DQ(Method):
         if self.iterations < 0:
             raise ValueError(f"iterations (training epochs of the embedding network) must be >= 0, "
                              f"got {self.iterations}")
-        if len(sampler.store) != len(dataset):
-            raise ValueError(f"DQ bins every image of the data set, but the sampler holds {len(sampler.store)} of "
-                             f"its {len(dataset)} (a class-sharded sampler); give it one over the whole set")
+        self.shard = self.shard or ClassShard.whole(dataset.num_classes)
+        refuse_batchnorm_when_sharded(self.shard, self.options["model"], dataset)
         self.dataset, self.sampler, self.generator, self.device = dataset, sampler, generator, device
+        self.labels = dataset.labels.cpu()
+        self.stored = self._stored_rows(len(sampler.store))
         self.real = sampler.store  # the images where the sampler keeps them: on the device, or streamed
         self.net = get_model(self.options["model"], dataset.channels, dataset.num_classes,
                              im_size=dataset.image_size).to(device)
@@ -134,6 +144,26 @@ class DQ(Method):
                                          momentum=self.options["net_momentum"],
                                          weight_decay=self.options["net_weight_decay"])
         self.strategy = default_strategy(dataset.name) if self.options["dsa"] else None
+
+    def _stored_rows(self, held: int) -> torch.Tensor | None:
+        """The data-set rows of the sampler's stored rows, in order: None when it stores the whole
+        set as it is; the rank's classes in class order for a class-sharded sampler."""
+        if held == len(self.dataset):
+            return None
+        order = torch.argsort(self.labels, stable=True)  # as the ClassSampler keeps a shard
+        own = order[(self.labels[order] >= self.shard.first) & (self.labels[order] < self.shard.end)]
+        if not self.shard.sharded or len(own) != held:
+            raise ValueError(f"DQ bins every image of the data set (or of this rank's classes), but the sampler "
+                             f"holds {held} of its {len(self.dataset)}; give it one over the whole set")
+        return own
+
+    def _store_rows(self, rows: torch.Tensor) -> torch.Tensor:
+        """The sampler's stored rows of data-set `rows` (all of the rank's classes)."""
+        if self.stored is None:
+            return rows
+        lookup = torch.full((len(self.dataset),), -1, dtype=torch.int64)
+        lookup[self.stored] = torch.arange(len(self.stored))
+        return lookup[rows]
 
     def _load_embedding_network(self, path: str) -> None:
         if not os.path.isfile(path):
@@ -147,21 +177,44 @@ class DQ(Method):
                              f"{self.dataset.num_classes} classes: {err}") from err
 
     def step(self, synset, iteration):
-        """One epoch of training the embedding network on the real data."""
+        """One epoch of training the embedding network on the real data (a sharded rank: on its
+        classes' rows of every batch, the gradients summed across the ranks)."""
         self.net.train()
         count = len(self.dataset)
         total = torch.zeros((), device=self.device)
         for batch in torch.randperm(count, generator=self.generator).split(self.options["batch_net"]):
-            images = self.real.normalized(batch)
+            params = None  # drawn for the whole batch on every rank, so the random stream stays shared
             if self.strategy:
-                images = dsa(images, DSAParams.sample(len(batch), self.strategy, size=self.dataset.image_size,
-                                                      siamese=False, generator=self.generator, device=self.device))
-            loss = F.cross_entropy(self.net(images), self.real.labels_at(batch))
+                params = DSAParams.sample(len(batch), self.strategy, size=self.dataset.image_size, siamese=False,
+                                          generator=self.generator, device=self.device)
             self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            if self.shard.sharded:
+                total += self._sharded_batch_step(batch, params)
+            else:
+                images = self.real.normalized(batch)
+                loss = F.cross_entropy(self.net(images if params is None else dsa(images, params)),
+                                       self.real.labels_at(batch))
+                loss.backward()
+                total += loss.detach() * len(batch)
             self.optimizer.step()
-            total += loss.detach() * len(batch)
-        return {"loss": total / count}
+        return {"loss": self.shard.sum(total) / count}
+
+    def _sharded_batch_step(self, batch: torch.Tensor, params) -> torch.Tensor:
+        """This rank's share of the batch's mean loss, backpropagated, and the gradients summed
+        across the ranks; returns the share's summed loss."""
+        labels = self.labels[batch]
+        mine = ((labels >= self.shard.first) & (labels < self.shard.end)).nonzero().squeeze(1)
+        total = torch.zeros((), device=self.device)
+        if len(mine):
+            rows = self._store_rows(batch[mine])
+            images = self.real.normalized(rows)
+            if params is not None:
+                images = dsa(images, params.select(host_to_device(mine, self.device)))
+            loss = F.cross_entropy(self.net(images), self.real.labels_at(rows), reduction="sum")
+            (loss / len(batch)).backward()
+            total = loss.detach()
+        self.shard.sum_gradients(self.net)
+        return total
 
     @torch.no_grad()
     def embed_parts(self, index: torch.Tensor) -> tuple:
@@ -176,13 +229,15 @@ class DQ(Method):
         return torch.cat(grads), torch.cat(features)
 
     def finish(self, synset):
-        """Bin every class and draw the set from its bins, a chunk of classes at a time."""
+        """Bin every class (a sharded rank: its own) and draw the set from its bins, a chunk of
+        classes at a time; a sharded run then gathers the images and what was selected."""
         counts = self.sampler.counts
         width = self.sampler.index.shape[1]
         chunk = max(1, SIMILARITY_BUDGET // (width * width))
+        seed = int(torch.randint(0, 2**62, (), generator=self.generator))
         selected, coverage = [], []
-        for first in range(0, len(counts), chunk):
-            end = min(first + chunk, len(counts))
+        for first in range(self.shard.first, self.shard.end, chunk):
+            end = min(first + chunk, self.shard.end)
             stored = self.sampler.index[first:end]  # beside the images: on the host when they stream
             grads, features = self.embed_parts(stored[stored >= 0])
             block = stored.to(self.device)
@@ -193,22 +248,35 @@ class DQ(Method):
             similarity = gradient_cosine_similarity(padded_g, padded_h)
             assignment = graphcut_bins(similarity, counts[first:end], self.options["bins"],
                                        self.options["graphcut_lambda"])
-            positions = self.draw_from_bins(assignment.cpu()).to(block.device)
+            generators = [torch.Generator().manual_seed(seed + label) for label in range(first, end)]
+            positions = self.draw_from_bins(assignment.cpu(), generators).to(block.device)
             nearest = similarity.gather(2, positions.unsqueeze(1).expand(-1, width, -1)).amax(2)
             coverage.append((nearest * valid).sum(1) / valid.sum(1))
             selected.append(block.gather(1, positions))
         selected = torch.cat(selected).reshape(-1)
-        synset.images = self.real.normalized(selected).to(synset.images.device)
-        synset.meta["selected"] = selected.cpu().tolist()
-        synset.meta["coverage"] = torch.cat(coverage).cpu().tolist()
+        images = self.real.normalized(selected).to(synset.images.device)
+        rows = selected.cpu() if self.stored is None else self.stored[selected.cpu()]
+        if not self.shard.sharded:
+            synset.images = images
+        else:
+            with torch.no_grad():
+                synset.images[self.shard.first * self.ipc:self.shard.end * self.ipc] = images
+            self.shard.gather_classes(synset.images, self.ipc)
+        synset.meta["selected"] = sum(self.shard.gather_objects(rows.tolist()), [])
+        synset.meta["coverage"] = sum(self.shard.gather_objects(torch.cat(coverage).cpu().tolist()), [])
 
-    def draw_from_bins(self, assignment: torch.Tensor) -> torch.Tensor:
-        """(classes, ipc) row positions: per class, each bin's quota drawn uniformly from it."""
+    def gather(self, synset) -> None:
+        """Nothing to gather before the end: the steps train the network every rank shares, and
+        the set is the initial real images on every rank until finish() selects and gathers it."""
+
+    def draw_from_bins(self, assignment: torch.Tensor, generators: list) -> torch.Tensor:
+        """(classes, ipc) row positions: per class, each bin's quota drawn uniformly from it, with
+        that class's generator."""
         drawn = []
-        for bins_of_rows in assignment:
+        for bins_of_rows, generator in zip(assignment, generators):
             members = [(bins_of_rows == k).nonzero().squeeze(1) for k in range(self.options["bins"])]
-            quotas = bin_quotas(torch.tensor([len(m) for m in members]), self.ipc, self.generator)
-            drawn.append(torch.cat([m[torch.randperm(len(m), generator=self.generator)[:q]]
+            quotas = bin_quotas(torch.tensor([len(m) for m in members]), self.ipc, generator)
+            drawn.append(torch.cat([m[torch.randperm(len(m), generator=generator)[:q]]
                                     for m, q in zip(members, quotas.tolist())]))
         return torch.stack(drawn)
 

@@ -170,7 +170,7 @@ class IDC(DC):
             inputs, other = mixed[mine], pasted[mine]
         if len(mine):
             (real_loss(net(inputs), targets, other, kept, "sum") / len(batch)).backward()
-        self.sum_gradients(net)
+        self.shard.sum_gradients(net)
 
     def step(self, synset, iteration):
         net = self.fresh_network()
