@@ -134,7 +134,11 @@ class DQ(Method):
         refuse_batchnorm_when_sharded(self.shard, self.options["model"], dataset)
         self.dataset, self.sampler, self.generator, self.device = dataset, sampler, generator, device
         self.labels = dataset.labels.cpu()
-        self.stored = self._stored_rows(len(sampler.store))
+        self.dataset_rows = self._dataset_rows_of_store(len(sampler.store))
+        self.store_rows = None  # data-set row → stored row, for a class-sharded sampler
+        if self.dataset_rows is not None:
+            self.store_rows = torch.full((len(dataset),), -1, dtype=torch.int64)
+            self.store_rows[self.dataset_rows] = torch.arange(len(self.dataset_rows))
         self.real = sampler.store  # the images where the sampler keeps them: on the device, or streamed
         self.net = get_model(self.options["model"], dataset.channels, dataset.num_classes,
                              im_size=dataset.image_size).to(device)
@@ -145,7 +149,7 @@ class DQ(Method):
                                          weight_decay=self.options["net_weight_decay"])
         self.strategy = default_strategy(dataset.name) if self.options["dsa"] else None
 
-    def _stored_rows(self, held: int) -> torch.Tensor | None:
+    def _dataset_rows_of_store(self, held: int) -> torch.Tensor | None:
         """The data-set rows of the sampler's stored rows, in order: None when it stores the whole
         set as it is; the rank's classes in class order for a class-sharded sampler."""
         if held == len(self.dataset):
@@ -156,14 +160,6 @@ class DQ(Method):
             raise ValueError(f"DQ bins every image of the data set (or of this rank's classes), but the sampler "
                              f"holds {held} of its {len(self.dataset)}; give it one over the whole set")
         return own
-
-    def _store_rows(self, rows: torch.Tensor) -> torch.Tensor:
-        """The sampler's stored rows of data-set `rows` (all of the rank's classes)."""
-        if self.stored is None:
-            return rows
-        lookup = torch.full((len(self.dataset),), -1, dtype=torch.int64)
-        lookup[self.stored] = torch.arange(len(self.stored))
-        return lookup[rows]
 
     def _load_embedding_network(self, path: str) -> None:
         if not os.path.isfile(path):
@@ -206,7 +202,7 @@ class DQ(Method):
         mine = ((labels >= self.shard.first) & (labels < self.shard.end)).nonzero().squeeze(1)
         total = torch.zeros((), device=self.device)
         if len(mine):
-            rows = self._store_rows(batch[mine])
+            rows = batch[mine] if self.store_rows is None else self.store_rows[batch[mine]]
             images = self.real.normalized(rows)
             if params is not None:
                 images = dsa(images, params.select(host_to_device(mine, self.device)))
@@ -255,7 +251,7 @@ class DQ(Method):
             selected.append(block.gather(1, positions))
         selected = torch.cat(selected).reshape(-1)
         images = self.real.normalized(selected).to(synset.images.device)
-        rows = selected.cpu() if self.stored is None else self.stored[selected.cpu()]
+        rows = selected.cpu() if self.dataset_rows is None else self.dataset_rows[selected.cpu()]
         if not self.shard.sharded:
             synset.images = images
         else:
