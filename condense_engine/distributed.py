@@ -138,6 +138,14 @@ class ClassShard:
                 rows[first * per_class:end * per_class] = part[:(end - first) * per_class]
 
 
+def rows_held(batch: torch.Tensor, first: int, count: int) -> tuple:
+    """(positions in the CPU `batch` of rows first … first + count − 1, those rows counted from
+    `first`): a rank's part of a batch drawn over the whole set."""
+    local = batch - first
+    mine = ((local >= 0) & (local < count)).nonzero().squeeze(1)
+    return mine, local[mine]
+
+
 def class_shard(num_classes: int) -> ClassShard:
     """This process's share of the classes: all of them unless torch.distributed is initialised
     with more than one rank. ValueError when there are more ranks than classes."""

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch.func import functional_call, grad, vmap
 
 from condense_engine import ops
-from condense_engine.distributed import ClassShard
+from condense_engine.distributed import ClassShard, rows_held
 from condense_engine.methods.augment import matched_batches
 from condense_engine.methods.base import Method, refuse_batchnorm_when_sharded, register
 from condense_engine.models import get_model
@@ -212,9 +212,7 @@ class DC(Method):
     def own_rows(self, batch: torch.Tensor, held: int) -> tuple:
         """(positions in `batch` of this rank's rows, those rows in its own `held` class-ordered
         rows), for a CPU `batch` of rows of the whole class-ordered set (host tensors, no sync)."""
-        local = batch - self.shard.first * (held // self.shard.count)
-        mine = ((local >= 0) & (local < held)).nonzero().squeeze(1)
-        return mine, local[mine]
+        return rows_held(batch, self.shard.first * (held // self.shard.count), held)
 
     def step(self, synset, iteration):
         net = self.fresh_network()

@@ -41,6 +41,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from condense_engine.distributed import rows_held
+
 
 @dataclass
 class TrajectoryResult:
@@ -64,9 +66,7 @@ class RowShare:
 
     def split(self, batch: torch.Tensor) -> tuple:
         """(positions in the CPU `batch` of this process's rows, those rows among its own)."""
-        local = batch - self.first
-        mine = ((local >= 0) & (local < self.count)).nonzero().squeeze(1)
-        return mine, local[mine]
+        return rows_held(batch, self.first, self.count)
 
 
 def schedule(num_images: int, steps: int, batch_size: int, seed: int) -> tuple[list, list]:
