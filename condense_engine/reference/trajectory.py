@@ -42,6 +42,7 @@ import torch
 import torch.nn.functional as F
 
 from condense_engine.distributed import rows_held
+from condense_engine.ops.gather import host_to_device
 
 
 @dataclass
@@ -137,21 +138,14 @@ def unroll(images, labels, lr, start, model, batches, step_seeds, terminal, *, m
         steps = []
         for batch in batches:
             positions, rows = share.split(batch.cpu())
-            positions = _to_device(positions, device) if augment is not None else None
-            steps.append((_to_device(rows, device), (positions, len(batch))))
+            positions = host_to_device(positions, device) if augment is not None else None
+            steps.append((host_to_device(rows, device), (positions, len(batch))))
     want_labels = labels.is_floating_point() and labels.requires_grad
     inputs = (images.detach(), labels.detach(), lr.detach(), start.detach(), terminal, model, steps, step_seeds,
               augment, want_labels)
     if memory == "unrolled":
         return _unrolled(*inputs)
     return _adjoint(*inputs, exact=memory == "exact", share=share)
-
-
-def _to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """A small CPU index tensor on `device` without making the host wait (pinned, non-blocking)."""
-    if device.type == "cuda":
-        return tensor.pin_memory().to(device, non_blocking=True)
-    return tensor.to(device)
 
 
 def _lr_at(lr: torch.Tensor, step: int) -> torch.Tensor:
