@@ -11,6 +11,33 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+
+def _major_minor(version: str) -> tuple:
+    return tuple(int(part) for part in version.split(".")[:2])
+
+
+def _refuse_interpreter_numpy_mismatch():
+    """Triton 3.6's interpreter calls int() on one-element arrays, which NumPy 2.4 refuses.
+
+    Every interpreted kernel would then fail with "only 0-dimensional arrays can be converted to
+    Python scalars" (measured: triton 3.6.0 + numpy 2.4.6, 101 failures; numpy 2.2/2.3 or triton
+    3.7 pass). Stop at once with the fix instead.
+    """
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        return
+    try:
+        import numpy
+        import triton
+    except ImportError:
+        return
+    if _major_minor(triton.__version__) < (3, 7) and _major_minor(numpy.__version__) >= (2, 4):
+        pytest.exit(f"triton {triton.__version__}'s interpreter (TRITON_INTERPRET=1) cannot run "
+                    f"on numpy {numpy.__version__}: install 'numpy<2.4' or 'triton>=3.7'",
+                    returncode=4)
+
+
+_refuse_interpreter_numpy_mismatch()
+
 # Test shapes are tiny and pytest-xdist already runs one worker per core: more threads per
 # worker only oversubscribe the cores (measured: up to 100× slower steps on a busy 2-core box).
 torch.set_num_threads(1)
