@@ -18,7 +18,9 @@ rank keeps the same network; the summed loss is all-reduced once per iteration.
 MTT, TESLA and DATM (exact and tesla memory modes) run the same student on every rank; each student
 step's gradient and, in the exact mode's reverse sweep, Hessian-vector product are summed across
 the ranks, each computed on the rank's own synthetic rows (`ops.RowShare`): two parameter-sized
-all-reduces per step (one in the tesla mode).
+all-reduces per step (one in the tesla mode). DD's unrolled training runs the same way (exact
+mode); its loss on the real batch is a sum over classes, so each rank adds its classes' part and
+the part's gradient, one more parameter-sized all-reduce per iteration.
 
 DQ trains its embedding network data-parallel the same way and bins each rank's classes; the
 selection is gathered at the end.

@@ -138,7 +138,7 @@ def distill(dataset, method: str = "dm", ipc: int = 10, iterations: int | None =
     `resume=True` continues from it (bit-identically on CPU), also when it was written by the
     same run with fewer iterations, which extends that run. `test_set` with `eval_every > 0`
     evaluates the set periodically (`eval_options` go to `ce.evaluate`). Called on every rank of
-    an initialised torch.distributed group (e.g. under torchrun), every method but DD shards the
+    an initialised torch.distributed group (e.g. under torchrun), every method shards the
     classes across the ranks and every rank returns the whole set (see `condense_engine.distributed`).
 
     `sync_every` (a positive int; None: 1 on the CPU, ACCELERATOR_SYNC_EVERY elsewhere) is how

@@ -73,6 +73,22 @@ class _ThreadSum:
         return total
 
 
+def _in_parties(bounds: list, run) -> dict:
+    """run(party, first, end, share) in one thread per (first, end) row span of the set, the
+    spans' RowShares summing through each other; {party: what run returned}."""
+    total, collective, results = bounds[-1][1], _ThreadSum(len(bounds)), {}
+
+    def party_main(party, first, end):
+        results[party] = run(party, first, end, RowShare(first, end - first, total, collective.of(party)))
+    threads = [threading.Thread(target=party_main, args=(party, *span)) for party, span in enumerate(bounds)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sorted(results) == list(range(len(bounds)))
+    return results
+
+
 @pytest.mark.parametrize("memory", ["exact", "tesla"])
 @pytest.mark.parametrize("soft", [False, True], ids=["hard", "soft"])
 def test_a_set_split_in_row_shares_gives_the_one_process_result(memory, soft):
@@ -82,19 +98,12 @@ def test_a_set_split_in_row_shares_gives_the_one_process_result(memory, soft):
     augment = dsa_augment("color_crop_cutout_flip_scale_rotate")
     options = dict(steps=6, batch_size=3, seed=7, memory=memory, augment=augment)
     whole = trajectory_match(images, labels, lr, start, target, net, **options)
-    bounds, collective, results = [(0, 2), (2, 3), (3, 8)], _ThreadSum(3), {}
+    bounds = [(0, 2), (2, 3), (3, 8)]
 
-    def run(party, first, end):
-        share = RowShare(first, end - first, len(images), collective.of(party))
+    def run(party, first, end, share):
         part_labels = labels[first:end].detach().requires_grad_(soft)
-        results[party] = trajectory_match(images[first:end], part_labels, lr, start, target, net, share=share,
-                                          **options)
-    threads = [threading.Thread(target=run, args=(party, *span)) for party, span in enumerate(bounds)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    assert sorted(results) == [0, 1, 2]
+        return trajectory_match(images[first:end], part_labels, lr, start, target, net, share=share, **options)
+    results = _in_parties(bounds, run)
     for party, (first, end) in enumerate(bounds):
         got = results[party]
         torch.testing.assert_close(got.loss, whole.loss, rtol=1e-12, atol=0)
@@ -295,13 +304,18 @@ def test_unavailable_backend_is_refused():
         trajectory_match(images, labels, lr, start, target, net, steps=1, batch_size=4, backend="triton")
 
 
+def _real_batch():
+    """(12 real images, their labels, the generator that drew them) for the unroll tests."""
+    generator = torch.Generator().manual_seed(11)
+    real = torch.randn(12, 3, 8, 8, generator=generator, dtype=DOUBLE)
+    return real, torch.randint(0, 4, (12,), generator=generator), generator
+
+
 def _unroll_problem(soft=False):
     """_problem's student with DD's loss: cross-entropy of the last parameters on a real batch,
     after cycling two fixed batches three times at one lr per step."""
     net, images, labels, _, start, _ = _problem(soft=soft)
-    generator = torch.Generator().manual_seed(11)
-    real = torch.randn(12, 3, 8, 8, generator=generator, dtype=DOUBLE)
-    real_labels = torch.randint(0, 4, (12,), generator=generator)
+    real, real_labels, generator = _real_batch()
     batches = [torch.tensor([0, 2, 4, 6]), torch.tensor([1, 3, 5, 7])] * 3
     lrs = 0.05 + 0.01 * torch.rand(len(batches), generator=generator, dtype=DOUBLE)
     terminal = lambda params: F.cross_entropy(net.forward(real, params), real_labels)  # noqa: E731
@@ -319,6 +333,42 @@ def test_unroll_exact_equals_unrolled_for_any_terminal_loss_and_per_step_lrs(sof
     torch.testing.assert_close(exact.grad_lr, unrolled.grad_lr, rtol=1e-9, atol=1e-14)
     if soft:
         torch.testing.assert_close(exact.grad_labels, unrolled.grad_labels, rtol=1e-9, atol=1e-14)
+
+
+@pytest.mark.parametrize("soft", [False, True], ids=["hard", "soft"])
+def test_unroll_split_in_row_shares_with_the_terminal_loss_in_parts_gives_the_one_process_result(soft):
+    """DD across processes: three shares of the synthetic rows (0-1, 2, 3-7) and of the real batch
+    (each party's terminal sums its real rows over the whole batch's 12); every party gets the
+    one-process loss and per-step lr gradient, and its rows' gradients."""
+    net, images, labels, lrs, start, batches, terminal = _unroll_problem(soft)
+    real, real_labels, _ = _real_batch()
+    whole = unroll(images, labels, lrs, start, net, batches, terminal, memory="exact")
+    real_spans = {0: slice(0, 5), 1: slice(5, 6), 2: slice(6, 12)}
+
+    def run(party, first, end, share):
+        rows = real_spans[party]
+        terminal = lambda params: F.cross_entropy(net.forward(real[rows], params), real_labels[rows],  # noqa: E731
+                                                  reduction="sum") / len(real)
+        part_labels = labels[first:end].detach().requires_grad_(soft)
+        return unroll(images[first:end], part_labels, lrs, start, net, batches, terminal, memory="exact",
+                      share=share)
+    bounds = [(0, 2), (2, 3), (3, 8)]
+    results = _in_parties(bounds, run)
+    assert whole.grad_images.abs().max() > 1e-4
+    for party, (first, end) in enumerate(bounds):
+        got = results[party]
+        torch.testing.assert_close(got.loss, whole.loss, rtol=1e-12, atol=0)
+        torch.testing.assert_close(got.grad_lr, whole.grad_lr, rtol=1e-9, atol=1e-14)
+        torch.testing.assert_close(got.grad_images, whole.grad_images[first:end], rtol=1e-9, atol=1e-14)
+        if soft:
+            torch.testing.assert_close(got.grad_labels, whole.grad_labels[first:end], rtol=1e-9, atol=1e-14)
+
+
+def test_unroll_refuses_a_share_in_the_unrolled_mode():
+    net, images, labels, lrs, start, batches, terminal = _unroll_problem()
+    with pytest.raises(ValueError, match="memory='unrolled' runs in one process"):
+        unroll(images[2:5], labels[2:5], lrs, start, net, batches, terminal, memory="unrolled",
+               share=RowShare(2, 3, 8, lambda tensor: tensor))
 
 
 def test_unroll_per_step_lr_gradient_matches_finite_differences():

@@ -7,6 +7,7 @@ progress, logging, evaluation, checkpoints, resume and the non-finite guard.
 """
 import math
 import numbers
+import warnings
 
 import torch
 
@@ -74,6 +75,16 @@ def refuse_batchnorm_when_sharded(shard, model: str, dataset) -> None:
                          f"use one process or an instance-norm ConvNet")
 
 
+def exact_when_sharded(method: str, memory: str, shard) -> str:
+    """The memory mode an unrolled-training method runs in: "exact" (the same gradient, with a
+    warning) in place of "unrolled", which runs in one process only, on a class-sharded run."""
+    if shard is None or not shard.sharded or memory != "unrolled":
+        return memory
+    warnings.warn(f"{method}: memory='unrolled' runs in one process; across {shard.world} ranks the exact mode "
+                  f"computes the same gradient")
+    return "exact"
+
+
 class Method:
     """Base class: option resolution, optimiser state for checkpoints, nothing method-specific.
 
@@ -123,14 +134,16 @@ class Method:
         optimiser state) onto every rank, before a checkpoint, an evaluation or the end."""
         raise NotImplementedError(f"method {self.name!r} does not run class-sharded")
 
-    def gather_images_and_momentum(self, synset, optimizer: torch.optim.Optimizer) -> None:
-        """gather() for a method whose only per-pixel state is its optimiser's momentum: every
-        rank's classes of the stored images and their momentum, onto every rank."""
+    def gather_images_and_optimizer_state(self, synset, optimizer: torch.optim.Optimizer) -> None:
+        """gather() for a method whose only per-pixel state is its optimiser's (SGD momentum,
+        Adam moments): every rank's classes of the stored images and of each optimiser state
+        tensor shaped like them, onto every rank."""
         per_class = len(synset.images) // self.shard.num_classes
         self.shard.gather_classes(synset.images, per_class)
         for state in optimizer.state.values():
-            if state.get("momentum_buffer") is not None:
-                self.shard.gather_classes(state["momentum_buffer"], per_class)
+            for value in state.values():
+                if isinstance(value, torch.Tensor) and value.shape == synset.images.shape:
+                    self.shard.gather_classes(value, per_class)
 
     def finish(self, synset) -> None:
         """Called once at the end of a run: put anything learned beside the images (e.g. step

@@ -236,7 +236,7 @@ class DC(Method):
         return {"loss": self.shard.sum(total) / (self.num_classes * outer_loop)}
 
     def gather(self, synset) -> None:
-        self.gather_images_and_momentum(synset, self.optimizer)
+        self.gather_images_and_optimizer_state(synset, self.optimizer)
 
     def state_dict(self):
         return {"optimizer": self.optimizer.state_dict()}

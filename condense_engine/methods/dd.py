@@ -12,6 +12,13 @@ Deviations, all data: the student is a ConvNet of the engine's family (published
 MNIST, AlexCifarNet on CIFAR-10), the real batch is class-balanced (published: a shuffled
 loader batch), and "400 epochs over the loader, lr ×0.5 every 40" are written as iterations for
 each data set's size at batch 1024. The learned step sizes go into the set's meta ("step_lrs").
+
+Under torchrun DD shards the classes (`condense_engine.distributed`) like trajectory matching:
+every rank unrolls the same student from the same initialisation on all S batches, each step's
+gradient (and in the reverse sweep its Hessian-vector product) summed from the ranks' own rows
+(`ops.RowShare`); the real-batch loss and its gradient are summed from each rank's classes. A
+rank's student compute falls with the number of ranks; memory="unrolled" runs as "exact", the
+same gradient.
 """
 import math
 
@@ -19,8 +26,10 @@ import torch
 import torch.nn.functional as F
 
 from condense_engine import ops
-from condense_engine.methods.base import Method, register
+from condense_engine.distributed import ClassShard
+from condense_engine.methods.base import Method, exact_when_sharded, refuse_batchnorm_when_sharded, register
 from condense_engine.models import FunctionalConvNet, convnet_config
+from condense_engine.ops.trajectory import RowShare
 
 INITS = ("noise", "real")
 MEMORY = ("exact", "unrolled")
@@ -47,6 +56,7 @@ class DD(Method):
         init="noise",       # "noise": N(0, 1) pixels as published; "real": the driver's real images
         memory="exact",     # ops.unroll memory mode
     )
+    class_sharded = True
     overrides = [
         (("cifar10", "cifar100"), None, dict(**_passes(50000), distill_lr=0.001)),  # README: 0.001 on CIFAR-10
         (("svhn",), None, _passes(73257)),
@@ -65,11 +75,18 @@ class DD(Method):
         if per_step < 1:
             raise ValueError(f"batch_real={self.options['batch_real']} gives no real image per class "
                              f"({dataset.num_classes} classes)")
+        self.shard = self.shard or ClassShard.whole(dataset.num_classes)
+        refuse_batchnorm_when_sharded(self.shard, self.options["model"], dataset)
+        self.memory = exact_when_sharded(self.name, self.options["memory"], self.shard)
         self.sampler, self.generator, self.device = sampler, generator, device
         self.real_per_class = per_step
+        self.real_total = per_step * dataset.num_classes
         self.student = FunctionalConvNet(dataset.channels, dataset.num_classes, im_size=dataset.image_size,
                                          **convnet_config(self.options["model"]))
-        self.batches = self.step_batches(dataset.num_classes, self.ipc, steps, device) * self.options["distill_epochs"]
+        # A sharded rank splits every batch into its own rows on the host: keep them there.
+        batch_device = torch.device("cpu") if self.shard.sharded else device
+        self.batches = (self.step_batches(dataset.num_classes, self.ipc, steps, batch_device)
+                        * self.options["distill_epochs"])
         if self.options["init"] == "noise":
             synset.images = torch.randn(synset.images.shape, generator=generator).to(device)
         synset.images.requires_grad_(True)
@@ -102,27 +119,48 @@ class DD(Method):
                 pieces.append(torch.ones(shape))
         return torch.cat([p.reshape(-1) for p in pieces]).to(self.device)
 
+    def own_rows(self, synset) -> slice:
+        """This rank's rows of the (class-ordered) synthetic set: all of them in one process."""
+        return slice(self.shard.first * self.ipc, self.shard.end * self.ipc)
+
     def step(self, synset, iteration):
         for group in self.optimizer.param_groups:  # StepLR as a function of the iteration: resume-exact
             group["lr"] = self.options["lr_img"] * self.options["decay"] ** (iteration // self.options["decay_every"])
-        real, real_labels = self.sampler.sample(self.real_per_class)
+        # The draw for all classes, of which a sharded rank gathers only its own.
+        real, real_labels = self.sampler.sample_range(self.real_per_class, self.shard.first, self.shard.end)
         lrs = F.softplus(self.raw_lrs.detach())
-        grad_images = torch.zeros_like(synset.images)
+        rows = self.own_rows(synset)
+        images, labels = synset.images.detach()[rows], synset.labels[rows]
+        share = None
+        if self.shard.sharded:
+            share = RowShare(rows.start, rows.stop - rows.start, len(synset.images), self.shard.sum)
+
+        def real_loss(params):
+            """Cross-entropy of the trained student on the real batch (a sharded rank: its rows' part)."""
+            logits = self.student.forward(real, params)
+            return F.cross_entropy(logits, real_labels, reduction="sum") / self.real_total
+
+        grad_images = torch.zeros_like(images)
         grad_lrs = torch.zeros_like(lrs)
         loss = torch.zeros((), device=self.device)
         nets = self.options["nets"]
         for _ in range(nets):
-            result = ops.unroll(synset.images.detach(), synset.labels, lrs, self.fresh_params(), self.student,
-                                self.batches, lambda params: F.cross_entropy(self.student.forward(real, params),
-                                                                             real_labels),
-                                memory=self.options["memory"])
+            result = ops.unroll(images, labels, lrs, self.fresh_params(), self.student, self.batches, real_loss,
+                                memory=self.memory, share=share)
             grad_images += result.grad_images / nets
             grad_lrs += result.grad_lr / nets
             loss += result.loss / nets
+        if self.shard.sharded:  # only this rank's rows move
+            full = torch.zeros_like(synset.images)
+            full[rows] = grad_images
+            grad_images = full
         synset.images.grad = grad_images
         self.raw_lrs.grad = grad_lrs * torch.sigmoid(self.raw_lrs.detach())  # d softplus(raw) / d raw
         self.optimizer.step()
         return {"loss": loss, "lr_mean": lrs.mean()}
+
+    def gather(self, synset) -> None:
+        self.gather_images_and_optimizer_state(synset, self.optimizer)
 
     def finish(self, synset):
         synset.meta["step_lrs"] = F.softplus(self.raw_lrs.detach()).cpu().tolist()

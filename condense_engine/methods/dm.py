@@ -156,7 +156,7 @@ class DM(Method):
     def gather(self, synset) -> None:
         """Every rank's classes of the stored images and their momentum, onto every rank (a
         sharded rank updates only its own)."""
-        self.gather_images_and_momentum(synset, self.optimizer)
+        self.gather_images_and_optimizer_state(synset, self.optimizer)
 
     def state_dict(self):
         return {"optimizer": self.optimizer.state_dict()}

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from condense_engine.distributed import ClassShard
 from condense_engine.expert import check_compatible, load_experts
-from condense_engine.methods.base import Method, register
+from condense_engine.methods.base import Method, exact_when_sharded, register
 from condense_engine.ops.dsa import default_strategy
 from condense_engine.ops.trajectory import MEMORY_MODES, RowShare, dsa_augment, trajectory_match
 
@@ -96,10 +96,7 @@ class MTT(Method):
         if self.memory not in MEMORY_MODES:
             raise ValueError(f"memory must be one of {MEMORY_MODES} or 'constant', got {self.options['memory']!r}")
         self.shard = self.shard or ClassShard.whole(dataset.num_classes)
-        if self.shard.sharded and self.memory == "unrolled":
-            warnings.warn(f"{self.name}: memory='unrolled' runs in one process; across {self.shard.world} ranks "
-                          f"the exact mode computes the same gradient")
-            self.memory = "exact"
+        self.memory = exact_when_sharded(self.name, self.memory, self.shard)
         self.buffer = self._open_buffer(dataset)
         self.student = self.buffer.network()
         if self.shard.sharded and self.student.config["norm"] == "batchnorm":
@@ -203,7 +200,7 @@ class MTT(Method):
         return {"loss": result.loss.detach(), "syn_lr": self.syn_lr.detach().clone(), "start_epoch": float(epoch)}
 
     def gather(self, synset) -> None:
-        self.gather_images_and_momentum(synset, self.image_optimizer)
+        self.gather_images_and_optimizer_state(synset, self.image_optimizer)
 
     def state_dict(self):
         return {"images": self.image_optimizer.state_dict(), "lr": self.lr_optimizer.state_dict(),

@@ -84,8 +84,8 @@ def _check_share(share, count: int, memory: str, augment) -> int:
         raise ValueError(f"share holds rows {share.first}..{share.first + share.count - 1} of {share.total}, "
                          f"but {count} images were given")
     if memory == "unrolled":
-        raise ValueError("memory='unrolled' runs in one process; a share needs 'exact' (the same gradient) "
-                         "or 'tesla'")
+        raise ValueError("memory='unrolled' runs in one process; a share needs 'exact' (the same gradient), "
+                         "or 'tesla' in trajectory_match")
     return share.total
 
 
@@ -104,7 +104,7 @@ def _check_labels(labels, count: int, images: torch.Tensor) -> None:
 
 
 def unroll(images, labels, lr, start, model, batches, terminal, *, memory="exact", augment=None, seed=0,
-           backend=None) -> TrajectoryResult:
+           share=None, backend=None) -> TrajectoryResult:
     """Any loss of a student after SGD steps on the synthetic set, with its exact gradients.
 
     One step per entry of `batches` (int64 row indices into `images`) from `start`, step k at
@@ -114,8 +114,17 @@ def unroll(images, labels, lr, start, model, batches, terminal, *, memory="exact
     `seed`. Returns the loss with grad_images, grad_lr (shaped like `lr`) and grad_labels for
     soft labels that require grad; "exact" memory keeps one step's activations whatever the
     number of steps, "unrolled" is plain autograd ("tesla" applies to trajectory_match only).
+
+    `share` (a RowShare; "exact" only) splits the set across processes as in trajectory_match:
+    `images` and `labels` are this process's rows, `batches` index all share.total rows (keep them
+    on the CPU: every step splits them), and `terminal` returns this process's part of the loss;
+    the loss is the sum of the parts, and each process gets it, grad_lr and its rows' gradients.
     """
     count = _check_student(images, labels, start, model)
+    if memory == "tesla":
+        raise ValueError("memory='tesla' is trajectory matching's approximation; unroll takes 'exact' or 'unrolled'")
+    if share is not None:
+        count = _check_share(share, count, memory, augment)
     if not isinstance(batches, (list, tuple)) or not batches:
         raise ValueError(f"batches must be a non-empty list of index tensors, got {_describe(batches)}")
     for batch in batches:
@@ -133,13 +142,11 @@ def unroll(images, labels, lr, start, model, batches, terminal, *, memory="exact
         lr = _check_lr(lr, start)
     if not callable(terminal):
         raise ValueError(f"terminal must be a callable (flat_params) -> loss, got {type(terminal).__name__}")
-    if memory == "tesla":
-        raise ValueError("memory='tesla' is trajectory matching's approximation; unroll takes 'exact' or 'unrolled'")
     _check_modes(memory, augment, seed)
     choose("unroll", backend, images.device, ("torch",))
     step_seeds = torch.randint(0, 2**31 - 1, (len(batches),), generator=torch.Generator().manual_seed(seed)).tolist()
     return reference.unroll(images, labels, lr, start, model, list(batches), step_seeds, terminal, memory=memory,
-                            augment=augment)
+                            augment=augment, share=share, terminal_part=share is not None)
 
 
 def _check_student(images, labels, start, model) -> int:

@@ -124,11 +124,13 @@ def trajectory_match(images, labels, lr, start, target, model, *, steps, batch_s
 
 
 def unroll(images, labels, lr, start, model, batches, step_seeds, terminal, *, memory="unrolled",
-           augment=None, share=None) -> TrajectoryResult:
+           augment=None, share=None, terminal_part=False) -> TrajectoryResult:
     """L = terminal(θ_N) after one SGD step per batch (row indices into `images`) from `start`;
     `lr` is 0-dim (one lr for all steps) or holds one lr per step, and grad_lr has its shape.
     "tesla" needs a 0-dim lr. With a `share` (adjoint modes only) the CPU batches index all
-    share.total rows and each step uses this process's part. Inputs are validated by the ops layer."""
+    share.total rows and each step uses this process's part; with `terminal_part` each process's
+    terminal is its part of L (DD: its classes' share of the real-batch loss) and L is their sum,
+    else every process computes the same L. Inputs are validated by the ops layer."""
     device = images.device
     if share is None:
         steps = [(batch.to(device), None) for batch in batches]
@@ -145,7 +147,7 @@ def unroll(images, labels, lr, start, model, batches, step_seeds, terminal, *, m
               augment, want_labels)
     if memory == "unrolled":
         return _unrolled(*inputs)
-    return _adjoint(*inputs, exact=memory == "exact", share=share)
+    return _adjoint(*inputs, exact=memory == "exact", share=share, terminal_part=terminal_part)
 
 
 def _lr_at(lr: torch.Tensor, step: int) -> torch.Tensor:
@@ -169,7 +171,7 @@ def _unrolled(images, labels, lr, start, terminal, model, steps, step_seeds, aug
 
 
 def _adjoint(images, labels, lr, start, terminal, model, steps, step_seeds, augment, want_labels, exact,
-             share=None):
+             share=None, terminal_part=False):
     """The "exact" (`exact=True`) and "tesla" modes: a graph-free forward, then one step's graph at a time."""
     visited = []             # θ_0 … θ_{N−1}: the only per-step state kept
     gradient_sum = torch.zeros_like(start)
@@ -187,6 +189,9 @@ def _adjoint(images, labels, lr, start, terminal, model, steps, step_seeds, augm
         loss = terminal(final)
         adjoint = torch.autograd.grad(loss, final)[0]          # a_N = dL/dθ_N
     loss = loss.detach()
+    if terminal_part:  # the processes' parts of L and of a_N, summed in one collective
+        summed = share.sum(torch.cat([adjoint, loss.reshape(1)]))
+        adjoint, loss = summed[:-1], summed[-1]
     grad_lr = torch.zeros_like(lr) if exact else -(gradient_sum * adjoint).sum()
     grad_images = torch.zeros_like(images)
     grad_labels = torch.zeros_like(labels) if want_labels else None
