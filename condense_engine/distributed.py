@@ -20,7 +20,7 @@ step's gradient and, in the exact mode's reverse sweep, Hessian-vector product a
 the ranks, each computed on the rank's own synthetic rows (`ops.RowShare`): two parameter-sized
 all-reduces per step (one in the tesla mode). DD's unrolled training runs the same way (exact
 mode); its loss on the real batch is a sum over classes, so each rank adds its classes' part and
-the part's gradient, one more parameter-sized all-reduce per iteration.
+the part's gradient, one more parameter-sized all-reduce per unrolled network.
 
 DQ trains its embedding network data-parallel the same way and bins each rank's classes; the
 selection is gathered at the end.

@@ -172,7 +172,7 @@ def distill(dataset, method: str = "dm", ipc: int = 10, iterations: int | None =
     if shard.sharded:
         if not algorithm.class_sharded:
             raise ValueError(f"method {algorithm.name!r} cannot run class-sharded across {shard.world} ranks; "
-                             f"run it in one process (every method but dd can)")
+                             f"run it in one process")
         algorithm.shard = shard
     lead = shard.rank == 0  # the rank that logs, evaluates and writes
     # The lead alone writes checkpoints; every rank stops if it cannot.

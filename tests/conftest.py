@@ -7,16 +7,19 @@ import os
 
 import pytest
 import torch
+from packaging.version import Version
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# Test shapes are tiny and pytest-xdist already runs one worker per core: more threads per
+# worker only oversubscribe the cores (measured: up to 100× slower steps on a busy 2-core box).
+torch.set_num_threads(1)
 
-def _major_minor(version: str) -> tuple:
-    return tuple(int(part) for part in version.split(".")[:2])
+SHARED_DATA = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data")
 
 
-def _refuse_interpreter_numpy_mismatch():
+def pytest_configure(config):
     """Triton 3.6's interpreter calls int() on one-element arrays, which NumPy 2.4 refuses.
 
     Every interpreted kernel would then fail with "only 0-dimensional arrays can be converted to
@@ -30,19 +33,10 @@ def _refuse_interpreter_numpy_mismatch():
         import triton
     except ImportError:
         return
-    if _major_minor(triton.__version__) < (3, 7) and _major_minor(numpy.__version__) >= (2, 4):
-        pytest.exit(f"triton {triton.__version__}'s interpreter (TRITON_INTERPRET=1) cannot run "
-                    f"on numpy {numpy.__version__}: install 'numpy<2.4' or 'triton>=3.7'",
-                    returncode=4)
-
-
-_refuse_interpreter_numpy_mismatch()
-
-# Test shapes are tiny and pytest-xdist already runs one worker per core: more threads per
-# worker only oversubscribe the cores (measured: up to 100× slower steps on a busy 2-core box).
-torch.set_num_threads(1)
-
-SHARED_DATA = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data")
+    release = lambda module: Version(module.__version__).release[:2]  # noqa: E731
+    if release(triton) < (3, 7) and release(numpy) >= (2, 4):
+        pytest.exit(f"triton {triton.__version__}'s interpreter (TRITON_INTERPRET=1) cannot run on numpy "
+                    f"{numpy.__version__}: install 'numpy<2.4' or 'triton>=3.7'", returncode=4)
 
 
 @pytest.fixture(autouse=True)

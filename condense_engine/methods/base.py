@@ -136,14 +136,13 @@ class Method:
 
     def gather_images_and_optimizer_state(self, synset, optimizer: torch.optim.Optimizer) -> None:
         """gather() for a method whose only per-pixel state is its optimiser's (SGD momentum,
-        Adam moments): every rank's classes of the stored images and of each optimiser state
-        tensor shaped like them, onto every rank."""
+        Adam moments): every rank's classes of the stored images and of the optimiser's state
+        tensors for them, onto every rank."""
         per_class = len(synset.images) // self.shard.num_classes
         self.shard.gather_classes(synset.images, per_class)
-        for state in optimizer.state.values():
-            for value in state.values():
-                if isinstance(value, torch.Tensor) and value.shape == synset.images.shape:
-                    self.shard.gather_classes(value, per_class)
+        for value in optimizer.state.get(synset.images, {}).values():
+            if isinstance(value, torch.Tensor) and value.dim() > 0:  # not Adam's step count
+                self.shard.gather_classes(value, per_class)
 
     def finish(self, synset) -> None:
         """Called once at the end of a run: put anything learned beside the images (e.g. step
