@@ -117,6 +117,16 @@ def _run_ranks(world: int, folder, calls: list) -> None:
     mp.spawn(_rank_main, args=(world, str(folder), calls), nprocs=world, join=True)
 
 
+def _one_process_run(call: dict, folder, **changes):
+    """The set one process distills for `call` (with `changes`), logging to single.jsonl; checks
+    that the run moved the images, so agreeing with it means something."""
+    single = dict(call, log=str(folder / "single.jsonl"), **changes)
+    data = toy_dataset(classes=single.pop("classes"))
+    expected = ce.distill(data, **single)
+    assert not torch.equal(expected.images, ce.distill(data, **dict(single, iterations=0, log=None)).images)
+    return expected
+
+
 def _losses(path) -> list:
     with open(path, encoding="utf-8") as f:
         return [json.loads(line)["loss"] for line in f]
@@ -195,10 +205,7 @@ def test_sharded_trajectory_matching_gives_every_rank_the_one_process_set_and_lo
     call = dict(RUN, method=method, iterations=3, log="log.jsonl", classes=classes, buffer=buffer, memory=memory,
                 **trajectory, **options)
     _run_ranks(world, tmp_path, [call])
-    single = dict(call, log=str(tmp_path / "single.jsonl"))
-    data = toy_dataset(classes=single.pop("classes"))
-    expected = ce.distill(data, **single)
-    assert not torch.equal(expected.images, ce.distill(data, **dict(single, iterations=0, log=None)).images)
+    expected = _one_process_run(call, tmp_path)
     for rank in range(world):
         got = torch.load(tmp_path / f"images-0-{rank}.pt")
         torch.testing.assert_close(got["images"], expected.images, rtol=1e-4, atol=1e-4)
@@ -244,10 +251,7 @@ def test_sharded_dd_resumes_under_ranks_to_the_one_process_set_and_step_sizes(tm
                 checkpoint="checkpoint.pt", batch_real=24, model="ConvNetW32", distill_steps=2, distill_epochs=2,
                 lr_img=0.05, **options)
     _run_ranks(world, tmp_path, [call, dict(call, iterations=4, resume=True)])
-    single = dict(call, iterations=4, log=str(tmp_path / "single.jsonl"), checkpoint=None)
-    data = toy_dataset(classes=single.pop("classes"))
-    expected = ce.distill(data, **single)
-    assert not torch.equal(expected.images, ce.distill(data, **dict(single, iterations=0, log=None)).images)
+    expected = _one_process_run(call, tmp_path, iterations=4, checkpoint=None)
     for rank in range(world):
         got = torch.load(tmp_path / f"images-1-{rank}.pt")
         torch.testing.assert_close(got["images"], expected.images, rtol=1e-4, atol=1e-5)

@@ -89,6 +89,17 @@ def _in_parties(bounds: list, run) -> dict:
     return results
 
 
+def _assert_each_party_has_its_part(results: dict, whole, bounds: list, soft: bool) -> None:
+    """Every party got the one-process loss and lr gradient, and its own rows' gradients."""
+    for party, (first, end) in enumerate(bounds):
+        got = results[party]
+        torch.testing.assert_close(got.loss, whole.loss, rtol=1e-12, atol=0)
+        torch.testing.assert_close(got.grad_lr, whole.grad_lr, rtol=1e-9, atol=1e-14)
+        torch.testing.assert_close(got.grad_images, whole.grad_images[first:end], rtol=1e-9, atol=1e-14)
+        if soft:
+            torch.testing.assert_close(got.grad_labels, whole.grad_labels[first:end], rtol=1e-9, atol=1e-14)
+
+
 @pytest.mark.parametrize("memory", ["exact", "tesla"])
 @pytest.mark.parametrize("soft", [False, True], ids=["hard", "soft"])
 def test_a_set_split_in_row_shares_gives_the_one_process_result(memory, soft):
@@ -104,13 +115,7 @@ def test_a_set_split_in_row_shares_gives_the_one_process_result(memory, soft):
         part_labels = labels[first:end].detach().requires_grad_(soft)
         return trajectory_match(images[first:end], part_labels, lr, start, target, net, share=share, **options)
     results = _in_parties(bounds, run)
-    for party, (first, end) in enumerate(bounds):
-        got = results[party]
-        torch.testing.assert_close(got.loss, whole.loss, rtol=1e-12, atol=0)
-        torch.testing.assert_close(got.grad_lr, whole.grad_lr, rtol=1e-9, atol=1e-14)
-        torch.testing.assert_close(got.grad_images, whole.grad_images[first:end], rtol=1e-9, atol=1e-14)
-        if soft:
-            torch.testing.assert_close(got.grad_labels, whole.grad_labels[first:end], rtol=1e-9, atol=1e-14)
+    _assert_each_party_has_its_part(results, whole, bounds, soft)
     assert whole.grad_images.abs().max() > 1e-4
 
 
@@ -355,13 +360,7 @@ def test_unroll_split_in_row_shares_with_the_terminal_loss_in_parts_gives_the_on
     bounds = [(0, 2), (2, 3), (3, 8)]
     results = _in_parties(bounds, run)
     assert whole.grad_images.abs().max() > 1e-4
-    for party, (first, end) in enumerate(bounds):
-        got = results[party]
-        torch.testing.assert_close(got.loss, whole.loss, rtol=1e-12, atol=0)
-        torch.testing.assert_close(got.grad_lr, whole.grad_lr, rtol=1e-9, atol=1e-14)
-        torch.testing.assert_close(got.grad_images, whole.grad_images[first:end], rtol=1e-9, atol=1e-14)
-        if soft:
-            torch.testing.assert_close(got.grad_labels, whole.grad_labels[first:end], rtol=1e-9, atol=1e-14)
+    _assert_each_party_has_its_part(results, whole, bounds, soft)
 
 
 def test_unroll_refuses_a_share_in_the_unrolled_mode():
