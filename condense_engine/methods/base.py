@@ -134,6 +134,11 @@ class Method:
         optimiser state) onto every rank, before a checkpoint, an evaluation or the end."""
         raise NotImplementedError(f"method {self.name!r} does not run class-sharded")
 
+    def own_class_rows(self, synset) -> slice:
+        """This rank's rows of the (class-ordered) synthetic set: all of them in one process."""
+        per_class = len(synset.images) // self.shard.num_classes
+        return slice(self.shard.first * per_class, self.shard.end * per_class)
+
     def gather_images_and_optimizer_state(self, synset, optimizer: torch.optim.Optimizer) -> None:
         """gather() for a method whose only per-pixel state is its optimiser's (SGD momentum,
         Adam moments): every rank's classes of the stored images and of the optimiser's state

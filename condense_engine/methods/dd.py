@@ -119,17 +119,13 @@ class DD(Method):
                 pieces.append(torch.ones(shape))
         return torch.cat([p.reshape(-1) for p in pieces]).to(self.device)
 
-    def own_rows(self, synset) -> slice:
-        """This rank's rows of the (class-ordered) synthetic set: all of them in one process."""
-        return slice(self.shard.first * self.ipc, self.shard.end * self.ipc)
-
     def step(self, synset, iteration):
         for group in self.optimizer.param_groups:  # StepLR as a function of the iteration: resume-exact
             group["lr"] = self.options["lr_img"] * self.options["decay"] ** (iteration // self.options["decay_every"])
         # The draw for all classes, of which a sharded rank gathers only its own.
         real, real_labels = self.sampler.sample_range(self.real_per_class, self.shard.first, self.shard.end)
         lrs = F.softplus(self.raw_lrs.detach())
-        rows = self.own_rows(synset)
+        rows = self.own_class_rows(synset)
         images, labels = synset.images.detach()[rows], synset.labels[rows]
         share = None
         if self.shard.sharded:

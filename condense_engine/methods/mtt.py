@@ -129,11 +129,6 @@ class MTT(Method):
                           f"{'are' if whitened else 'are not'} whitened; results will differ from the paper's")
         return buffer
 
-    def own_rows(self, synset) -> slice:
-        """This rank's rows of the (class-ordered) synthetic set: all of them in one process."""
-        per_class = len(synset.images) // self.shard.num_classes
-        return slice(self.shard.first * per_class, self.shard.end * per_class)
-
     def start_window_limits(self) -> tuple:
         """(lowest, highest) start epoch any iteration may draw."""
         return 0, self.options["max_start_epoch"] - 1
@@ -172,7 +167,7 @@ class MTT(Method):
         batch = self.options["batch_syn"] or len(synset.images)
         images, share = synset.images.detach(), None
         if self.shard.sharded:
-            rows = self.own_rows(synset)
+            rows = self.own_class_rows(synset)
             images, labels = images[rows], labels[rows]
             share = RowShare(rows.start, rows.stop - rows.start, len(synset.images), self.shard.sum)
         return trajectory_match(images, labels, self.syn_lr.detach(), start, target, self.student,
@@ -184,7 +179,7 @@ class MTT(Method):
         grad = result.grad_images.to(synset.images.dtype)
         if self.shard.sharded:  # only this rank's rows move
             full = torch.zeros_like(synset.images)
-            full[self.own_rows(synset)] = grad
+            full[self.own_class_rows(synset)] = grad
             grad = full
         synset.images.grad = grad
         self.syn_lr.grad = result.grad_lr.to(self.syn_lr.dtype)
@@ -245,7 +240,7 @@ class TESLA(MTT):
         rows come in with gather)."""
         if not self.options["teacher_label"]:
             return synset.labels
-        rows = self.own_rows(synset)
+        rows = self.own_class_rows(synset)
         soft = F.softmax(expert_logits(self.student, synset.images.detach()[rows], target), dim=1)
         if self.shard.sharded:
             labels = synset.labels if synset.labels.dim() == 2 else soft.new_zeros(len(synset.images), soft.shape[1])
@@ -311,7 +306,7 @@ class DATM(MTT):
         super().init(synset, dataset, sampler, generator, device)
         if self.options["init"] == "samples_predicted_correctly":
             with torch.no_grad():
-                synset.images[self.own_rows(synset)] = self._correct_real_images(synset, sampler)
+                synset.images[self.own_class_rows(synset)] = self._correct_real_images(synset, sampler)
         self.label_logits = self._initial_logits(synset).requires_grad_(True)
         synset.labels = F.softmax(self.label_logits.detach(), dim=1)
         self.synset = synset
@@ -383,7 +378,7 @@ class DATM(MTT):
             grad_labels = result.grad_labels
             if self.shard.sharded:  # this rank's rows only
                 grad_labels = torch.zeros_like(probabilities)
-                grad_labels[self.own_rows(synset)] = result.grad_labels
+                grad_labels[self.own_class_rows(synset)] = result.grad_labels
             self.label_logits.grad = torch.autograd.grad(probabilities, self.label_logits, grad_labels)[0]
             self.update(synset, result)
             self.label_optimizer.step()
