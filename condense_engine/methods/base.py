@@ -139,6 +139,16 @@ class Method:
         per_class = len(synset.images) // self.shard.num_classes
         return slice(self.shard.first * per_class, self.shard.end * per_class)
 
+    def on_whole_set(self, synset, own: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """A gradient computed for this rank's rows (`own`) as one for the whole set shaped like
+        `like`: zeros on the other ranks' rows, which only their owners move (`own` itself in one
+        process)."""
+        if not self.shard.sharded:
+            return own
+        whole = torch.zeros_like(like)
+        whole[self.own_class_rows(synset)] = own
+        return whole
+
     def gather_images_and_optimizer_state(self, synset, optimizer: torch.optim.Optimizer) -> None:
         """gather() for a method whose only per-pixel state is its optimiser's (SGD momentum,
         Adam moments): every rank's classes of the stored images and of the optimiser's state

@@ -146,11 +146,7 @@ class DD(Method):
             grad_images += result.grad_images / nets
             grad_lrs += result.grad_lr / nets
             loss += result.loss / nets
-        if self.shard.sharded:  # only this rank's rows move
-            full = torch.zeros_like(synset.images)
-            full[rows] = grad_images
-            grad_images = full
-        synset.images.grad = grad_images
+        synset.images.grad = self.on_whole_set(synset, grad_images, synset.images)
         self.raw_lrs.grad = grad_lrs * torch.sigmoid(self.raw_lrs.detach())  # d softplus(raw) / d raw
         self.optimizer.step()
         return {"loss": loss, "lr_mean": lrs.mean()}

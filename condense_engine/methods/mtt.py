@@ -176,12 +176,7 @@ class MTT(Method):
 
     def update(self, synset, result) -> None:
         """Set the gradients of images and lr from the match and step their optimisers."""
-        grad = result.grad_images.to(synset.images.dtype)
-        if self.shard.sharded:  # only this rank's rows move
-            full = torch.zeros_like(synset.images)
-            full[self.own_class_rows(synset)] = grad
-            grad = full
-        synset.images.grad = grad
+        synset.images.grad = self.on_whole_set(synset, result.grad_images.to(synset.images.dtype), synset.images)
         self.syn_lr.grad = result.grad_lr.to(self.syn_lr.dtype)
         self.image_optimizer.step()
         self.lr_optimizer.step()
@@ -375,10 +370,7 @@ class DATM(MTT):
         result = self.match(synset, probabilities.detach().requires_grad_(True), start, target)
         skipped = float(result.loss) > self.options["threshold"]  # the same on every rank
         if not skipped:
-            grad_labels = result.grad_labels
-            if self.shard.sharded:  # this rank's rows only
-                grad_labels = torch.zeros_like(probabilities)
-                grad_labels[self.own_class_rows(synset)] = result.grad_labels
+            grad_labels = self.on_whole_set(synset, result.grad_labels, probabilities)
             self.label_logits.grad = torch.autograd.grad(probabilities, self.label_logits, grad_labels)[0]
             self.update(synset, result)
             self.label_optimizer.step()
