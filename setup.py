@@ -16,6 +16,20 @@ def _sources(pattern):
     return sorted(os.path.relpath(p, HERE) for p in glob.glob(os.path.join(HERE, pattern)))
 
 
+def _nvidia_wheel_include_dirs():
+    """Header folders of the NVIDIA wheels a CUDA torch from PyPI depends on (cuBLAS, cuSPARSE, ...).
+
+    torch's CUDA headers include cusparse.h and cublas_v2.h; a toolkit that holds only the
+    compiler and runtime (as on the lent GPU machines) lacks them, but the wheels beside torch
+    have them. They are searched after every other folder, so a full toolkit still wins.
+    """
+    try:
+        import nvidia
+    except ImportError:
+        return []
+    return sorted(d for root in nvidia.__path__ for d in glob.glob(os.path.join(root, "*", "include")))
+
+
 def _extensions():
     if os.environ.get("CONDENSE_NO_EXT") == "1":
         return [], {}
@@ -28,6 +42,7 @@ def _extensions():
     extra = {"cxx": ["-O3", "-fopenmp"]}  # the C++ standard is the one torch's BuildExtension sets
     if with_cuda:
         sources += _sources("csrc/ops/cuda/*.cu") + _sources("csrc/ops/cuda/*_bind.cpp")
+        extra["cxx"] += ["-idirafter" + d for d in _nvidia_wheel_include_dirs()]
         extra["nvcc"] = ["-O3", "--use_fast_math", "-lineinfo"]
         ext = CUDAExtension(
             "condense_engine._C", sources, extra_compile_args=extra,
