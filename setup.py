@@ -6,6 +6,8 @@ skip the extension entirely (the package then falls back to the torch reference 
 """
 import glob
 import os
+import shutil
+import subprocess
 
 from setuptools import find_packages, setup
 
@@ -30,9 +32,38 @@ def _nvidia_wheel_include_dirs():
     return sorted(d for root in nvidia.__path__ for d in glob.glob(os.path.join(root, "*", "include")))
 
 
+def _toolkit_root_behind_nvcc():
+    """The CUDA toolkit folder of the `nvcc` on PATH, or None when there is none.
+
+    torch takes the toolkit to be two levels above `nvcc`; a wrapper script such as
+    /usr/local/bin/nvcc (exec'ing the real one) makes that /usr/local, and the build then finds
+    the NVIDIA wheels' cuda_runtime headers without the toolkit's crt/ headers and fails. nvcc's
+    dry run names the folder it really lives in.
+    """
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        return None
+    guessed = os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))
+    if os.path.exists(os.path.join(guessed, "include", "cuda_runtime.h")):
+        return guessed
+    try:
+        dry_run = subprocess.run([nvcc, "-dryrun", "-x", "cu", "-c", os.devnull, "-o", os.devnull],
+                                 capture_output=True, text=True, timeout=60).stderr
+    except (OSError, subprocess.SubprocessError):
+        return None
+    for line in dry_run.splitlines():
+        if line.startswith("#$ _HERE_="):
+            return os.path.dirname(line.split("=", 1)[1].strip())
+    return None
+
+
 def _extensions():
     if os.environ.get("CONDENSE_NO_EXT") == "1":
         return [], {}
+    if not (os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")):
+        toolkit = _toolkit_root_behind_nvcc()
+        if toolkit is not None:  # read by torch.utils.cpp_extension at import
+            os.environ["CUDA_HOME"] = toolkit
     import torch
     from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
 
