@@ -33,7 +33,7 @@ def _nvidia_wheel_include_dirs():
 
 
 def _toolkit_root_behind_nvcc():
-    """The CUDA toolkit folder of the `nvcc` on PATH, or None when there is none.
+    """The CUDA toolkit folder of the `nvcc` on PATH, or None when there is no nvcc or it cannot tell.
 
     torch takes the toolkit to be two levels above `nvcc`; a wrapper script such as
     /usr/local/bin/nvcc (exec'ing the real one) makes that /usr/local, and the build then finds
@@ -60,15 +60,17 @@ def _toolkit_root_behind_nvcc():
 def _extensions():
     if os.environ.get("CONDENSE_NO_EXT") == "1":
         return [], {}
-    if not (os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")):
+    import torch
+
+    force_cuda = os.environ.get("FORCE_CUDA") == "1"
+    wants_cuda = torch.version.cuda is not None or force_cuda
+    if wants_cuda and not (os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")):
         toolkit = _toolkit_root_behind_nvcc()
         if toolkit is not None:  # read by torch.utils.cpp_extension at import
             os.environ["CUDA_HOME"] = toolkit
-    import torch
     from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
 
     sources = _sources("csrc/*.cpp") + _sources("csrc/ops/*.cpp") + _sources("csrc/ops/cpu/*.cpp")
-    force_cuda = os.environ.get("FORCE_CUDA") == "1"
     with_cuda = (torch.version.cuda is not None and CUDA_HOME is not None) or force_cuda
     extra = {"cxx": ["-O3", "-fopenmp"]}  # the C++ standard is the one torch's BuildExtension sets
     if with_cuda:
