@@ -5,6 +5,7 @@ import argparse
 import importlib.util
 import json
 import os
+import subprocess
 
 import pytest
 import torch
@@ -315,3 +316,30 @@ def test_concurrent_accuracy_runs_get_distinct_files(tmp_path):
     device = torch.device("cpu")
     paths = {accuracy.default_out_path(device, False, str(tmp_path)) for _ in range(3)}
     assert len(paths) == 3 and all(os.path.exists(p) for p in paths)
+
+
+def _gpu_plan(tmp_path, seconds: int, done: set[str]):
+    """tools/gpu_session.sh plan SECONDS in a session folder where the tasks in `done` already ran."""
+    session = tmp_path / "session"
+    (session / "done").mkdir(parents=True)
+    for task in done:
+        (session / "done" / task).touch()
+    env = dict(os.environ, GPU_SESSION_DIR=str(session), OUT=str(tmp_path / "out"))
+    result = subprocess.run(["bash", os.path.join(REPO_ROOT, "tools", "gpu_session.sh"), "plan", str(seconds)],
+                            env=env, capture_output=True, text=True, timeout=60)
+    return result, {path.name for path in (session / "done").iterdir()}
+
+
+def test_gpu_plan_stops_before_a_step_it_has_no_time_for_and_leaves_it_for_the_next_call(tmp_path):
+    result, done = _gpu_plan(tmp_path, 30, {"install", "kernel-tests"})
+    assert "plan: out of time before mmd" in result.stdout
+    assert done == {"install", "kernel-tests"}
+    assert (tmp_path / "out" / "gpu-results.tgz").is_file()
+
+
+def test_gpu_plan_skips_the_steps_an_earlier_call_ran(tmp_path):
+    steps = {"install", "kernel-tests", "mmd", "dsa", "dm_iteration", "condense_time", "trajectory", "embed",
+             "evaluate", "tests"}
+    result, done = _gpu_plan(tmp_path, 600, steps)
+    assert result.returncode == 0 and "=== plan:" not in result.stdout
+    assert done == steps

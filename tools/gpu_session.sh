@@ -7,6 +7,12 @@
 #   bash tools/gpu_session.sh bench NAME [NAME ...]   # benchmarks (default: all; one or two per
 #                                          # call); condense_time is extrapolated from 2000 iterations
 #   bash tools/gpu_session.sh all          # the three in turn (only when time allows)
+# A task's whole device time (15 minutes, the machine's start included) fits about two calls, so
+# use the plan: its steps in order of what the open issues still need, each cut to the time left,
+# each run once; call it again right after (the machine still warm) with the seconds left and it
+# goes on with the steps not yet run:
+#   bash tools/gpu_session.sh plan 560     (timeout_s 600)
+#   bash tools/gpu_session.sh plan 150     (timeout_s 180, only when status leaves that much)
 # TinyImageNet (real, 200 classes) on the GPU: stage it here first,
 #   bash ../shared/tools/stage.sh /work/data/tiny-imagenet-200 .stage/tiny 50   (note the file count)
 # then one device call per part, back to back so the machine stays warm, each carrying that part:
@@ -43,11 +49,18 @@ install() {
 }
 
 # Every long command runs under `timeout` so that the step still packs what it has before the
-# device call's own 10-minute limit.
+# device call's own 10-minute limit, and before the plan's deadline when one is set.
 limit=${STEP_TIMEOUT:-540}
+deadline=
+seconds_left() {
+    local left=$limit
+    [[ -n $deadline ]] && left=$(( deadline - $(date +%s) - 15 ))  # 15 s to pack and report
+    (( left > limit )) && left=$limit
+    echo $(( left > 1 ? left : 1 ))  # never 0: `timeout 0` would not time out at all
+}
 
 tests() {
-    timeout "$limit" python3 -m pytest -q -n 8 --timeout 300 tests 2>&1 | tee "$work/tests.log" | tail -25
+    timeout "$(seconds_left)" python3 -m pytest -q -n 8 --timeout 300 "${@:-tests}" 2>&1 | tee -a "$work/tests.log" | tail -25
     return "${PIPESTATUS[0]}"
 }
 
@@ -58,10 +71,10 @@ bench() {
     [[ ${#names[@]} -eq 0 ]] && names=(mmd dsa embed trajectory dm_iteration evaluate condense_time)
     for name in "${names[@]}"; do
         if [[ $name == condense_time ]]; then
-            timeout "$limit" python3 -m bench.condense_time --measure-iterations 2000 \
+            timeout "$(seconds_left)" python3 -m bench.condense_time --measure-iterations 2000 \
                 --out "$work/results/condense_time.json" 2>&1 | tee -a "$work/bench.log" | tail -10
         else
-            timeout "$limit" python3 -m bench --only "$name" --results-dir "$work/results" --no-report \
+            timeout "$(seconds_left)" python3 -m bench --only "$name" --results-dir "$work/results" --no-report \
                 2>&1 | tee -a "$work/bench.log" | tail -40
         fi
         [[ ${PIPESTATUS[0]} -ne 0 ]] && code=1
@@ -109,16 +122,44 @@ wait_background() {
     if kill -0 "$pid" 2>/dev/null; then echo "still running (pid $pid)"; else echo "finished"; rm -f "$work/background.pid"; fi
 }
 
+# The kernels' own tests: the GPU paths of every op the benchmarks time.
+KERNEL_TESTS=(tests/test_mmd.py tests/test_dsa.py tests/test_dsa_triton.py tests/test_embed_epilogue.py
+              tests/test_gather.py tests/test_bank.py tests/test_match_dist.py tests/test_trajectory.py)
+# What the open issues need from a GPU, most needed first: the CUDA build, the kernels checked on
+# the device, then the benchmarks behind the speed targets of issues 3, 4, 6 and 5, then the rest.
+PLAN=(install kernel-tests mmd dsa dm_iteration condense_time trajectory embed evaluate tests)
+
+plan() {
+    local seconds=${1:?plan needs the seconds this call may use} task code=0
+    deadline=$(( $(date +%s) + seconds ))
+    mkdir -p "$work/done"
+    for task in "${PLAN[@]}"; do
+        [[ -e $work/done/$task ]] && continue
+        if (( $(seconds_left) < 45 )); then echo "plan: out of time before $task"; break; fi
+        echo "=== plan: $task ($(seconds_left) s left) ==="
+        case $task in
+            install) install || { echo "plan: no CUDA build; stopping"; return 1; } ;;
+            kernel-tests) limit=180 tests "${KERNEL_TESTS[@]}" || code=1 ;;  # leave the rest to the benchmarks
+            tests) tests || code=1 ;;
+            *) bench "$task" || code=1 ;;
+        esac
+        touch "$work/done/$task"  # run once: a cut benchmark keeps the rows it wrote
+    done
+    echo "plan: done $(ls "$work/done" | tr '\n' ' ')"
+    return $code
+}
+
 case $step in
     install) install || status=1 ;;
-    tests) tests || status=1 ;;
+    tests) tests "$@" || status=1 ;;
     bench) bench "$@" || status=1 ;;
     all) { install && tests; } || status=1; bench || status=1 ;;
+    plan) plan "$@" || status=1 ;;
     tiny-part) tiny_part "$@" || status=1 ;;
     tiny-unpack) tiny_unpack "$@" || status=1 ;;
     tiny-accuracy) tiny_accuracy "$@" || status=1 ;;
     wait) wait_background "$@" || status=1 ;;
-    *) echo "unknown step $step (install | tests | bench [NAME ...] | all | tiny-part | tiny-unpack | tiny-accuracy | wait)" >&2
+    *) echo "unknown step $step (install | tests [FILES] | bench [NAME ...] | all | plan SECONDS | tiny-part | tiny-unpack | tiny-accuracy | wait)" >&2
        status=2 ;;
 esac
 pack
