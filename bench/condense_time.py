@@ -14,6 +14,9 @@ few iterations (cuDNN and Triton autotuning, allocator), with the device synchro
 
 By default all N iterations run. `--measure-iterations K` runs K and extrapolates: setup (the
 measured time minus the loop's own, `synset.meta["seconds"]`) plus the loop time × N / K.
+`--measure-seconds S` picks K per case instead: as many iterations as the warm-up's pace fits in
+S seconds (at least MIN_MEASURED, at most N), so a short device lease times a TinyImageNet
+iteration (≈ 40 ms at the bf16 FLOP floor) and a CIFAR-10 one (a few ms) for about as long.
 Each row carries `iterations_run`, `iterations_target`, `seconds_measured`,
 `seconds_extrapolated` (= seconds_measured when K = N), `setup_seconds` and `target_seconds`
 (the issue's, for N = 20 000 only);
@@ -40,6 +43,7 @@ FULL_CASES = [
 ]
 QUICK_CASES = [("quick-ipc2-dm", "quick", 3, 12, 3, 16, 2, 8, None, {})]
 FULL_WARMUP_ITERATIONS, QUICK_WARMUP_ITERATIONS = 20, 1
+MIN_MEASURED = 3  # fewest timed iterations --measure-seconds picks
 QUICK_ITERATIONS = 4
 
 
@@ -60,19 +64,19 @@ def train_set(name: str, classes: int, per_class: int, channels: int, size: int,
 
 def timed_run(fn, device: torch.device, warmup=None) -> tuple:
     """(seconds, peak device MB above what was allocated before, result, None) of one call of
-    `fn` after an untimed `warmup()`, the device synchronised around the timed call; the peak is
-    None off CUDA. Like common.measure, an exception (out of memory included) gives
-    (None, None, None, "failed: ...") so one failing case does not end the whole run."""
+    `fn(warm)` after an untimed `warm = warmup()` (None without one), the device synchronised
+    around the timed call; the peak is None off CUDA. Like common.measure, an exception (out of
+    memory included) gives (None, None, None, "failed: ...") so one failing case does not end
+    the whole run."""
     cuda = device.type == "cuda"
     try:
-        if warmup is not None:
-            warmup()
+        warm = warmup() if warmup is not None else None
         if cuda:
             torch.cuda.synchronize(device)
             before = torch.cuda.memory_allocated(device)
             torch.cuda.reset_peak_memory_stats(device)
         start = time.perf_counter()
-        result = fn()
+        result = fn(warm)
         if cuda:
             torch.cuda.synchronize(device)
         seconds = time.perf_counter() - start
@@ -84,9 +88,17 @@ def timed_run(fn, device: torch.device, warmup=None) -> tuple:
     return seconds, peak, result, None
 
 
-def measure_case(case, device: torch.device, iterations: int, measured: int, warmup: int,
-                 data_root: str | None) -> dict:
-    """One row: `measured` timed iterations of DM on the case, extrapolated to `iterations`."""
+def iterations_within(seconds: float, warm_synset, iterations: int) -> int:
+    """How many iterations at the warm-up's pace (its loop seconds over its iterations) fit in
+    `seconds`, within [MIN_MEASURED, iterations]."""
+    pace = warm_synset.meta["seconds"] / warm_synset.meta["iterations"]
+    return max(MIN_MEASURED, min(iterations, int(seconds / max(pace, 1e-9))))
+
+
+def measure_case(case, device: torch.device, iterations: int, measured: int | None, warmup: int,
+                 data_root: str | None, measure_seconds: float | None = None) -> dict:
+    """One row: `measured` timed iterations of DM on the case (or as many as fit in
+    `measure_seconds`), extrapolated to `iterations`."""
     name, dataset, classes, per_class, channels, size, ipc, batch_real, target, options = case
     data, source = train_set(dataset, classes, per_class, channels, size, data_root)
     data = data.to(device)
@@ -95,7 +107,17 @@ def measure_case(case, device: torch.device, iterations: int, measured: int, war
         return ce.distill(data, method="dm", ipc=ipc, iterations=steps, device=device, progress=False,
                           batch_real=batch_real, **options)
 
-    seconds, peak, synset, failure = timed_run(lambda: condense(measured), device, lambda: condense(warmup))
+    def warm_up():
+        first = condense(warmup)  # compiles, autotunes and fills the allocator
+        return first if measure_seconds is None else condense(warmup)  # the pace of warm iterations
+
+    def timed(warm_synset):
+        if measure_seconds is not None:
+            nonlocal measured
+            measured = iterations_within(measure_seconds, warm_synset, iterations)
+        return condense(measured)
+
+    seconds, peak, synset, failure = timed_run(timed, device, warm_up)
     if failure:
         return common.row(BENCH, name, "ours", None, note=failure)
     loop_seconds = synset.meta["seconds"]
@@ -118,6 +140,9 @@ def main(argv=None) -> list:
                         f"(default {ISSUE_ITERATIONS}; {QUICK_ITERATIONS} with --quick)")
     parser.add_argument("--measure-iterations", type=int,
                         help="iterations actually run, extrapolated to --iterations (default: all)")
+    parser.add_argument("--measure-seconds", type=float,
+                        help="per case, run as many iterations as the warm-up's pace fits in this "
+                             "many seconds and extrapolate (instead of --measure-iterations)")
     parser.add_argument("--data-root", default=DEFAULT_DATA_ROOT,
                         help="folder holding cifar10/ and tinyimagenet/ (a stand-in is used when absent)")
     parser.add_argument("--quick", action="store_true", help="tiny shapes, a few iterations, CPU (smoke test)")
@@ -128,11 +153,14 @@ def main(argv=None) -> list:
     measured = args.measure_iterations or iterations
     if not 1 <= measured <= iterations:
         parser.error(f"--measure-iterations must lie in [1, {iterations}], got {measured}")
+    if args.measure_seconds is not None and (args.measure_iterations or not args.measure_seconds > 0):
+        parser.error("--measure-seconds takes a positive number of seconds, without --measure-iterations")
     device = torch.device("cpu" if args.quick or not torch.cuda.is_available() else "cuda")
     warmup = QUICK_WARMUP_ITERATIONS if args.quick else FULL_WARMUP_ITERATIONS
     rows = common.Rows(f"{BENCH}_quick" if args.quick else BENCH, device, args.out)
     for case in QUICK_CASES if args.quick else FULL_CASES:
-        rows.append(measure_case(case, device, iterations, measured, warmup, None if args.quick else args.data_root))
+        rows.append(measure_case(case, device, iterations, measured, warmup, None if args.quick else args.data_root,
+                                 args.measure_seconds))
         print(rows[-1], flush=True)
     common.finish(f"{BENCH}_quick" if args.quick else BENCH, rows, device, args.out)
     return rows

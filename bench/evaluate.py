@@ -55,7 +55,7 @@ def measure(case, impl: str, epochs: int, device: torch.device) -> dict:
     def evaluate(epochs_run: int):
         return ce.evaluate(synset, test_set, repeats=REPEATS, epochs=epochs_run, batched=batched, device=device)
 
-    seconds, peak, report, failure = timed_run(lambda: evaluate(epochs), device, lambda: evaluate(1))
+    seconds, peak, report, failure = timed_run(lambda _: evaluate(epochs), device, lambda: evaluate(1))
     if failure:
         return common.row(BENCH, name, impl, None, note=failure)
     if report.recipe["path"] != path:

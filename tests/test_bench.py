@@ -72,6 +72,17 @@ def test_condense_time_reports_measured_and_extrapolated_seconds(options, run, t
         assert row["seconds_extrapolated"] > row["seconds_measured"] and "EXTRAPOLATED" in row["note"]
 
 
+def test_condense_time_measures_as_many_iterations_as_fit_in_the_seconds_given(tmp_path):
+    out = str(tmp_path / "condense_time_quick.json")
+    (short,) = condense_time.main(["--quick", "--iterations", "100000", "--measure-seconds", "1e-9", "--out", out])
+    assert short["iterations_run"] == condense_time.MIN_MEASURED
+    (longer,) = condense_time.main(["--quick", "--iterations", "100000", "--measure-seconds", "2", "--out", out])
+    assert longer["iterations_run"] > condense_time.MIN_MEASURED and 0.5 < longer["seconds_measured"] < 20
+    assert longer["iterations_target"] == 100000 and "EXTRAPOLATED" in longer["note"]
+    with pytest.raises(SystemExit):
+        condense_time.main(["--quick", "--measure-seconds", "1", "--measure-iterations", "2", "--out", out])
+
+
 @pytest.mark.parametrize("method, kernel", [(DM, "linear"), (M3D, "gaussian")])
 def test_per_class_baseline_loss_is_the_methods_loss_for_one_class(method, kernel):
     real, syn = torch.randn(12, 16), torch.randn(3, 16)

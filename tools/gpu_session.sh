@@ -5,7 +5,7 @@
 #   bash tools/gpu_session.sh install      # build _C with its CUDA part against the machine's torch
 #   bash tools/gpu_session.sh tests        # the test suite on the GPU
 #   bash tools/gpu_session.sh bench NAME [NAME ...]   # benchmarks (default: all; one or two per
-#                                          # call); condense_time is extrapolated from 2000 iterations
+#                                          # call); condense_time is extrapolated from 20 s per case
 #   bash tools/gpu_session.sh all          # the three in turn (only when time allows)
 # A task's whole device time (15 minutes, the machine's start included) fits about two calls, so
 # use the plan: its steps in order of what the open issues still need, each cut to the time left,
@@ -71,7 +71,7 @@ bench() {
     [[ ${#names[@]} -eq 0 ]] && names=(mmd dsa embed trajectory dm_iteration evaluate condense_time)
     for name in "${names[@]}"; do
         if [[ $name == condense_time ]]; then
-            timeout "$(seconds_left)" python3 -m bench.condense_time --measure-iterations 2000 \
+            timeout "$(seconds_left)" python3 -m bench.condense_time --measure-seconds 20 \
                 --out "$work/results/condense_time.json" 2>&1 | tee -a "$work/bench.log" | tail -10
         else
             timeout "$(seconds_left)" python3 -m bench --only "$name" --results-dir "$work/results" --no-report \
