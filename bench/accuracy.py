@@ -380,29 +380,39 @@ def _same_recipe_key(row: dict) -> tuple:
             json.dumps(recipe, sort_keys=True))
 
 
+def _own_options_text(row: dict) -> str:
+    """The method's own options of a row (e.g. M3D's kernel and factor) as k=v, or '–'."""
+    own = row.get("method_options") or {}
+    return ", ".join(f"{key}={value}" for key, value in sorted(own.items())) or "–"
+
+
 def method_comparison(rows: list[tuple[str, dict]], baseline: str, method: str) -> list[str]:
-    """`method` against `baseline` on every cell both ran under the same recipe (the newest row of
-    each, superseded rows left out): the difference and whether it exceeds the two stds."""
+    """`method`, one line per setting of its own options, against `baseline` on every cell both
+    ran under the same recipe (the newest row of each, superseded rows left out): the difference
+    and whether it exceeds the two stds."""
     newest = {}
     for stem, row in sorted(rows, key=lambda item: item[0]):
         if row["method"] in (baseline, method) and "superseded" not in (row.get("note") or ""):
-            newest[(row["method"], _same_recipe_key(row))] = (stem, row)
+            own = _own_options_text(row) if row["method"] == method else None
+            newest[(row["method"], _same_recipe_key(row), own)] = (stem, row)
     lines = [f"### {method.upper()} against {baseline.upper()} under the same recipe", "",
-             "Same data set, IPC, iterations, options and evaluation recipe; a difference larger than the "
-             "two stds together is called ahead or behind, a smaller one a tie.", "",
-             f"| data set | IPC | {baseline} | {method} | {method} − {baseline} | verdict | schedule | files |",
-             "|---|---|---|---|---|---|---|---|"]
-    pairs = [(key, newest[(baseline, key)], found) for (name, key), found in newest.items()
-             if name == method and (baseline, key) in newest]
+             "Same data set, IPC, iterations, options and evaluation recipe; one line per setting of "
+             f"{method.upper()}'s own options; a difference larger than the two stds together is called "
+             "ahead or behind, a smaller one a tie.", "",
+             f"| data set | IPC | {baseline} | {method} | {method} − {baseline} | verdict | {method} options "
+             "| schedule | files |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    pairs = [(key, own, newest[(baseline, key, None)], found) for (name, key, own), found in newest.items()
+             if name == method and (baseline, key, None) in newest]
     if not pairs:
         return []
-    for key, (base_stem, base), (stem, row) in sorted(pairs, key=lambda pair: pair[0][:3]):
+    for key, own, (base_stem, base), (stem, row) in sorted(pairs, key=lambda pair: (pair[0][:3], pair[1])):
         difference = row["acc_mean"] - base["acc_mean"]
         margin = row["acc_std"] + base["acc_std"]
         verdict = "ahead" if difference > margin else "behind" if difference < -margin else "tie"
         files = f"`{base_stem}.json`" + ("" if stem == base_stem else f", `{stem}.json`")
         lines.append(f"| {row['dataset']} | {row['ipc']} | {base['acc_mean']:.2f}±{base['acc_std']:.2f} | "
-                     f"{row['acc_mean']:.2f}±{row['acc_std']:.2f} | {difference:+.2f} | {verdict} | "
+                     f"{row['acc_mean']:.2f}±{row['acc_std']:.2f} | {difference:+.2f} | {verdict} | {own} | "
                      f"{base.get('schedule', '–')} | {files} |")
     return lines + [""]
 
