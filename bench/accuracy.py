@@ -368,13 +368,14 @@ def accuracy_section(files: list[tuple[str, dict]]) -> str:
 _EXECUTION_FIELDS = ("path", "loop_reason")
 
 
-def _same_recipe_key(row: dict) -> tuple:
+def _same_recipe_key(row: dict, baseline: str) -> tuple:
     """What must match for two rows to be compared: data set, IPC, distillation iterations, the
-    --set overrides other than the method's own options (e.g. M3D's factor), and the evaluation
+    --set overrides other than the method's own options (e.g. M3D's factor; an option the
+    `baseline` method also has, such as lr_img, is not the method's own), and the evaluation
     recipe (how it was executed aside; rows from before the recipe was named used "dc")."""
     recipe = {key: value for key, value in row["recipe"].items() if key not in _EXECUTION_FIELDS}
     recipe.setdefault("recipe", "dc")
-    own = row.get("method_options") or {}
+    own = set(row.get("method_options") or {}) - set(get_method(baseline).defaults)
     shared = {key: value for key, value in (row.get("options") or {}).items() if key not in own}
     return (row["dataset"], row["ipc"], row["iterations"], json.dumps(shared, sort_keys=True),
             json.dumps(recipe, sort_keys=True))
@@ -387,14 +388,14 @@ def _own_options_text(row: dict) -> str:
 
 
 def method_comparison(rows: list[tuple[str, dict]], baseline: str, method: str) -> list[str]:
-    """`method`, one line per setting of its own options, against `baseline` on every cell both
-    ran under the same recipe (the newest row of each, superseded rows left out): the difference
+    """`method`, one line per setting of its options, against `baseline` on every cell both
+    ran under the same recipe (options both methods have, set alike) (the newest row of each, superseded rows left out): the difference
     and whether it exceeds the two stds."""
     newest = {}
     for stem, row in sorted(rows, key=lambda item: item[0]):
         if row["method"] in (baseline, method) and "superseded" not in (row.get("note") or ""):
             own = _own_options_text(row) if row["method"] == method else None
-            newest[(row["method"], _same_recipe_key(row), own)] = (stem, row)
+            newest[(row["method"], _same_recipe_key(row, baseline), own)] = (stem, row)
     lines = [f"### {method.upper()} against {baseline.upper()} under the same recipe", "",
              "Same data set, IPC, iterations, options and evaluation recipe; one line per setting of "
              f"{method.upper()}'s own options; a difference larger than the two stds together is called "

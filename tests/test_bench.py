@@ -191,6 +191,7 @@ def test_m3d_is_compared_with_dm_only_under_the_same_recipe():
             ("a", row("m3d", 10, 99.0, 0.1, note="superseded: old defaults")),
             ("a", row("dm", 50, 97.7, 0.1)), ("b", row("m3d", 50, 97.0, 0.1)), ("c", row("m3d", 50, 96.0, 0.1)),
             ("d", row("m3d", 50, 97.75, 0.05, method_options=dict(kernel="poly"))),
+            ("e", row("m3d", 50, 98.5, 0.05, method_options=dict(lr_img=3.0), options=dict(batch_real=64, lr_img=3.0))),
             ("a", row("dm", 20, 90.0, 0.1)), ("a", row("m3d", 20, 99.0, 0.1, iterations=400)),
             ("a", row("m3d", 30, 99.0, 0.1))]
     lines = accuracy.method_comparison(rows, "dm", "m3d")
@@ -200,6 +201,7 @@ def test_m3d_is_compared_with_dm_only_under_the_same_recipe():
         ["10", "95.80±0.10", "95.85±0.10", "+0.05", "tie", "–"],          # nor does how the evaluation ran
         ["50", "97.70±0.10", "97.75±0.05", "+0.05", "tie", "kernel=poly"],  # each setting its own line
         ["50", "97.70±0.10", "96.00±0.10", "-1.70", "behind", "–"]]       # the newest file's row of a setting
+    # lr_img is DM's option too: M3D at lr_img 3 is not set against DM at its default 1
     assert "`a.json`, `c.json`" in body[3]
     assert accuracy.method_comparison(rows[-2:], "dm", "m3d") == []
 
