@@ -382,15 +382,15 @@ def _same_recipe_key(row: dict, baseline: str) -> tuple:
 
 
 def _own_options_text(row: dict) -> str:
-    """The method's own options of a row (e.g. M3D's kernel and factor) as k=v, or '–'."""
+    """A row's method options (e.g. M3D's kernel, factor and lr_img) as k=v, or '–'."""
     own = row.get("method_options") or {}
     return ", ".join(f"{key}={value}" for key, value in sorted(own.items())) or "–"
 
 
 def method_comparison(rows: list[tuple[str, dict]], baseline: str, method: str) -> list[str]:
-    """`method`, one line per setting of its options, against `baseline` on every cell both
-    ran under the same recipe (options both methods have, set alike) (the newest row of each, superseded rows left out): the difference
-    and whether it exceeds the two stds."""
+    """`method`, one line per setting of its options, against `baseline` on every cell both ran
+    under the same recipe, options both methods have set alike (the newest row of each, superseded
+    rows left out): the difference and whether it exceeds the two stds."""
     newest = {}
     for stem, row in sorted(rows, key=lambda item: item[0]):
         if row["method"] in (baseline, method) and "superseded" not in (row.get("note") or ""):
@@ -398,7 +398,7 @@ def method_comparison(rows: list[tuple[str, dict]], baseline: str, method: str) 
             newest[(row["method"], _same_recipe_key(row, baseline), own)] = (stem, row)
     lines = [f"### {method.upper()} against {baseline.upper()} under the same recipe", "",
              "Same data set, IPC, iterations, options and evaluation recipe; one line per setting of "
-             f"{method.upper()}'s own options; a difference larger than the two stds together is called "
+             f"{method.upper()}'s options; a difference larger than the two stds together is called "
              "ahead or behind, a smaller one a tie.", "",
              f"| data set | IPC | {baseline} | {method} | {method} − {baseline} | verdict | {method} options "
              "| schedule | files |",

@@ -112,14 +112,13 @@ def measure_case(case, device: torch.device, iterations: int, measured: int | No
         return first if measure_seconds is None else condense(warmup)  # the pace of warm iterations
 
     def timed(warm_synset):
-        if measure_seconds is not None:
-            nonlocal measured
-            measured = iterations_within(measure_seconds, warm_synset, iterations)
-        return condense(measured)
+        return condense(measured if measure_seconds is None
+                        else iterations_within(measure_seconds, warm_synset, iterations))
 
     seconds, peak, synset, failure = timed_run(timed, device, warm_up)
     if failure:
         return common.row(BENCH, name, "ours", None, note=failure)
+    measured = synset.meta["iterations"]
     loop_seconds = synset.meta["seconds"]
     setup_seconds = max(seconds - loop_seconds, 0.0)
     extrapolated = seconds if measured == iterations else setup_seconds + loop_seconds * iterations / measured

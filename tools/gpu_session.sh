@@ -54,7 +54,7 @@ limit=${STEP_TIMEOUT:-540}
 deadline=
 seconds_left() {
     local left=$limit
-    [[ -n $deadline ]] && left=$(( deadline - $(date +%s) - 15 ))  # 15 s to pack and report
+    [[ -n $deadline ]] && left=$(( deadline - $(date +%s) - 15 ))  # 15 s to pack what it has
     (( left > limit )) && left=$limit
     echo $(( left > 1 ? left : 1 ))  # never 0: `timeout 0` would not time out at all
 }
