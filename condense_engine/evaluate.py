@@ -115,7 +115,10 @@ def train_and_test(model: torch.nn.Module, images: torch.Tensor, labels: torch.T
                    test_set: ImageDataset, *, epochs: int, lr: float, batch_size: int,
                    strategy: str | None, generator: torch.Generator, recipe: str = "dc") -> tuple[float, float]:
     """Train `model` on (images, labels) with the published recipe ("dc", or IDC's "idc"; see
-    the module docstring); return (test acc, last loss)."""
+    the module docstring); return (test acc, last loss). A ConvNet trains with its fused
+    norm → act → pool epilogue (training needs first-order gradients only)."""
+    if isinstance(model, models.ConvNet):
+        model.use_fused_epilogue()
     device = images.device
     lr_now = float(lr)
     optimizer = torch.optim.SGD(model.parameters(), lr=lr_now, momentum=0.9, weight_decay=5e-4)

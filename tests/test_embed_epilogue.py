@@ -1,16 +1,23 @@
-"""ops.embed_epilogue: the Triton kernels (interpreter on CPU) against the torch modules'
-composition, forward and gradients; input validation; and ConvNetBank's use of the epilogue."""
+"""ops.embed_epilogue: the Triton kernels (interpreter on CPU) and the native CPU kernels against
+the torch modules' composition, forward and gradients; input validation; and the use of the
+epilogue by ConvNetBank, ConvNet and the evaluation protocol."""
 import pytest
 import torch
 from torch import nn
 
 from condense_engine import ops
+from condense_engine._extension import has_native
+from condense_engine.evaluate import train_and_test
 from condense_engine.models import ConvNet, ConvNetBank
 from condense_engine.models.layers import make_activation
 from condense_engine.reference import embed as reference
 from tests.hopper_compile import assert_compiles_for_hopper
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+NATIVE_MISSING = has_native("embed_epilogue", DEVICE)
+needs_native = pytest.mark.skipif(NATIVE_MISSING is not None, reason=str(NATIVE_MISSING))
+#: The fused backends, each tested against the reference where it runs.
+FUSED = ["triton", pytest.param("native", marks=needs_native)]
 
 
 def _inputs(n, channels, height, width, dtype=torch.float32):
@@ -27,12 +34,12 @@ def _value_and_grads(x, weight, bias, upstream, backend, **options):
     return (out,) + torch.autograd.grad(out, (x, weight, bias), upstream.to(out.dtype))
 
 
-def _assert_triton_matches_reference(x, weight, bias, rtol=1e-5, atol=1e-5, **options):
+def _assert_matches_reference(backend, x, weight, bias, rtol=1e-5, atol=1e-5, **options):
     with torch.no_grad():
         out_shape = ops.embed_epilogue(x, weight, bias, backend="torch", **options).shape
     upstream = torch.randn(out_shape, device=DEVICE)
     reference = _value_and_grads(x, weight, bias, upstream, "torch", **options)
-    ours = _value_and_grads(x, weight, bias, upstream, "triton", **options)
+    ours = _value_and_grads(x, weight, bias, upstream, backend, **options)
     for name, got, want in zip(("out", "grad_x", "grad_weight", "grad_bias"), ours, reference):
         assert got.dtype == want.dtype and got.shape == want.shape, name
         scale = want.float().abs().max().item()
@@ -47,39 +54,113 @@ def _assert_triton_matches_reference(x, weight, bias, rtol=1e-5, atol=1e-5, **op
     ((1, 6, 5, 6), 3),     # n = 1, odd H
     ((2, 4, 3, 3), 1),     # one group over all channels (layer-norm-like), 1×1 pooled output
 ])
-def test_triton_matches_reference(shape, groups):
+@pytest.mark.parametrize("backend", FUSED)
+def test_fused_matches_reference(backend, shape, groups):
     x, weight, bias = _inputs(*shape)
-    _assert_triton_matches_reference(x, weight, bias, groups=groups)
+    _assert_matches_reference(backend, x, weight, bias, groups=groups)
 
 
+@pytest.mark.parametrize("backend", FUSED)
 @pytest.mark.parametrize("act", ["relu", "leakyrelu", "sigmoid", "swish"])
 @pytest.mark.parametrize("pool", ["avgpool", "none"])
-def test_triton_activations_and_pools(act, pool):
+def test_fused_activations_and_pools(backend, act, pool):
     x, weight, bias = _inputs(2, 4, 5, 6)
-    _assert_triton_matches_reference(x, weight, bias, groups=2, act=act, pool=pool)
+    _assert_matches_reference(backend, x, weight, bias, groups=2, act=act, pool=pool)
 
 
-def test_triton_plane_larger_than_one_block():
-    """A 40×40 plane spans two 1024-element blocks: the loops over blocks accumulate."""
+@pytest.mark.parametrize("backend", FUSED)
+def test_fused_plane_larger_than_one_block(backend):
+    """A 40×40 plane spans two of Triton's 1024-element blocks and two of the native
+    statistics' blocks: the loops over blocks accumulate."""
     x, weight, bias = _inputs(1, 2, 40, 40)
-    _assert_triton_matches_reference(x, weight, bias, groups=2, eps=1e-3)
+    _assert_matches_reference(backend, x, weight, bias, groups=2, eps=1e-3)
 
 
+@pytest.mark.parametrize("backend", FUSED)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("groups", [4, 2])
-def test_triton_bf16_inputs(groups):
-    x, weight, bias = _inputs(2, 4, 6, 6, dtype=torch.bfloat16)
-    _assert_triton_matches_reference(x, weight, bias, groups=groups, rtol=5e-2, atol=3e-2)
+def test_fused_half_precision_inputs(backend, dtype, groups):
+    x, weight, bias = _inputs(2, 4, 6, 6, dtype=dtype)
+    _assert_matches_reference(backend, x, weight, bias, groups=groups, rtol=5e-2, atol=3e-2)
 
 
-def test_triton_large_mean_keeps_the_variance():
+@pytest.mark.parametrize("backend", FUSED)
+def test_fused_large_mean_keeps_the_variance(backend):
     """A mean 10⁴ times the spread: sums of x would cancel in fp32; the shifted sums do not."""
     x, weight, bias = (t.detach() for t in _inputs(2, 3, 6, 6))
     big = x * 1e-2 + 100.0
     expected = reference.embed_epilogue(big.double(), weight.double(), bias.double(), groups=3,
                                         pool="none")
-    ours = ops.embed_epilogue(big, weight, bias, groups=3, pool="none", backend="triton")
+    ours = ops.embed_epilogue(big, weight, bias, groups=3, pool="none", backend=backend)
     assert expected.std() > 0.1
     torch.testing.assert_close(ours.double(), expected, rtol=1e-3, atol=1e-3)
+
+
+@needs_native
+@pytest.mark.parametrize("act", ["relu", "leakyrelu", "sigmoid", "swish"])
+@pytest.mark.parametrize("pool", [True, False])
+def test_native_gradcheck(act, pool):
+    """The native op in float64 (the op itself; ops.embed_epilogue takes float32 and below),
+    gradients w.r.t. x, weight and bias against finite differences; odd H drops a row."""
+    generator = torch.Generator().manual_seed(0)
+    x, weight, bias = (torch.randn(*shape, dtype=torch.float64, generator=generator).requires_grad_()
+                       for shape in ((2, 4, 5, 4), (4,), (4,)))
+    ops.embed.register_native_autograd()
+    assert torch.autograd.gradcheck(
+        lambda x, weight, bias: torch.ops.condense.embed_epilogue(x, weight, bias, 2, 1e-5, act,
+                                                                  0.01, pool)[0],
+        (x, weight, bias))
+
+
+@needs_native
+def test_native_second_derivative_is_refused():
+    """Differentiating the native backward raises rather than silently giving zero (gradient
+    matching differentiates through its network's backward)."""
+    x, weight, bias = _inputs(2, 4, 6, 6)
+    out = ops.embed_epilogue(x, weight, bias, groups=4, act="swish", backend="native")
+    grad_weight, = torch.autograd.grad(out.square().sum(), weight, create_graph=True)
+    with pytest.raises(RuntimeError, match="not differentiable"):
+        grad_weight.sum().backward()
+
+
+@needs_native
+def test_native_does_not_depend_on_the_thread_count():
+    """Each (sample, group) is one thread's work and the per-sample sums are added in a fixed
+    order, so the result is the same for any number of threads."""
+    x, weight, bias = _inputs(8, 16, 12, 12)
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for count in (1, 2):
+            torch.set_num_threads(count)
+            out = ops.embed_epilogue(x, weight, bias, groups=8, backend="native")
+            results.append((out,) + torch.autograd.grad(out.sin().sum(), (x, weight, bias)))
+    finally:
+        torch.set_num_threads(threads)
+    for one, two in zip(*results):
+        assert torch.equal(one, two)
+
+
+@needs_native
+@pytest.mark.parametrize("call,match", [
+    (lambda x, w, b: torch.ops.condense.embed_epilogue(x[0], w, b, 2, 1e-5, "relu", 0.01, True),
+     "must be \\(n, C, H, W\\)"),
+    (lambda x, w, b: torch.ops.condense.embed_epilogue(x, w, b, 3, 1e-5, "relu", 0.01, True), "groups"),
+    (lambda x, w, b: torch.ops.condense.embed_epilogue(x, w[:2], b, 2, 1e-5, "relu", 0.01, True), "weight"),
+    (lambda x, w, b: torch.ops.condense.embed_epilogue(x, w, b, 2, 1e-5, "gelu", 0.01, True), "act"),
+    (lambda x, w, b: torch.ops.condense.embed_epilogue(x[:, :, :1], w, b, 2, 1e-5, "relu", 0.01, True),
+     "H, W >= 2"),
+    (lambda x, w, b: torch.ops.condense.embed_epilogue_backward(
+        torch.zeros(2, 4, 3, 3), x, w, b, torch.zeros(4), torch.ones(4), 2, "relu", 0.01, True),
+     "grad_out"),
+    (lambda x, w, b: torch.ops.condense.embed_epilogue_backward(
+        torch.zeros(2, 4, 2, 2), x, w, b, torch.zeros(3), torch.ones(4), 2, "relu", 0.01, True),
+     "mean and rstd"),
+])
+def test_native_op_checks_its_arguments(call, match):
+    """The op refuses bad arguments itself, for callers that skip ops.embed_epilogue's checks."""
+    with pytest.raises(RuntimeError, match=match):
+        call(torch.randn(2, 4, 5, 5), torch.ones(4), torch.zeros(4))
 
 
 def test_reference_equals_the_torch_modules():
@@ -94,12 +175,13 @@ def test_reference_equals_the_torch_modules():
         assert torch.equal(out, modules(x))
 
 
-def test_weight_gradient_only():
+@pytest.mark.parametrize("backend", FUSED)
+def test_weight_gradient_only(backend):
     """x without grad: the weight and bias gradients still come out right."""
     x, weight, bias = _inputs(2, 4, 4, 4)
     x = x.detach()
     results = []
-    for backend in ("torch", "triton"):
+    for backend in ("torch", backend):
         out = ops.embed_epilogue(x, weight, bias, groups=4, act="swish", backend=backend)
         results.append(torch.autograd.grad(out.square().sum(), (weight, bias)))
     for got, want in zip(*results[::-1]):
@@ -161,16 +243,74 @@ def test_bank_with_triton_epilogue_equals_plain_bank(norm, act, pool):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5 * scale)
 
 
-@pytest.mark.skipif(DEVICE != "cpu", reason="the CPU path's bit-identity")
 @pytest.mark.parametrize("norm,act,pool", [
     ("instancenorm", "relu", "avgpool"), ("groupnorm", "swish", "none"),
     ("instancenorm", "sigmoid", "avgpool"), ("groupnorm", "leakyrelu", "avgpool")])
-def test_bank_on_cpu_is_bit_identical_to_its_modules(norm, act, pool):
+def test_bank_with_torch_epilogue_is_bit_identical_to_its_modules(norm, act, pool):
     bank = ConvNetBank(3, 3, width=8, depth=2, norm=norm, act=act, pool=pool, im_size=(8, 8),
-                       generator=torch.Generator().manual_seed(0))
+                       generator=torch.Generator().manual_seed(0), epilogue_backend="torch")
     x = torch.randn(4, 3, 8, 8)
     assert bank.fused_epilogue
     assert torch.equal(bank.embed(x), bank.features(x).reshape(4, 3, -1).transpose(0, 1))
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="the CPU's automatic choice")
+@needs_native
+def test_bank_on_cpu_runs_the_native_epilogue(monkeypatch):
+    calls = []
+    native = torch.ops.condense.embed_epilogue
+    monkeypatch.setattr(torch.ops.condense, "embed_epilogue",
+                        lambda *args: calls.append(args) or native(*args), raising=False)
+    bank = ConvNetBank(2, 3, width=8, depth=2, im_size=(8, 8),
+                       generator=torch.Generator().manual_seed(0))
+    x = torch.randn(4, 3, 8, 8)
+    torch.testing.assert_close(bank.embed(x), bank.features(x).reshape(4, 2, -1).transpose(0, 1),
+                               rtol=1e-5, atol=1e-6)
+    assert len(calls) == 2  # one per block
+
+
+@pytest.mark.parametrize("norm,pool,fusable", [("instancenorm", "avgpool", True),
+                                               ("groupnorm", "none", True),
+                                               ("batchnorm", "avgpool", False),
+                                               ("instancenorm", "maxpool", False)])
+def test_convnet_fused_epilogue_equals_its_modules(norm, pool, fusable):
+    """ConvNet.use_fused_epilogue: the same logits and gradients (input and every parameter) as
+    the modules; configurations it does not cover keep the modules."""
+    torch.manual_seed(0)
+    plain = ConvNet(1, 10, width=8, depth=2, norm=norm, pool=pool, im_size=(12, 12)).to(DEVICE)
+    fused = ConvNet(1, 10, width=8, depth=2, norm=norm, pool=pool, im_size=(12, 12)).to(DEVICE)
+    fused.load_state_dict(plain.state_dict())
+    assert fused.use_fused_epilogue() is fusable
+    x = torch.randn(5, 1, 12, 12, device=DEVICE, requires_grad=True)
+    expected, ours = plain(x), fused(x)
+    torch.testing.assert_close(ours, expected, rtol=1e-4, atol=1e-5)
+    upstream = torch.randn_like(expected)
+    expected_grads = torch.autograd.grad(expected, (x,) + tuple(plain.parameters()), upstream)
+    grads = torch.autograd.grad(ours, (x,) + tuple(fused.parameters()), upstream)
+    scale = max(want.abs().max().item() for want in expected_grads)
+    for got, want in zip(grads, expected_grads):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5 * scale)
+
+
+def test_evaluation_trains_a_convnet_with_the_fused_epilogue(monkeypatch):
+    """The evaluation protocol's loop switches its ConvNet to the fused epilogue, and training
+    still lowers the loss."""
+    calls = []
+    fused = ops.embed.embed_epilogue
+    monkeypatch.setattr(ops.embed, "embed_epilogue",
+                        lambda *args, **kwargs: calls.append(kwargs) or fused(*args, **kwargs))
+    torch.manual_seed(0)
+    net = ConvNet(1, 2, width=8, depth=2, im_size=(8, 8)).to(DEVICE)
+    images = torch.randn(8, 1, 8, 8, device=DEVICE)
+    images[4:] += 1.0
+    labels = torch.tensor([0] * 4 + [1] * 4, device=DEVICE)
+    test_set = type("Tiny", (), {})()
+    monkeypatch.setitem(train_and_test.__globals__, "accuracy", lambda model, test: 0.0)
+    first = torch.nn.functional.cross_entropy(net(images), labels).item()
+    _, last = train_and_test(net, images, labels, test_set, epochs=30, lr=0.05, batch_size=8,
+                             strategy=None, generator=torch.Generator().manual_seed(0))
+    assert net.fused_epilogue and calls
+    assert last < 0.5 * first
 
 
 def test_kernels_compile_for_hopper():

@@ -7,8 +7,9 @@ GroupNorm(k·w, k·w); group norm: GroupNorm(4k, k·w); batch norm: BatchNorm2d(
 the nets independent. Layer norm normalises each net's (C, H, W) slice separately.
 
 With instance or group norm and average pooling (or none), each block's norm → act → pool runs
-as one `ops.embed_epilogue` call: the fused Triton kernel on CUDA, and on other devices the
-torch reference, which computes exactly what the modules do.
+as one `ops.embed_epilogue` call: the fused Triton kernel on CUDA, the native C++ one on the CPU
+(the torch reference, which computes exactly what the modules do, where the extension is not
+built).
 """
 import math
 from collections.abc import Iterator, Sequence
@@ -17,15 +18,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from condense_engine.models.convnet import ConvNet, block_shapes, convnet_block, first_padding
+from condense_engine.models.convnet import (FUSED_NORMS, FUSED_POOLS, ConvNet, block_shapes,
+                                            convnet_block, first_padding, run_fused_blocks)
 from condense_engine.models.layers import (ACTIVATIONS, GROUPNORM_GROUPS, NORMS, check_choice,
                                            forward_chunk, make_norm)
-from condense_engine.ops import embed as epilogue_op
 from condense_engine.ops.gather import host_to_device
-
-# Blocks whose norm → act → pool the fused epilogue covers (every activation is supported).
-FUSED_NORMS = ("instancenorm", "groupnorm")
-FUSED_POOLS = ("avgpool", "none")
 
 
 class StackedLayerNorm(nn.Module):
@@ -208,12 +205,8 @@ class ConvNetBank(nn.Module):
         if not self.fused_epilogue:
             features = self.features(x)
         else:
-            features = x
-            for block in self.features:
-                features = epilogue_op.embed_epilogue(
-                    block.conv(features), block.norm.weight, block.norm.bias,
-                    groups=block.norm.num_groups, eps=block.norm.eps, act=self.config["act"],
-                    pool=self.config["pool"], backend=self.epilogue_backend)
+            features = run_fused_blocks(self.features, x, self.config["act"], self.config["pool"],
+                                        self.epilogue_backend)
         return features.reshape(x.shape[0], self.k, self.feature_dim).transpose(0, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -7,6 +7,11 @@ from torch import nn
 from condense_engine.models.layers import (ACTIVATIONS, NORMS, POOLS, check_choice,
                                            check_positive_size, conv_out, make_activation,
                                            make_norm, make_pool)
+from condense_engine.ops import embed as epilogue_op
+
+# Blocks whose norm → act → pool ops.embed_epilogue covers (every activation is supported).
+FUSED_NORMS = ("instancenorm", "groupnorm")
+FUSED_POOLS = ("avgpool", "none")
 
 
 def first_padding(channel: int) -> int:
@@ -31,6 +36,17 @@ def block_shapes(channel: int, width: int, depth: int, pool: str,
     return shapes
 
 
+def run_fused_blocks(blocks: nn.Sequential, x: torch.Tensor, act: str, pool: str,
+                     backend: str | None) -> torch.Tensor:
+    """`blocks` (conv → GroupNorm → act → pool) applied to x, each block's norm → act → pool as
+    one ops.embed_epilogue call on the conv output."""
+    for block in blocks:
+        x = epilogue_op.embed_epilogue(block.conv(x), block.norm.weight, block.norm.bias,
+                                       groups=block.norm.num_groups, eps=block.norm.eps, act=act,
+                                       pool=pool, backend=backend)
+    return x
+
+
 def convnet_block(conv: nn.Conv2d, norm: nn.Module, act: str, pool: str) -> nn.Sequential:
     """One conv → norm → act → pool block, with named children so weights can be found by role."""
     return nn.Sequential(OrderedDict(conv=conv, norm=norm, act=make_activation(act),
@@ -41,7 +57,9 @@ class ConvNet(nn.Module):
     """D blocks of conv3×3 → norm → act → pool, then one Linear classifier.
 
     `config` holds the architecture (all constructor arguments except `num_classes`) so that a
-    ConvNetBank or FunctionalConvNet of the same shape can be built from it.
+    ConvNetBank or FunctionalConvNet of the same shape can be built from it. By default the
+    blocks run their modules; `use_fused_epilogue` switches training that needs only first-order
+    gradients to the fused norm → act → pool.
     """
 
     def __init__(self, channel: int, num_classes: int, width: int = 128, depth: int = 3,
@@ -65,9 +83,24 @@ class ConvNet(nn.Module):
         self.feature_shape = shapes[-1]
         self.feature_dim = width * shapes[-1][1] * shapes[-1][2]
         self.classifier = nn.Linear(self.feature_dim, num_classes)
+        self.fused_epilogue = False
+        self.epilogue_backend = None
+
+    def use_fused_epilogue(self, backend: str | None = None) -> bool:
+        """Run each block's norm → act → pool as one ops.embed_epilogue call (backend None:
+        automatic), and return whether this net's blocks can (instance or group norm, average
+        or no pooling; others keep their modules). Same outputs to float rounding, fewer passes
+        over the largest activations; the fused backwards are not differentiable again, so
+        gradient matching (DC, DSA, IDC) must keep the modules."""
+        self.fused_epilogue = self.config["norm"] in FUSED_NORMS and self.config["pool"] in FUSED_POOLS
+        self.epilogue_backend = backend
+        return self.fused_epilogue
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """Flattened features: the classifier's input, as used by distribution matching."""
+        if self.fused_epilogue:
+            return run_fused_blocks(self.features, x, self.config["act"], self.config["pool"],
+                                    self.epilogue_backend).flatten(1)
         return self.features(x).flatten(1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

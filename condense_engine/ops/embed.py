@@ -1,10 +1,12 @@
 """ops.embed_epilogue: a ConvNet block's GroupNorm → activation → 2×2 average pool, fused.
 
-Backends: "torch" (the modules' functional composition, bit-identical to a ConvNet block) and
+Backends: "torch" (the modules' functional composition, bit-identical to a ConvNet block),
 "triton" (one kernel reading the conv output twice and writing only the pooled result; the
-backward recomputes the normalised values from the saved mean and rstd). Automatic choice:
-triton on CUDA tensors, torch otherwise.
+backward recomputes the normalised values from the saved mean and rstd) and "native" (the same
+scheme in C++ for the CPU, csrc/ops/cpu/embed_epilogue.cpp). Automatic choice: triton on CUDA
+tensors, native on the CPU where the extension is built, else torch.
 """
+import functools
 import math
 
 import torch
@@ -29,10 +31,15 @@ def embed_epilogue(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, *,
     "none". Differentiable w.r.t. x, weight and bias on every backend.
     """
     _check_inputs(x, weight, bias, groups, eps, act, pool)
-    chosen = choose("embed_epilogue", backend, x.device, ("torch", "triton"))
+    chosen = choose("embed_epilogue", backend, x.device, ("torch", "triton", "native"))
     if chosen == "torch":
         return reference.embed_epilogue(x, weight, bias, groups=groups, eps=eps, act=act,
                                         pool=pool)
+    if chosen == "native":
+        register_native_autograd()
+        out, _, _ = torch.ops.condense.embed_epilogue(x, weight, bias, groups, float(eps), act,
+                                                      LEAKY_SLOPE, pool == "avgpool")
+        return out
     from condense_engine.kernels import embed as fused
 
     return fused.embed_epilogue(x, weight, bias, groups=groups, eps=eps, act=act,
@@ -69,3 +76,42 @@ def _check_inputs(x, weight, bias, groups, eps, act, pool) -> None:
         raise ValueError(f"pool must be one of {POOLS}, got {pool!r}")
     if pool == "avgpool" and min(x.shape[2:]) < 2:
         raise ValueError(f"pool='avgpool' needs H, W ≥ 2, got x of shape {tuple(x.shape)}")
+
+
+@functools.cache
+def register_native_autograd() -> None:
+    """Make torch.ops.condense.embed_epilogue differentiable w.r.t. x, weight and bias, once:
+    like the Triton kernel's, its backward has no derivative of its own, and differentiating it
+    raises instead of silently giving zero. Also gives both ops the shape functions
+    torch.compile needs."""
+    def save_inputs(ctx, inputs, output):
+        x, weight, bias, groups, _, act, slope, pool = inputs
+        _, mean, rstd = output
+        ctx.save_for_backward(x, weight, bias, mean, rstd)
+        ctx.settings = (groups, act, slope, pool)
+
+    def epilogue_grad(ctx, grad_out, _grad_mean, _grad_rstd):
+        x, weight, bias, mean, rstd = ctx.saved_tensors
+        grads = torch.ops.condense.embed_epilogue_backward(grad_out.contiguous(), x, weight, bias,
+                                                          mean, rstd, *ctx.settings)
+        return grads + (None,) * 5
+
+    @torch.library.register_fake("condense::embed_epilogue")
+    def _(x, weight, bias, groups, eps, act, slope, pool):
+        n, channels, height, width = x.shape
+        out_size = (height // 2, width // 2) if pool else (height, width)
+        stats = x.new_empty(n * groups, dtype=torch.promote_types(x.dtype, torch.float32))
+        return x.new_empty((n, channels) + out_size), stats, stats.clone()
+
+    @torch.library.register_fake("condense::embed_epilogue_backward")
+    def _(grad_out, x, weight, bias, mean, rstd, groups, act, slope, pool):
+        return torch.empty_like(x), torch.empty_like(weight), torch.empty_like(bias)
+
+    def refuse_second_derivative(ctx, *grads):
+        raise RuntimeError("ops.embed_epilogue's native backward is not differentiable: for "
+                           "higher-order gradients (e.g. gradient matching) use backend='torch'")
+
+    torch.library.register_autograd("condense::embed_epilogue", epilogue_grad,
+                                    setup_context=save_inputs)
+    torch.library.register_autograd("condense::embed_epilogue_backward", refuse_second_derivative,
+                                    setup_context=lambda ctx, inputs, output: None)
