@@ -169,11 +169,11 @@ class Rows(list):
         write_results(self.name, self, self.device, self.out)
 
 
-def compile_skip_reason(no_compile: bool, device: torch.device) -> str | None:
+def compile_skip_reason(no_compile: bool, device: torch.device, quick: bool) -> str | None:
     """Why a bench leaves out its torch.compile rows, or None when it times them."""
     if no_compile:
         return "--no-compile"
-    if device.type == "cpu":
+    if quick and device.type == "cpu":
         return "on CPU, compiling each shape takes longer than the smoke test's budget"
     return None
 
@@ -213,7 +213,7 @@ def kernel_run(bench: str, args: argparse.Namespace) -> KernelRun:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     name = f"{bench}_quick" if args.quick else (bench if args.dtype == "fp32" else f"{bench}_bf16")
     return KernelRun(device=device, dtype=torch.bfloat16 if args.dtype == "bf16" else torch.float32,
-                     compile_note=compile_skip_reason(args.no_compile, device), peaks=device_peaks(device),
+                     compile_note=compile_skip_reason(args.no_compile, device, args.quick), peaks=device_peaks(device),
                      name=name, rows=Rows(name, device, args.out), only=args.cases)
 
 

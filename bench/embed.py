@@ -3,12 +3,14 @@ pool) applied to one iteration's real and synthetic images.
 
     python -m bench.embed [--quick] [--out PATH] [--dtype fp32|bf16] [--no-compile]
                           [--cases NAME ...]
+    python -m bench.embed --out bench/results/embed_cpu.json     # without a GPU: the CPU cases
 
 One step = forward of the real images without gradients, then forward and backward of the
 synthetic images to the images (the nets are frozen, as in DM), with DM's mean-embedding loss
 Σ_k ‖mean real − mean syn‖² between them. Implementations, on the same weights and inputs:
-  ours     ConvNetBank: all k nets in one pass (grouped convs) with the fused Triton
-           norm → ReLU → pool epilogue (ops.embed_epilogue)
+  ours     ConvNetBank: all k nets in one pass (grouped convs) with the fused
+           norm → ReLU → pool epilogue (ops.embed_epilogue: Triton on a GPU, the native C++
+           kernel on a CPU)
   eager    a Python loop over k separate ConvNets
   compile  torch.compile of that loop
 plus an ablation row (impl "ours", note "ablation") of the bank with the torch epilogue, which
@@ -27,8 +29,10 @@ the least traffic any implementation needs (e = bytes per element, N = n·C·H·
     fwd      1.25 · N · e        read x, write the pooled output
     fwd+bwd  3.5 · N · e         the forward, then read x and the pooled gradient, write dx
 
---quick runs tiny shapes on the CPU (Triton in its interpreter, torch.compile skipped) as a
-smoke test for CI; its times say nothing about speed.
+Without a GPU the cases are CPU-sized: DM's CPU schedule on CIFAR-10 shapes (batch_real 64) and
+the epilogue of one CPU chunk of its first block (models.layers.forward_chunk) and of an
+evaluation batch's second block. --quick runs tiny shapes on the CPU (torch.compile skipped) as
+a smoke test for CI; its times say nothing about speed.
 """
 import torch
 
@@ -44,10 +48,13 @@ FULL_NETWORK_CASES = [
 ] + [
     (f"tiny64_n2048_k{k}", k, 128, 3, 64, 1792, 256) for k in (1, 4, 8)
 ]
+CPU_NETWORK_CASES = [("dm_cifar10_ipc10_real64_k1", 1, 128, 3, 32, 640, 100)]
 QUICK_NETWORK_CASES = [("quick_k3_w8_s8", 3, 8, 2, 8, 6, 4), ("quick_k1_w8_s10", 1, 8, 2, 10, 5, 3)]
 # (name, n, C, H, W): one layer's conv output; the first layer of DM's synthetic half at k = 4.
 FULL_EPILOGUE_CASES = [("epilogue_n500_c512_s32", 500, 512, 32, 32),
                        ("epilogue_n500_c512_s8", 500, 512, 8, 8)]
+CPU_EPILOGUE_CASES = [("epilogue_n20_c128_s32", 20, 128, 32, 32),
+                      ("epilogue_n256_c128_s16", 256, 128, 16, 16)]
 QUICK_EPILOGUE_CASES = [("quick_epilogue_n3_c8_s7", 3, 8, 7, 7)]
 MODES = ("fwd", "fwd+bwd")
 
@@ -88,8 +95,7 @@ def measure_network(case, impl: str, device, dtype, peaks, compile_note, ablatio
     generator = torch.Generator(device=device).manual_seed(0)
     bank = ConvNetBank(k, 3, width=width, depth=depth, im_size=(side, side),
                        generator=torch.Generator().manual_seed(0), device=device, dtype=dtype,
-                       epilogue_backend="torch" if ablation else
-                       ("triton" if device.type == "cpu" else None))
+                       epilogue_backend="torch" if ablation else None)
     bank.requires_grad_(False)
     nets = [bank.net(i).requires_grad_(False) for i in range(k)] if impl != "ours" else None
     real = torch.randn(n_real, 3, side, side, device=device, generator=generator).to(dtype)
@@ -102,8 +108,7 @@ def measure_network(case, impl: str, device, dtype, peaks, compile_note, ablatio
             real_features = embed(real)
         return torch.autograd.grad(dm_loss(real_features, embed(syn)), (syn,))
 
-    ms, memory, measured_note = common.measure(step, device,
-                                               interpreted=impl == "ours" and device.type == "cpu" and not ablation)
+    ms, memory, measured_note = common.measure(step, device)
     note = measured_note or note
     return common.row("embed", name, impl, ms, peak_mem_mb=memory, note=note, **counts)
 
@@ -124,7 +129,7 @@ def measure_epilogue(case, mode: str, impl: str, device, dtype, peaks, compile_n
     x.requires_grad_(mode == "fwd+bwd")
     if impl == "ours":
         def epilogue(t):
-            return ops.embed_epilogue(t, weight, bias, groups=channels, backend="triton")
+            return ops.embed_epilogue(t, weight, bias, groups=channels)
     else:
         def epilogue(t):
             return reference.embed_epilogue(t, weight, bias, groups=channels)
@@ -138,7 +143,7 @@ def measure_epilogue(case, mode: str, impl: str, device, dtype, peaks, compile_n
         out = epilogue(x)
         return torch.autograd.grad(out, (x,), torch.ones_like(out))
 
-    ms, memory, note = common.measure(step, device, interpreted=impl == "ours" and device.type == "cpu")
+    ms, memory, note = common.measure(step, device)
     return common.row("embed", label, impl, ms, peak_mem_mb=memory, note=note, **counts)
 
 
@@ -146,14 +151,17 @@ def main(argv=None) -> list[dict]:
     args = common.kernel_parser("embed", __doc__).parse_args(argv)
     run = common.kernel_run("embed", args)
     rows = run.rows
-    for case in run.chosen(QUICK_NETWORK_CASES if args.quick else FULL_NETWORK_CASES):
+    on_cpu = run.device.type == "cpu"
+    network_cases = QUICK_NETWORK_CASES if args.quick else CPU_NETWORK_CASES if on_cpu else FULL_NETWORK_CASES
+    epilogue_cases = QUICK_EPILOGUE_CASES if args.quick else CPU_EPILOGUE_CASES if on_cpu else FULL_EPILOGUE_CASES
+    for case in run.chosen(network_cases):
         for impl in ("ours", "eager", "compile"):
             rows.append(measure_network(case, impl, run.device, run.dtype, run.peaks, run.compile_note))
             print(f"{rows[-1]['case']} {impl}: {rows[-1]['ms']} ms", flush=True)
         rows.append(measure_network(case, "ours", run.device, run.dtype, run.peaks, run.compile_note,
                                     ablation=True))
         print(f"{rows[-1]['case']} ours (ablation): {rows[-1]['ms']} ms", flush=True)
-    for case in run.chosen(QUICK_EPILOGUE_CASES if args.quick else FULL_EPILOGUE_CASES):
+    for case in run.chosen(epilogue_cases):
         for mode in MODES:
             for impl in ("ours", "eager", "compile"):
                 rows.append(measure_epilogue(case, mode, impl, run.device, run.dtype, run.peaks,

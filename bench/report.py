@@ -3,7 +3,8 @@
     python -m bench.report [--results-dir DIR] [--out PATH]
 
 RESULTS.md is for real GPU numbers: files ending in `_quick.json` (CPU smoke runs) are never read,
-and full runs whose device is a CPU are listed by name only. Each kernel table puts ours next to
+and full runs whose device is a CPU (the native CPU kernels) get a section of their own after
+the GPU tables, without plots or roofline. Each kernel table puts ours next to
 the eager and torch.compile baselines with the speed-up over each, and places ours on the
 roofline (achieved TFLOP/s and GB/s, share of the binding peak, and which roof binds).
 condense_time.json (seconds to condense, against the issue's targets) has a table of its own.
@@ -37,7 +38,7 @@ def is_gpu(results: dict) -> bool:
 
 def load_results(results_dir: str) -> dict:
     """The non-quick results files of `results_dir`, sorted by name and split into
-    {"kernel": [(stem, data)] measured on a GPU, "cpu": [stem] full runs on a CPU,
+    {"kernel": [(stem, data)] measured on a GPU, "cpu": [(stem, data)] full runs on a CPU,
      "accuracy": [(stem, data)]}."""
     found = {"kernel": [], "cpu": [], "accuracy": []}
     for path in sorted(glob.glob(os.path.join(results_dir, "*.json"))):
@@ -51,7 +52,7 @@ def load_results(results_dir: str) -> dict:
         elif is_gpu(data):
             found["kernel"].append((stem, data))
         else:
-            found["cpu"].append(stem)
+            found["cpu"].append((stem, data))
     return found
 
 
@@ -223,8 +224,11 @@ def render(results_dir: str, out_path: str) -> str:
         parts += [f"### {stem}", "", environment_line(data), "", table, "",
                   f"![{stem}: ms per case]({os.path.relpath(png, out_dir)})", ""]
     if found["cpu"]:
-        parts += ["Full (non-quick) runs measured on a CPU, not shown: "
-                  + ", ".join(f"`{stem}.json`" for stem in found["cpu"]) + ".", ""]
+        parts += ["## Kernel benchmarks on a CPU", "",
+                  "The native CPU kernels against eager and compiled PyTorch on the same CPU; "
+                  "the engine's speed claims are the GPU tables above.", ""]
+    for stem, data in found["cpu"]:
+        parts += [f"### {stem}", "", environment_line(data), "", TABLES.get(stem, kernel_table)(data), ""]
     parts += [accuracy.accuracy_section(found["accuracy"]), ""]
     return "\n".join(parts)
 

@@ -126,12 +126,14 @@ def test_report_tables_gpu_results_with_speedups_and_plots(tmp_path):
     small = next(line for line in text.splitlines() if line.startswith("| small_case"))
     assert "| 0.5× | – |" in small and "| memory |" in small
     assert "NVIDIA H100 80GB HBM3" in text and "No GPU results yet" not in text
-    assert "quick_only_case" not in text and "cpu_only_case" not in text and "`dsa.json`" in text
+    assert "quick_only_case" not in text
+    gpu_part, cpu_part = text.split("## Kernel benchmarks on a CPU")
+    assert "cpu_only_case" not in gpu_part and "### dsa" in cpu_part and "| cpu_only_case | 1 |" in cpu_part
     assert "](results/mmd.png)" in text
     with Image.open(results / "mmd.png") as image:
         assert image.format == "PNG" and image.width > 100 and image.height > 100
         assert len(image.convert("RGB").getcolors(maxcolors=1 << 16)) > 3  # bars and text, not blank
-    assert not (results / "mmd_quick.png").exists()
+    assert not (results / "mmd_quick.png").exists() and not (results / "dsa.png").exists()
 
 
 def test_report_names_cases_by_bench_in_a_file_of_two_benches(tmp_path):
