@@ -62,6 +62,9 @@ class ConvNet(nn.Module):
     gradients to the fused norm → act → pool.
     """
 
+    fused_epilogue = False  # see use_fused_epilogue (class defaults, so pickled nets load too)
+    epilogue_backend = None
+
     def __init__(self, channel: int, num_classes: int, width: int = 128, depth: int = 3,
                  norm: str = "instancenorm", act: str = "relu", pool: str = "avgpool",
                  im_size: tuple[int, int] = (32, 32)):
@@ -83,8 +86,6 @@ class ConvNet(nn.Module):
         self.feature_shape = shapes[-1]
         self.feature_dim = width * shapes[-1][1] * shapes[-1][2]
         self.classifier = nn.Linear(self.feature_dim, num_classes)
-        self.fused_epilogue = False
-        self.epilogue_backend = None
 
     def use_fused_epilogue(self, backend: str | None = None) -> bool:
         """Run each block's norm → act → pool as one ops.embed_epilogue call (backend None:

@@ -87,6 +87,7 @@ def register_native_autograd() -> None:
     def save_inputs(ctx, inputs, output):
         x, weight, bias, groups, _, act, slope, pool = inputs
         _, mean, rstd = output
+        ctx.mark_non_differentiable(mean, rstd)
         ctx.save_for_backward(x, weight, bias, mean, rstd)
         ctx.settings = (groups, act, slope, pool)
 
