@@ -33,9 +33,10 @@ TILE_ELEMENTS = 2048
 
 @triton.jit
 def _activate(z, slope, ACT: tl.constexpr):
-    """act(z) for relu, leaky relu (negative slope `slope`), sigmoid or swish (z·sigmoid(z))."""
+    """act(z) for relu, leaky relu (negative slope `slope`), sigmoid or swish (z·sigmoid(z)); a
+    NaN stays NaN, as in torch (tl.maximum's NaN handling is left to the hardware)."""
     if ACT == RELU:
-        y = tl.maximum(z, 0.0)
+        y = tl.where(z < 0.0, 0.0, z)
     elif ACT == LEAKY_RELU:
         y = tl.where(z > 0.0, z, z * slope)
     elif ACT == SIGMOID:
@@ -49,7 +50,7 @@ def _activate(z, slope, ACT: tl.constexpr):
 def _activation_derivative(z, slope, ACT: tl.constexpr):
     """d act / dz, with the subgradient at 0 that torch uses (0 for relu, slope for leaky)."""
     if ACT == RELU:
-        d = tl.where(z > 0.0, 1.0, 0.0)
+        d = tl.where(z <= 0.0, 0.0, 1.0)
     elif ACT == LEAKY_RELU:
         d = tl.where(z > 0.0, 1.0, slope)
     elif ACT == SIGMOID:

@@ -96,6 +96,19 @@ def test_fused_large_mean_keeps_the_variance(backend):
     torch.testing.assert_close(ours.double(), expected, rtol=1e-3, atol=1e-3)
 
 
+@pytest.mark.parametrize("backend", FUSED)
+@pytest.mark.parametrize("act", ["relu", "leakyrelu", "sigmoid", "swish"])
+def test_fused_nan_spreads_like_the_reference(backend, act):
+    """A NaN in x spoils its (sample, group) in the output, through every activation, as in the
+    torch modules: a spoilt synthetic pixel must reach the loss, where the driver stops."""
+    x, weight, bias = (t.detach() for t in _inputs(2, 4, 6, 6))
+    x[1, 2, 3, 4] = float("nan")
+    expected = ops.embed_epilogue(x, weight, bias, groups=2, act=act, backend="torch")
+    ours = ops.embed_epilogue(x, weight, bias, groups=2, act=act, backend=backend)
+    assert torch.isnan(expected[1, 2:]).all() and not torch.isnan(expected[0]).any()
+    assert torch.equal(torch.isnan(ours), torch.isnan(expected))
+
+
 @needs_native
 @pytest.mark.parametrize("act", ["relu", "leakyrelu", "sigmoid", "swish"])
 @pytest.mark.parametrize("pool", [True, False])

@@ -53,10 +53,11 @@ void with_activation(Activation act, const Body& body) {
   }
 }
 
+// A NaN stays NaN through every activation, as in torch, so a spoilt input reaches the loss.
 template <Activation kAct, typename T>
 inline T activate(T z, T slope) {
   if constexpr (kAct == Activation::kRelu) {
-    return z > T(0) ? z : T(0);
+    return z < T(0) ? T(0) : z;
   } else if constexpr (kAct == Activation::kLeakyRelu) {
     return z > T(0) ? z : z * slope;
   } else if constexpr (kAct == Activation::kSigmoid) {
@@ -70,7 +71,7 @@ inline T activate(T z, T slope) {
 template <Activation kAct, typename T>
 inline T activation_derivative(T z, T slope) {
   if constexpr (kAct == Activation::kRelu) {
-    return z > T(0) ? T(1) : T(0);
+    return z <= T(0) ? T(0) : T(1);
   } else if constexpr (kAct == Activation::kLeakyRelu) {
     return z > T(0) ? T(1) : slope;
   } else {
