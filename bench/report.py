@@ -83,11 +83,15 @@ def binding_roof(row: dict, peaks: dict | None) -> str | None:
 
 def cases(rows: list[dict]) -> list[tuple[str, dict]]:
     """The rows grouped by case, in first-seen order: [(case, {impl: row})]. In a file holding
-    several benches (dm_iteration.json: DM and M3D rows) a case is named bench/case."""
+    several benches (dm_iteration.json: DM and M3D rows) a case is named bench/case. An ablation
+    row (impl "ours", note "ablation: ...") is a case of its own, "<case> (ablation)", so it
+    neither replaces nor hides our real row."""
     several = len({row["bench"] for row in rows}) > 1
     grouped = {}
     for row in rows:
         case = f"{row['bench']}/{row['case']}" if several else row["case"]
+        if (row.get("note") or "").startswith("ablation"):
+            case += " (ablation)"
         grouped.setdefault(case, {})[row["impl"]] = row
     return list(grouped.items())
 

@@ -108,6 +108,21 @@ def _row(case: str, impl: str, ms: float | None, **extra) -> dict:
                 peak_mem_mb=None, pct_of_peak=extra.get("pct_of_peak"))
 
 
+def test_report_shows_an_ablation_row_beside_ours_not_over_it(tmp_path):
+    results = tmp_path / "results"
+    results.mkdir()
+    _results_file(results, "embed", "NVIDIA H100 80GB HBM3", [
+        _row("net", "ours", 2.0), _row("net", "eager", 6.0),
+        dict(_row("net", "ours", 3.0), note="ablation: ConvNetBank with the torch epilogue")])
+    out = tmp_path / "RESULTS.md"
+    report.write_report(str(results), str(out))
+    lines = out.read_text().splitlines()
+    ours = next(line for line in lines if line.startswith("| net |"))
+    ablation = next(line for line in lines if line.startswith("| net (ablation) |"))
+    assert ours.startswith("| net | 2 | 6 |") and "| 3× |" in ours
+    assert ablation.startswith("| net (ablation) | 3 |") and "ablation: ConvNetBank" in ablation
+
+
 def test_report_tables_gpu_results_with_speedups_and_plots(tmp_path):
     results = tmp_path / "results"
     results.mkdir()
