@@ -8,8 +8,8 @@
 // activated, pooled output: the full-resolution normalised activation never reaches memory.
 // Backward, per row: dz = act′(z)·g/4 spread from each pooled gradient g to its taps (0 for a
 // dropped row or column); pass 1 keeps dz in a per-thread buffer and sums dz and dz·x̂ per
-// channel (the bias and weight gradients, per sample, summed over samples at the end); pass 2
-// writes dx = rstd·(w·dz − mean(w·dz) − x̂·mean(w·dz·x̂)).
+// channel (the bias and weight gradients, per sample, summed over samples in a fixed order at
+// the end); pass 2 writes dx = rstd·(w·dz − mean(w·dz) − x̂·mean(w·dz·x̂)).
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -256,6 +256,25 @@ void backward_row(const scalar_t* grad_out, const scalar_t* x, scalar_t* grad_x,
   }
 }
 
+// Σ over samples of per-(sample, channel) sums (n, C) -> (C,): each channel added in sample
+// order in double, so the weight and bias gradients do not depend on the thread count either.
+at::Tensor sum_over_samples(const at::Tensor& per_sample) {
+  at::Tensor total = at::empty({per_sample.size(1)}, per_sample.options());
+  AT_DISPATCH_FLOATING_TYPES(per_sample.scalar_type(), "sum_over_samples", [&] {
+    const scalar_t* src = per_sample.data_ptr<scalar_t>();
+    scalar_t* dst = total.data_ptr<scalar_t>();
+    const int64_t samples = per_sample.size(0), channels = per_sample.size(1);
+    at::parallel_for(0, channels, 64, [&](int64_t begin, int64_t end) {
+      for (int64_t c = begin; c < end; ++c) {
+        double sum = 0;
+        for (int64_t b = 0; b < samples; ++b) sum += static_cast<double>(src[b * channels + c]);
+        dst[c] = static_cast<scalar_t>(sum);
+      }
+    });
+  });
+  return total;
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> embed_epilogue_cpu(
     const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias, int64_t groups,
     double eps, c10::string_view act, double slope, bool pool) {
@@ -338,8 +357,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> embed_epilogue_backward_cpu(
       });
     });
   });
-  return {grad_x, channel_dz_xhat.sum(0).to(weight.scalar_type()),
-          channel_dz.sum(0).to(bias.scalar_type())};
+  return {grad_x, sum_over_samples(channel_dz_xhat).to(weight.scalar_type()),
+          sum_over_samples(channel_dz).to(bias.scalar_type())};
 }
 
 }  // namespace
