@@ -93,8 +93,8 @@ def register_native_autograd() -> None:
 
     def epilogue_grad(ctx, grad_out, _grad_mean, _grad_rstd):
         x, weight, bias, mean, rstd = ctx.saved_tensors
-        grads = torch.ops.condense.embed_epilogue_backward(grad_out.contiguous(), x, weight, bias,
-                                                          mean, rstd, *ctx.settings)
+        grads = torch.ops.condense.embed_epilogue_backward(grad_out, x, weight, bias, mean, rstd,
+                                                          *ctx.settings)
         return grads + (None,) * 5
 
     @torch.library.register_fake("condense::embed_epilogue")
