@@ -85,9 +85,23 @@ def read_torch_file(path, map_location=None, mmap: bool = False):
     except OSError:
         raise
     except Exception as error:
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise ValueError(f"{path} is not a readable PyTorch file of tensors and plain values "
-                         f"(corrupt or truncated?): {reason}") from error
+                         f"(corrupt or truncated?): {load_failure_reason(error)}") from error
+
+
+def load_failure_reason(error: Exception) -> str:
+    """The line of a `torch.load` error that says what is wrong with the file.
+
+    A weights-only failure opens with torch's generic advice to retry with `weights_only=False`,
+    which is wrong for a corrupt file and unsafe for an untrusted one; its cause follows the
+    `WeightsUnpickler error:` marker.
+    """
+    text = str(error)
+    marker = "WeightsUnpickler error:"
+    if marker in text:
+        text = text.split(marker, 1)[1]
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return lines[0] if lines else type(error).__name__
 
 
 def load_versioned(path, kind: str, max_version: int, map_location=None) -> dict:

@@ -1,4 +1,5 @@
 """checkpoint: atomic writes, versioned reads with clear errors, exact RNG resume, signal handling."""
+import datetime
 import os
 import random
 import signal
@@ -72,6 +73,18 @@ def test_load_checkpoint_errors_name_the_file(tmp_path):
     garbage.write_bytes(os.urandom(300))
     with pytest.raises(ValueError, match="garbage.pt"):
         load_checkpoint(garbage)
+
+    text = tmp_path / "text.pt"
+    text.write_bytes(b"garbage\n")
+    with pytest.raises(ValueError, match="text.pt.*corrupt or truncated") as raised:
+        load_checkpoint(text)
+    assert "weights_only" not in str(raised.value)  # not torch's advice to load it unsafely
+
+    pickled_object = tmp_path / "object.pt"
+    torch.save({"format": checkpoint.CHECKPOINT_KIND, "when": datetime.date(2026, 1, 1)}, pickled_object)
+    with pytest.raises(ValueError, match=r"object.pt.*datetime\.date") as raised:
+        load_checkpoint(pickled_object)
+    assert "weights_only" not in str(raised.value)
 
     truncated = tmp_path / "truncated.pt"
     save_checkpoint({"x": torch.randn(100)}, truncated)
