@@ -107,6 +107,7 @@ def test_bad_input():
     with pytest.raises(ValueError, match="no option"):
         ce.distill(data, method="dm", ipc=1, iterations=1, progress=False, device="cpu", lr_imgg=3)
     for option, message in [(dict(lr_img="abc"), "lr_img must be a number"), (dict(lr_img=float("nan")), "finite"),
+                            (dict(lr_img=-1.0), "lr_img is a learning rate and must be positive"),
                             (dict(batch_real=8.5), "batch_real must be an int"), (dict(dsa=1), "dsa must be a bool"),
                             (dict(model=3), "model must be a string")]:
         with pytest.raises(ValueError, match=message):

@@ -48,6 +48,8 @@ def check_option(method: str, name: str, value, default) -> None:
     the whole set; the method checks those), and a number is finite: a typo such as lr_img=abc
     or lr_img=nan fails here, not iterations later inside an update."""
     if default is None or value is None:
+        if isinstance(value, numbers.Real) and not isinstance(value, bool):
+            check_learning_rate(method, name, value)
         return
     kinds = ((bool, "a bool", lambda v: isinstance(v, bool)),
              (int, "an int", lambda v: isinstance(v, numbers.Integral) and not isinstance(v, bool)),
@@ -60,7 +62,20 @@ def check_option(method: str, name: str, value, default) -> None:
                                  f"got {value!r}")
             if kind is float and not math.isfinite(value):
                 raise ValueError(f"method {method!r}: option {name} must be finite, got {value!r}")
+            if kind is float:
+                check_learning_rate(method, name, value)
             return
+
+
+def is_learning_rate(option: str) -> bool:
+    """Whether a method option names a learning rate (lr_img, lr_net, distill_lr, ...)."""
+    return option == "lr" or option.startswith("lr_") or option.endswith("_lr")
+
+
+def check_learning_rate(method: str, name: str, value) -> None:
+    """ValueError when option `name` is a learning rate and `value` is not a positive number."""
+    if is_learning_rate(name) and not value > 0:
+        raise ValueError(f"method {method!r}: option {name} is a learning rate and must be positive, got {value!r}")
 
 
 def refuse_batchnorm_when_sharded(shard, model: str, dataset) -> None:
