@@ -20,8 +20,10 @@ run, on the batched path all runs or none.
 """
 import hashlib
 import json
+import math
 import os
-from dataclasses import asdict, dataclass, field
+import warnings
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
@@ -266,6 +268,23 @@ def _train_repeats(images, labels, test_set, *, model, repeats, epochs, lr, batc
     return accs, losses, dict(path="batched")
 
 
+def normalized_like_the_set(synset, test_set: ImageDataset) -> ImageDataset:
+    """The test set normalised with the synthetic set's mean/std: the statistics of the training
+    split the set was condensed from, as the protocol normalises test images. Splits that carry
+    their own statistics (an image folder's, tensors') differ slightly; raw (uint8) test pixels
+    then take the set's. Statistics far apart (by more than 0.02 in [0, 1] pixel units) warn: the
+    set was most likely condensed from another data set, and its accuracy would mean nothing."""
+    pairs = list(zip((*synset.mean, *synset.std), (*test_set.mean, *test_set.std)))
+    if not all(math.isclose(a, b, abs_tol=0.02) for a, b in pairs):
+        condensed_from = synset.meta.get("dataset", "another data set")
+        warnings.warn(f"the synthetic set ({condensed_from}) is normalised with mean {synset.mean}, std {synset.std} "
+                      f"but the test set ({test_set.name}) with mean {test_set.mean}, std {test_set.std}: "
+                      f"was it condensed from another data set?", stacklevel=3)
+    if test_set.images.dtype == torch.uint8 and any(a != b for a, b in pairs):
+        return replace(test_set, mean=synset.mean, std=synset.std)
+    return test_set
+
+
 def evaluate(synset, test_set: ImageDataset, model: str = "ConvNet", repeats: int = 5,
              epochs: int = 1000, lr: float | None = None, batch_size: int | None = None, dsa: bool = True,
              seed: int = 0, *, baseline: bool = False, train_set: ImageDataset | None = None,
@@ -303,11 +322,16 @@ def evaluate(synset, test_set: ImageDataset, model: str = "ConvNet", repeats: in
                          f"{(test_set.channels, *test_set.image_size)}")
     if not torch.isfinite(images).all():
         raise ValueError("the synthetic set holds non-finite pixels")
+    test_set = normalized_like_the_set(synset, test_set)
     if len(test_set) and int(test_set.labels.max()) >= synset.num_classes:
         raise ValueError(f"the test set has labels up to {int(test_set.labels.max())} but the synthetic set has "
                          f"{synset.num_classes} classes: its models could never predict those labels")
     if lr is None:
         lr = float(synset.lr) if synset.lr is not None else 0.01
+        if not lr > 0:
+            raise ValueError(f"the synthetic set's learned lr is {lr:g}; give a positive lr to evaluate it")
+    elif not lr > 0:
+        raise ValueError(f"lr must be a positive learning rate, got {lr}")
     strategy = (dsa_strategy or _default_eval_strategy(test_set.name, recipe)) if dsa else None
     schedule = "lr x0.2 at 2/3 and 5/6 of the epochs; CutMix p 0.5" if recipe == "idc" else "lr x0.1 at epochs//2"
     described = dict(model=model, repeats=repeats, epochs=epochs, lr=lr, batch_size=batch_size,

@@ -2,6 +2,8 @@
 its repeats trained together as one vmapped model match the repeats trained one by one, and a
 stopped evaluation resumes from its finished runs."""
 import importlib
+import warnings
+from dataclasses import replace
 
 import pytest
 import torch
@@ -125,9 +127,37 @@ def test_bad_input():
     # a test set holding only some of the set's classes is fine: the models still have one output per set class
     partial = _separable(2, classes=2, seed=1)
     assert 0.0 <= ce.evaluate(synset, partial, repeats=1, epochs=1).mean <= 1.0
+    with pytest.raises(ValueError, match="lr must be a positive learning rate, got -0.1"):
+        ce.evaluate(synset, test, repeats=1, epochs=1, lr=-0.1)
+    synset.lr = torch.tensor(-0.01)
+    with pytest.raises(ValueError, match="learned lr is -0.01"):
+        ce.evaluate(synset, test, repeats=1, epochs=1)
+    synset.lr = None
     synset.images[0, 0, 0, 0] = float("nan")
     with pytest.raises(ValueError, match="non-finite"):
         ce.evaluate(synset, test, repeats=1, epochs=1)
+
+
+def test_test_images_are_normalised_with_the_sets_statistics():
+    """A test split that carries its own statistics is evaluated as if normalised with the training
+    split's, which the set's pixels are in: the result is the same as with those statistics."""
+    train, test = _separable(4), _separable(6, seed=1)
+    assert test.mean != train.mean  # from_tensors gave each split its own statistics
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # close statistics: no warning
+        own = ce.evaluate(_synset(train), test, model="ConvNetW32", repeats=1, epochs=3, dsa=False, device="cpu")
+    like_train = replace(test, mean=train.mean, std=train.std)
+    expected = ce.evaluate(_synset(train), like_train, model="ConvNetW32", repeats=1, epochs=3, dsa=False,
+                           device="cpu")
+    assert own.accuracies == expected.accuracies and own.losses == expected.losses
+
+
+def test_statistics_of_another_data_set_warn():
+    train, test = _separable(4), _separable(6, seed=1)
+    synset = _synset(train)
+    synset.mean, synset.meta = (0.5,), {"dataset": "fashion-mnist"}
+    with pytest.warns(UserWarning, match=r"synthetic set \(fashion-mnist\).*test set \(toy\).*another data set"):
+        ce.evaluate(synset, test, model="ConvNetW32", repeats=1, epochs=1, dsa=False, device="cpu")
 
 
 def _train_both_ways(train, test, *, repeats, epochs, batch_size, strategy, seed=3):
