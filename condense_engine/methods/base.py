@@ -45,8 +45,8 @@ def _dataset_key(name: str) -> str:
 def check_option(method: str, name: str, value, default) -> None:
     """ValueError unless `value` has the kind of `default` (bool, int, number, string; a None
     default takes anything, and None is taken as "the method's choice", e.g. batch_syn=None for
-    the whole set; the method checks those), and a number is finite: a typo such as lr_img=abc
-    or lr_img=nan fails here, not iterations later inside an update."""
+    the whole set; the method checks those), a number is finite and a learning rate positive: a
+    typo such as lr_img=abc, lr_img=nan or lr_img=-1 fails here, not later inside an update."""
     if default is None or value is None:
         if isinstance(value, numbers.Real) and not isinstance(value, bool):
             check_learning_rate(method, name, value)
