@@ -27,8 +27,8 @@ import torch.nn.functional as F
 from torch.func import stack_module_state
 
 from condense_engine import __version__, distributed
-from condense_engine.checkpoint import (atomic_save, check_format, load_versioned, read_torch_file,
-                                        require_writable_folder)
+from condense_engine.checkpoint import (atomic_save, check_format, load_failure_reason, load_versioned,
+                                        read_torch_file, require_writable_folder)
 from condense_engine.datasets.rows import PLACEMENTS, RealImages, check_placement
 from condense_engine.device import resolve_device
 from condense_engine.evaluate_batched import augment_each, cross_entropy_of, stacked_template, unbatchable_reason
@@ -145,7 +145,7 @@ class ExpertBuffer:
         try:
             content = torch.load(path, mmap=True, weights_only=True, map_location="cpu")
         except Exception as error:
-            raise ValueError(f"expert file {path} is corrupt or truncated ({str(error).splitlines()[0]}); "
+            raise ValueError(f"expert file {path} is corrupt or truncated ({load_failure_reason(error)}); "
                              "delete it and its entry will be retrained by running `condense experts` "
                              "again with the same settings") from error
         content = check_format(content, EXPERT_KIND, FORMAT_VERSION, path)

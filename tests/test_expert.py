@@ -70,6 +70,10 @@ def test_loading_is_lazy_and_a_truncated_expert_gives_a_clear_error(tmp_path):
     assert buffer[0].shape[0] == 3
     with pytest.raises(ValueError, match=f"{expert_file_name(1)} is corrupt or truncated"):
         buffer[1]
+    torch.save({"when": datetime.date(2026, 1, 1)}, damaged)  # a readable file holding a disallowed object
+    with pytest.raises(ValueError, match=f"{expert_file_name(1)} is corrupt or truncated.*datetime") as raised:
+        load_experts(tmp_path)[1]
+    assert "weights_only" not in str(raised.value)  # not torch's advice to load it unsafely
 
 
 def test_interrupted_training_continues_to_the_same_buffer(tmp_path):
