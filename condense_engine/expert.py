@@ -326,6 +326,10 @@ def train_experts(dataset, num_experts: int, epochs: int, *, model: str = "ConvN
         raise ValueError(f"epochs must be a positive int, got {epochs!r}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
+    if not lr > 0:
+        raise ValueError(f"lr must be a positive learning rate, got {lr}")
+    if not (momentum >= 0 and weight_decay >= 0):
+        raise ValueError(f"momentum and weight_decay must be non-negative, got {momentum} and {weight_decay}")
     if isinstance(parallel, bool) or not isinstance(parallel, int) or parallel < 1:
         raise ValueError(f"parallel must be a positive int, got {parallel!r}")
     if parallel > 1 and optimizer != "sgd":

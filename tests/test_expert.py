@@ -295,6 +295,13 @@ def test_invalid_arguments_are_refused():
         train_experts(_toy(), 0, 2, **SETTINGS)
     with pytest.raises(ValueError, match="epochs"):
         train_experts(_toy(), 1, 0, **SETTINGS)
+    for lr in (0.0, -0.01, float("nan")):
+        with pytest.raises(ValueError, match="lr must be a positive learning rate"):
+            train_experts(_toy(), 1, 1, **{**SETTINGS, "lr": lr})
+    with pytest.raises(ValueError, match="momentum and weight_decay must be non-negative"):
+        train_experts(_toy(), 1, 1, **{**SETTINGS, "momentum": -0.5})
+    with pytest.raises(ValueError, match="momentum and weight_decay must be non-negative"):
+        train_experts(_toy(), 1, 1, **{**SETTINGS, "weight_decay": float("nan")})
 
 
 def test_experts_command_trains_a_buffer(tmp_path, capsys):
