@@ -1,6 +1,8 @@
 """Option checks shared by every registered method (condense_engine.methods.base)."""
 import pytest
+import torch
 
+import condense_engine as ce
 from condense_engine.methods import get_method, method_names
 from condense_engine.methods.base import is_learning_rate
 
@@ -27,3 +29,26 @@ def test_non_positive_learning_rate_is_refused_by_name(method, option, value):
 @pytest.mark.parametrize("method, option", _learning_rate_options())
 def test_positive_learning_rate_is_accepted(method, option):
     assert get_method(method)("mnist", 1, **{option: 0.5}).options[option] == 0.5
+
+
+def _imbalanced(smallest=5):
+    """Four 8×8 classes of 12 images, except class 2 with `smallest`."""
+    counts = [12, 12, smallest, 12]
+    labels = torch.cat([torch.full((n,), c) for c, n in enumerate(counts)])
+    return torch.rand(len(labels), 1, 8, 8, generator=torch.Generator().manual_seed(0)), labels
+
+
+@pytest.mark.parametrize("method, fits", [("dm", 5), ("m3d", 5), ("dc", 5), ("dsa", 5), ("idc", 5), ("dd", 20)])
+def test_real_batch_larger_than_a_class_is_refused_before_the_first_step(method, fits):
+    """The default batch_real draws more real images of every class than class 2 holds: the run
+    stops in the method's init, naming the option and the largest value that fits (the first
+    step would only say that a draw failed)."""
+    with pytest.raises(ValueError, match=rf"method '{method}': batch_real=\d+ draws \d+ distinct real images of "
+                                         rf"every class each step, but class 2 \('2'\) has only 5; "
+                                         rf"pass batch_real={fits} or less"):
+        ce.distill(_imbalanced(), method=method, ipc=1, iterations=1, device="cpu")
+
+
+def test_real_batch_that_fits_the_smallest_class_runs():
+    synset = ce.distill(_imbalanced(), method="dm", ipc=1, iterations=1, device="cpu", batch_real=5)
+    assert synset.images.shape == (4, 1, 8, 8)

@@ -138,6 +138,23 @@ class Method:
     def iterations(self) -> int:
         return int(self.options["iterations"])
 
+    def check_real_batch(self, sampler, classes_sharing: int = 1) -> None:
+        """ValueError before the first step when the smallest class cannot give the distinct real
+        images per class that option batch_real draws each step (batch_real // `classes_sharing`:
+        DD splits it over all classes, DM and DC draw it per class). It names the option and the
+        largest value that fits, where the first step would only say that a draw failed."""
+        batch_real = self.options["batch_real"]
+        if batch_real < 1:
+            raise ValueError(f"method {self.name!r}: batch_real must be at least 1, got {batch_real}")
+        per_class = batch_real // classes_sharing
+        counts = sampler.counts
+        smallest = int(counts.argmin())
+        have = int(counts[smallest])
+        if have < per_class:
+            raise ValueError(f"method {self.name!r}: batch_real={batch_real} draws {per_class} distinct real images "
+                             f"of every class each step, but class {smallest} ({sampler.classes[smallest]!r}) has "
+                             f"only {have}; pass batch_real={have * classes_sharing} or less")
+
     def init(self, synset, dataset, sampler, generator: torch.Generator, device: torch.device) -> None:
         raise NotImplementedError
 

@@ -87,6 +87,7 @@ class DC(Method):
         self.num_classes = dataset.num_classes
         self.channels, self.image_size = dataset.channels, tuple(dataset.image_size)
         self.take_shard(dataset)
+        self.check_real_batch(sampler)
         self.strategy = None
         if self.options["dsa"]:
             self.strategy = self.options["dsa_strategy"] or ops.default_strategy(dataset.name)

@@ -77,6 +77,7 @@ class DD(Method):
                              f"({dataset.num_classes} classes)")
         self.shard = self.shard or ClassShard.whole(dataset.num_classes)
         refuse_batchnorm_when_sharded(self.shard, self.options["model"], dataset)
+        self.check_real_batch(sampler, classes_sharing=dataset.num_classes)
         self.memory = exact_when_sharded(self.name, self.options["memory"], self.shard)
         self.sampler, self.generator, self.device = sampler, generator, device
         self.real_per_class = per_step

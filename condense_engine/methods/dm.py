@@ -67,6 +67,7 @@ class DM(Method):
         if self.shard.sharded and self.arch["norm"] == "batchnorm":
             raise ValueError(f"{self.options['model']} uses BatchNorm, whose batch statistics mix classes: it "
                              f"cannot run class-sharded; use one process or an instance-norm ConvNet")
+        self.check_real_batch(sampler)
         self.strategy = None
         if self.options["dsa"]:
             self.strategy = self.options["dsa_strategy"] or ops.default_strategy(dataset.name)

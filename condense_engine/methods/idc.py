@@ -90,6 +90,7 @@ class IDC(DC):
         self.num_classes = dataset.num_classes
         self.channels, self.image_size = dataset.channels, tuple(dataset.image_size)
         self.take_shard(dataset)
+        self.check_real_batch(sampler)
         self.strategy = self.options["dsa_strategy"] if self.options["dsa"] else None
         if factor > 1:
             multi_formation_init(synset, sampler, factor, self.ipc, self.shard)
