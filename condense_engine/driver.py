@@ -27,7 +27,7 @@ import torch
 from condense_engine import __version__
 from condense_engine.checkpoint import (capture_rng_state, load_checkpoint, require_writable_folder, restore_rng_state,
                                         save_checkpoint, stop_flag_on_signal)
-from condense_engine.datasets import ClassSampler, ImageDataset, from_tensors, from_torch_dataset
+from condense_engine.datasets import ClassSampler, ImageDataset, as_dataset
 from condense_engine.device import resolve_device
 from condense_engine.distributed import check_on_every_rank, class_shard
 from condense_engine.errors import NonFiniteError, NonFiniteLossError
@@ -38,18 +38,6 @@ from condense_engine.synset import SyntheticSet
 ACCELERATOR_SYNC_EVERY = 10
 #: The keys of a log record that the driver adds beside the method's stats.
 _DRIVER_KEYS = ("iteration", "seconds", "eval")
-
-
-def as_dataset(data) -> ImageDataset:
-    """An ImageDataset from an ImageDataset, an (images, labels) pair or a torch Dataset."""
-    if isinstance(data, ImageDataset):
-        return data
-    if isinstance(data, (tuple, list)) and len(data) == 2 and all(isinstance(t, torch.Tensor) for t in data):
-        return from_tensors(*data)
-    if isinstance(data, torch.utils.data.Dataset):
-        return from_torch_dataset(data)
-    raise TypeError(f"distill needs an ImageDataset, an (images, labels) tensor pair or a torch Dataset, "
-                    f"got {type(data).__name__}")
 
 
 def initial_synset(dataset: ImageDataset, sampler: ClassSampler, ipc: int, generator, meta: dict,
@@ -125,8 +113,22 @@ def _read_back(tensors: list) -> list:
     return values
 
 
+def checked_test_set(test_set, dataset: ImageDataset) -> ImageDataset:
+    """`test_set` as an ImageDataset (a tensor pair takes the training data's statistics), refused
+    now if the periodic evaluations could not use it: other image shapes, or labels the
+    training data lacks."""
+    test_set = as_dataset(test_set, "test_set", mean=dataset.mean, std=dataset.std)
+    if (test_set.channels, *test_set.image_size) != (dataset.channels, *dataset.image_size):
+        raise ValueError(f"test_set holds {(test_set.channels, *test_set.image_size)} images but the data to "
+                         f"distill {(dataset.channels, *dataset.image_size)}")
+    if int(test_set.labels.max()) >= dataset.num_classes:
+        raise ValueError(f"test_set has labels up to {int(test_set.labels.max())} but the data to distill has "
+                         f"{dataset.num_classes} classes")
+    return test_set
+
+
 def distill(dataset, method: str = "dm", ipc: int = 10, iterations: int | None = None, device=None,
-            seed: int = 0, *, test_set: ImageDataset | None = None, eval_every: int = 0,
+            seed: int = 0, *, test_set=None, eval_every: int = 0,
             eval_options: dict | None = None, checkpoint: str | None = None, checkpoint_every: int = 500,
             resume: bool = False, log: str | None = None, progress: bool = True, sync_every: int | None = None,
             real_images_on: str = "device", **options) -> SyntheticSet:
@@ -137,7 +139,8 @@ def distill(dataset, method: str = "dm", ipc: int = 10, iterations: int | None =
     atomically every `checkpoint_every` iterations and when SIGTERM/SIGINT arrives, and
     `resume=True` continues from it (bit-identically on CPU), also when it was written by the
     same run with fewer iterations, which extends that run. `test_set` with `eval_every > 0`
-    evaluates the set periodically (`eval_options` go to `ce.evaluate`). Called on every rank of
+    evaluates the set periodically (`eval_options` go to `ce.evaluate`); it is checked against
+    `dataset` before the first iteration. Called on every rank of
     an initialised torch.distributed group (e.g. under torchrun), every method shards the
     classes across the ranks and every rank returns the whole set (see `condense_engine.distributed`).
 
@@ -150,10 +153,14 @@ def distill(dataset, method: str = "dm", ipc: int = 10, iterations: int | None =
     `real_images_on` "host" keeps the real images off the device and moves each batch there (a
     set larger than the device's memory; see `ClassSampler`); the draws are the same.
     """
-    dataset = as_dataset(dataset)
+    dataset = as_dataset(dataset, "the data to distill")
     counts = dataset.class_counts()
     if not isinstance(ipc, int) or ipc < 1:
         raise ValueError(f"ipc must be a positive integer, got {ipc!r}")
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+        raise ValueError(f"seed must be an integer, got {seed!r}")
+    if test_set is not None:
+        test_set = checked_test_set(test_set, dataset)
     if sync_every is not None and (isinstance(sync_every, bool) or not isinstance(sync_every, int) or sync_every < 1):
         raise ValueError(f"sync_every must be a positive integer or None, got {sync_every!r}")
     if ipc > int(counts.min()):

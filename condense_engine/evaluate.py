@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from condense_engine import models
 from condense_engine.checkpoint import atomic_save, load_versioned
 from condense_engine.models.layers import ACTIVATION_CHANNELS, forward_chunk
-from condense_engine.datasets import ClassSampler, ImageDataset, RealImages
+from condense_engine.datasets import ClassSampler, ImageDataset, RealImages, as_dataset
 from condense_engine.device import resolve_device
 from condense_engine.evaluate_batched import train_and_test_batched, unbatchable_reason
 from condense_engine.methods.augment import cutmix
@@ -285,13 +285,15 @@ def normalized_like_the_set(synset, test_set: ImageDataset) -> ImageDataset:
     return test_set
 
 
-def evaluate(synset, test_set: ImageDataset, model: str = "ConvNet", repeats: int = 5,
+def evaluate(synset, test_set, model: str = "ConvNet", repeats: int = 5,
              epochs: int = 1000, lr: float | None = None, batch_size: int | None = None, dsa: bool = True,
-             seed: int = 0, *, baseline: bool = False, train_set: ImageDataset | None = None,
+             seed: int = 0, *, baseline: bool = False, train_set=None,
              dsa_strategy: str | None = None, device=None, batched: bool | None = None,
              recipe: str = "dc", checkpoint: str | None = None) -> EvalReport:
     """Train `repeats` fresh `model`s on `synset` and report their test accuracy (SPEC §6).
 
+    `test_set` and `train_set` take what `distill` takes: an ImageDataset, an (images, labels)
+    tensor pair or a torch Dataset.
     `recipe` "dc" is the standard protocol, "idc" IDC's (see the module docstring); batch_size
     None is the recipe's (256 or 64).
     `lr=None` takes the set's learned lr when it has one, else 0.01. `baseline=True` needs
@@ -305,6 +307,10 @@ def evaluate(synset, test_set: ImageDataset, model: str = "ConvNet", repeats: in
     """
     if recipe not in RECIPES:
         raise ValueError(f"recipe must be one of {RECIPES}, got {recipe!r}")
+    # A tensor pair's pixels take the set's statistics, as a data set's test split does.
+    test_set = as_dataset(test_set, "test_set", mean=synset.mean, std=synset.std)
+    if train_set is not None:
+        train_set = as_dataset(train_set, "train_set", mean=synset.mean, std=synset.std)
     if batch_size is None:
         batch_size = IDC_BATCH if recipe == "idc" else 256
     if repeats < 1 or epochs < 1 or batch_size < 1:

@@ -26,6 +26,7 @@ import dataclasses
 import math
 from dataclasses import dataclass
 
+from condense_engine.datasets import as_dataset
 from condense_engine.evaluate import EvalReport, evaluate
 from condense_engine.synset import SyntheticSet
 
@@ -78,6 +79,8 @@ def fair_scores(synset: SyntheticSet, test_set, train_set, *, full_accuracy: flo
         raise ValueError("fair_scores sets dsa and baseline itself; leave them out")
     if train_set is None:
         raise ValueError("fair_scores needs train_set: the random subsets (and the full-data run) come from it")
+    test_set = as_dataset(test_set, "test_set", mean=synset.mean, std=synset.std)
+    train_set = as_dataset(train_set, "train_set", mean=synset.mean, std=synset.std)
     if report is not None and (report.baseline is None or not report.recipe.get("dsa_strategy")):
         raise ValueError("report must come from evaluate(..., dsa=True, baseline=True): it needs the DSA "
                          "accuracies of the set and of its random-real baseline")

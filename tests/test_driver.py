@@ -52,6 +52,39 @@ def test_a_checkpoint_folder_that_cannot_be_written_fails_before_the_first_itera
         ce.distill(toy_dataset(), iterations=1, checkpoint=str(blocker / "checkpoint.pt"), **RUN)
 
 
+@pytest.mark.parametrize("bad", ["a", 1.5, True, None])
+def test_seed_must_be_an_int(bad):
+    with pytest.raises(ValueError, match="seed must be an integer"):
+        ce.distill(toy_dataset(), iterations=1, **dict(RUN, seed=bad))
+
+
+@pytest.mark.parametrize("test_set, error, match", [
+    (toy_dataset(size=10), ValueError, r"test_set holds \(1, 10, 10\) images but the data to distill \(1, 12, 12\)"),
+    (toy_dataset(classes=4), ValueError, "test_set has labels up to 3 but the data to distill has 3 classes"),
+    ("data/test", TypeError, r"test_set must be an ImageDataset, an \(images, labels\) tensor pair"),
+])
+def test_a_test_set_the_evaluations_cannot_use_fails_before_the_first_iteration(test_set, error, match, tmp_path):
+    """With eval_every, a mismatched test set used to fail only at the first evaluation."""
+    log = tmp_path / "log.jsonl"
+    with pytest.raises(error, match=match):
+        ce.distill(toy_dataset(), iterations=4, test_set=test_set, eval_every=2, log=str(log), **RUN)
+    assert not log.exists() or _records(log) == []
+
+
+def test_a_tensor_pair_test_set_is_evaluated_with_the_training_statistics():
+    """A pair's pixels take the training data's mean/std, as a data set's test split does."""
+    train = toy_dataset()
+    pixels = train.images.float() / 255 * 0.5  # darker: its own statistics would differ
+    pair = (pixels, train.labels)
+    seen = []
+    report = types.SimpleNamespace(mean=0.0, std=0.0, accuracies=[])
+    with mock.patch.object(driver, "evaluate_now", lambda synset, test_set, options: seen.append(test_set) or report):
+        ce.distill(train, iterations=2, test_set=pair, eval_every=2, **RUN)
+    (used,) = seen
+    assert (used.mean, used.std) == (train.mean, train.std)
+    torch.testing.assert_close(used.normalized(), (pixels - train.mean[0]) / train.std[0])
+
+
 @pytest.mark.parametrize("bad", [-1, 2.5, True, "3", float("inf"), float("nan")])
 def test_iterations_must_be_a_non_negative_int(bad):
     with pytest.raises(ValueError, match="iterations must be a non-negative integer"):

@@ -158,6 +158,28 @@ def test_test_images_are_normalised_with_the_sets_statistics(monkeypatch):
     torch.testing.assert_close(used.normalized(), expected)
 
 
+def test_tensor_pairs_are_evaluated_like_data_sets(monkeypatch):
+    """test_set and train_set take an (images, labels) pair as distill does; float pixels are
+    normalised with the set's statistics, not the pair's own."""
+    train, test = _separable(4), _separable(6, seed=1)
+    pixels = test.images.float() / 255
+    seen = []
+    evaluate_module = importlib.import_module("condense_engine.evaluate")
+    train_repeats = evaluate_module._train_repeats
+    monkeypatch.setattr(evaluate_module, "_train_repeats",
+                        lambda images, labels, test_set, **kw: seen.append(test_set) or train_repeats(
+                            images, labels, test_set, **kw))
+    options = dict(model="ConvNetW32", repeats=1, epochs=2, dsa=False, device="cpu", baseline=True)
+    from_pairs = ce.evaluate(_synset(train), (pixels, test.labels), train_set=(train.images, train.labels),
+                             **options)
+    from_sets = ce.evaluate(_synset(train), test, train_set=train, **options)
+    assert from_pairs.accuracies == from_sets.accuracies
+    assert from_pairs.baseline.accuracies == from_sets.baseline.accuracies
+    torch.testing.assert_close(seen[0].normalized(), (pixels - train.mean[0]) / train.std[0])
+    with pytest.raises(TypeError, match="test_set must be an ImageDataset, an \\(images, labels\\) tensor pair"):
+        ce.evaluate(_synset(train), "data/test", **options)
+
+
 def test_statistics_of_another_data_set_warn():
     train, test = _separable(4), _separable(6, seed=1)
     synset = _synset(train)

@@ -8,7 +8,7 @@
 Format problems raise DatasetError (a ValueError) naming the file and what was expected; a
 missing file or folder raises FileNotFoundError with its path.
 """
-from condense_engine.datasets.arrays import from_tensors, from_torch_dataset
+from condense_engine.datasets.arrays import as_dataset, from_tensors, from_torch_dataset
 from condense_engine.datasets.base import DatasetError, ImageDataset, channel_stats
 from condense_engine.datasets.registry import list_datasets, load, verify
 from condense_engine.datasets.rows import RealImages
@@ -16,4 +16,4 @@ from condense_engine.datasets.sampler import ClassSampler
 from condense_engine.datasets.zca import ZCA, whiten
 
 __all__ = ["ImageDataset", "DatasetError", "load", "list_datasets", "verify",
-           "ClassSampler", "RealImages", "ZCA", "whiten", "from_tensors", "from_torch_dataset", "channel_stats"]
+           "ClassSampler", "RealImages", "ZCA", "whiten", "as_dataset", "from_tensors", "from_torch_dataset", "channel_stats"]

@@ -27,6 +27,20 @@ def from_tensors(images, labels, *, classes=None, mean=None, std=None, name="ten
                          split=split, normalized=normalized, source="images")
 
 
+def as_dataset(data, role: str, *, mean=None, std=None) -> ImageDataset:
+    """An ImageDataset from an ImageDataset, an (images, labels) pair (see from_tensors) or a
+    torch Dataset: every entry point takes the same three. `role` names the argument in errors;
+    `mean`/`std` normalise a pair's pixels (default: its own statistics)."""
+    if isinstance(data, ImageDataset):
+        return data
+    if isinstance(data, (tuple, list)) and len(data) == 2 and all(isinstance(t, torch.Tensor) for t in data):
+        return from_tensors(*data, mean=mean, std=std)
+    if isinstance(data, torch.utils.data.Dataset):
+        return from_torch_dataset(data)
+    raise TypeError(f"{role} must be an ImageDataset, an (images, labels) tensor pair or a torch Dataset, "
+                    f"got {type(data).__name__}")
+
+
 def build_dataset(images, labels, *, classes, mean, std, name, split, normalized,
                   source: str) -> ImageDataset:
     """from_tensors with `source` (a file name, for readers) named in every error."""
