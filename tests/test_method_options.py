@@ -4,7 +4,7 @@ import torch
 
 import condense_engine as ce
 from condense_engine.methods import get_method, method_names
-from condense_engine.methods.base import is_learning_rate
+from condense_engine.methods.base import COUNT_OPTIONS, NON_NEGATIVE_OPTIONS, check_option, is_learning_rate
 
 
 def _learning_rate_options():
@@ -29,6 +29,40 @@ def test_non_positive_learning_rate_is_refused_by_name(method, option, value):
 @pytest.mark.parametrize("method, option", _learning_rate_options())
 def test_positive_learning_rate_is_accepted(method, option):
     assert get_method(method)("mnist", 1, **{option: 0.5}).options[option] == 0.5
+
+
+def _options_in(names):
+    """(method, option) for every option of every method whose name is in `names`."""
+    return [(name, option) for name in method_names() for option in get_method(name).defaults if option in names]
+
+
+def test_the_range_lists_name_real_options():
+    """A misspelt entry in COUNT_OPTIONS or NON_NEGATIVE_OPTIONS would check nothing."""
+    named = {option for _, option in _options_in(COUNT_OPTIONS | NON_NEGATIVE_OPTIONS)}
+    assert named == COUNT_OPTIONS | NON_NEGATIVE_OPTIONS
+
+
+@pytest.mark.parametrize("method, option", _options_in(COUNT_OPTIONS))
+def test_a_count_below_one_is_refused_by_name(method, option):
+    with pytest.raises(ValueError, match=f"option {option} counts something and must be at least 1, got 0"):
+        get_method(method)("mnist", 1, **{option: 0})
+
+
+@pytest.mark.parametrize("method, option", _options_in(NON_NEGATIVE_OPTIONS))
+def test_a_negative_value_is_refused_where_zero_is_allowed(method, option):
+    value = get_method(method).defaults[option]
+    zero = 0.0 if isinstance(value, float) else 0
+    assert get_method(method)("mnist", 1, **{option: zero}).options[option] == zero
+    with pytest.raises(ValueError, match=f"option {option} must not be negative"):
+        get_method(method)("mnist", 1, **{option: zero - 1})
+
+
+@pytest.mark.parametrize("method", method_names())
+def test_every_default_and_published_override_passes_the_checks(method):
+    cls = get_method(method)
+    for options in [cls.defaults] + [values for _, _, values in cls.overrides]:
+        for option, value in options.items():
+            check_option(method, option, value, cls.defaults.get(option))
 
 
 def _imbalanced(smallest=5):

@@ -42,14 +42,25 @@ def _dataset_key(name: str) -> str:
     return name.lower().replace("-", "").replace("_", "")
 
 
+#: Options that count something (images per batch, networks, steps, epochs, bins, ...): at least 1.
+COUNT_OPTIONS = frozenset({
+    "batch_real", "batch_train", "batch_syn", "batch_syn_max", "batch_net", "embed_batch", "class_chunk",
+    "nets", "model_steps", "syn_steps", "inner_steps", "outer_loop", "distill_steps", "distill_epochs",
+    "expert_epochs", "max_start_epoch", "current_max_start_epoch", "expansion_end_epoch", "decay_every",
+    "real_per_epoch", "bins", "factor", "degree"})
+#: Options that may be zero but not negative (no network updates between matches, the first epoch, ...).
+NON_NEGATIVE_OPTIONS = frozenset({"inner_loop", "min_start_epoch", "momentum"})
+
+
 def check_option(method: str, name: str, value, default) -> None:
     """ValueError unless `value` has the kind of `default` (bool, int, number, string; a None
     default takes anything, and None is taken as "the method's choice", e.g. batch_syn=None for
-    the whole set; the method checks those), a number is finite and a learning rate positive: a
-    typo such as lr_img=abc, lr_img=nan or lr_img=-1 fails here, not later inside an update."""
+    the whole set; the method checks those), a number is finite, a learning rate positive and a
+    count (COUNT_OPTIONS) at least 1: a typo such as lr_img=abc, lr_img=nan, lr_img=-1 or
+    model_steps=0 fails here, not later inside an update."""
     if default is None or value is None:
         if isinstance(value, numbers.Real) and not isinstance(value, bool):
-            check_learning_rate(method, name, value)
+            check_number_range(method, name, value)
         return
     kinds = ((bool, "a bool", lambda v: isinstance(v, bool)),
              (int, "an int", lambda v: isinstance(v, numbers.Integral) and not isinstance(v, bool)),
@@ -62,8 +73,8 @@ def check_option(method: str, name: str, value, default) -> None:
                                  f"got {value!r}")
             if kind is float and not math.isfinite(value):
                 raise ValueError(f"method {method!r}: option {name} must be finite, got {value!r}")
-            if kind is float:
-                check_learning_rate(method, name, value)
+            if kind in (int, float):
+                check_number_range(method, name, value)
             return
 
 
@@ -72,10 +83,15 @@ def is_learning_rate(option: str) -> bool:
     return option == "lr" or option.startswith("lr_") or option.endswith("_lr")
 
 
-def check_learning_rate(method: str, name: str, value) -> None:
-    """ValueError when option `name` is a learning rate and `value` is not a positive number."""
+def check_number_range(method: str, name: str, value) -> None:
+    """ValueError when option `name` is a learning rate and `value` is not positive, a count
+    below 1, or an option of NON_NEGATIVE_OPTIONS below 0."""
     if is_learning_rate(name) and not value > 0:
         raise ValueError(f"method {method!r}: option {name} is a learning rate and must be positive, got {value!r}")
+    if name in COUNT_OPTIONS and not value >= 1:
+        raise ValueError(f"method {method!r}: option {name} counts something and must be at least 1, got {value!r}")
+    if name in NON_NEGATIVE_OPTIONS and not value >= 0:
+        raise ValueError(f"method {method!r}: option {name} must not be negative, got {value!r}")
 
 
 def refuse_batchnorm_when_sharded(shard, model: str, dataset) -> None:
@@ -144,8 +160,6 @@ class Method:
         DD splits it over all classes, DM and DC draw it per class). It names the option and the
         largest value that fits, where the first step would only say that a draw failed."""
         batch_real = self.options["batch_real"]
-        if batch_real < 1:
-            raise ValueError(f"method {self.name!r}: batch_real must be at least 1, got {batch_real}")
         per_class = batch_real // classes_sharing
         counts = sampler.counts
         smallest = int(counts.argmin())

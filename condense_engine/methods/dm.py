@@ -207,8 +207,6 @@ class M3D(DM):
 
     def init(self, synset, dataset, sampler, generator, device):
         factor = int(self.options["factor"])
-        if factor < 1:
-            raise ValueError(f"factor must be ≥ 1, got {factor}")
         if factor > 1:
             multi_formation_init(synset, sampler, factor, self.ipc, self.shard)
         super().init(synset, dataset, sampler, generator, device)

@@ -84,8 +84,6 @@ class IDC(DC):
         if self.options["metric"] not in METRICS:
             raise ValueError(f"IDC's metric must be one of {METRICS}, got {self.options['metric']!r}")
         factor = int(self.options["factor"])
-        if factor < 1:
-            raise ValueError(f"factor must be ≥ 1, got {factor}")
         self.sampler, self.generator, self.device = sampler, generator, device
         self.num_classes = dataset.num_classes
         self.channels, self.image_size = dataset.channels, tuple(dataset.image_size)
