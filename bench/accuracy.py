@@ -30,7 +30,7 @@ import condense_engine as ce
 from bench import common
 from condense_engine.checkpoint import load_checkpoint
 from condense_engine.cli import parse_option
-from condense_engine.driver import without_total
+from condense_engine.driver import run_config, run_differences
 from condense_engine.methods import get_method
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -204,7 +204,7 @@ def shorter_cell(folder: str, iterations: int, config: dict) -> tuple[str, int] 
         if not match or int(match.group(1)) >= iterations or not os.path.exists(checkpoint):
             continue
         state = load_checkpoint(checkpoint)
-        if without_total(state["config"]) == without_total(config) and (best is None or state["iteration"] > best[1]):
+        if not run_differences(state["config"], config) and (best is None or state["iteration"] > best[1]):
             best = (candidate, state["iteration"])
     return best
 
@@ -236,7 +236,8 @@ def distill_cell(train, method: str, ipc: int, iterations: int, device: torch.de
         return synset, dict(seconds=synset.meta["run_seconds"], reused=finished,
                             **({"extended_from": synset.meta["extended_from"]} if "extended_from" in synset.meta else {}))
     if not os.path.exists(checkpoint):
-        config = dict(method=algorithm.name, dataset=train.name, ipc=ipc, seed=seed, options=expected)
+        algorithm.options = expected
+        config = run_config(algorithm, train, ipc, seed)
         shorter = shorter_cell(folder, iterations, config)
         if shorter:
             os.makedirs(folder, exist_ok=True)

@@ -193,7 +193,7 @@ def distill(dataset, method: str = "dm", ipc: int = 10, iterations: int | None =
     generator = torch.Generator().manual_seed(seed)
     sampler = ClassSampler(dataset, device=device, generator=generator,
                            classes=(shard.first, shard.end) if shard.sharded else None, images_on=real_images_on)
-    config = dict(method=algorithm.name, dataset=dataset.name, ipc=ipc, seed=seed, options=algorithm.options)
+    config = run_config(algorithm, dataset, ipc, seed)
     meta = dict(config, iterations=total, version=__version__, normalization=dict(mean=dataset.mean, std=dataset.std),
                 ranks=shard.world)
     synset = initial_synset(dataset, sampler, ipc, generator, meta, shard)
@@ -304,8 +304,10 @@ def _restore(path: str, config: dict, synset: SyntheticSet, algorithm, generator
     """Load a checkpoint of this run, or of the same run with fewer iterations: no method's step
     reads the total, so continuing a shorter run's last state is the longer run exactly."""
     state = load_checkpoint(path, map_location="cpu")
-    if without_total(state["config"]) != without_total(config):
-        raise ValueError(f"{path} belongs to another run: it has {state['config']}, this run is {config}")
+    differences = run_differences(state["config"], config)
+    if differences:
+        raise ValueError(f"{path} belongs to another run: {'; '.join(differences)}. Remove it, or resume with "
+                         f"the settings it was written with")
     total = config["options"]["iterations"]
     if state["iteration"] > total:
         raise ValueError(f"{path} is at iteration {state['iteration']}, beyond this run's {total} iterations")
@@ -316,9 +318,32 @@ def _restore(path: str, config: dict, synset: SyntheticSet, algorithm, generator
     return int(state["iteration"])
 
 
-def without_total(config: dict) -> dict:
-    """A run's config without its iteration count: runs equal under it differ only in length."""
-    return dict(config, options={k: v for k, v in config["options"].items() if k != "iterations"})
+def run_config(algorithm, dataset: ImageDataset, ipc: int, seed: int) -> dict:
+    """What makes a run this run, as its checkpoint records it: method, data (name and
+    fingerprint), IPC, seed and every option."""
+    return dict(method=algorithm.name, dataset=dataset.name, data=dataset.fingerprint(), ipc=ipc, seed=seed,
+                options=algorithm.options)
+
+
+def run_differences(saved: dict, here: dict) -> list:
+    """How the run of config `saved` differs from the run `here`, ignoring the iteration count
+    (runs that differ only in length continue each other) and the data fingerprint where `saved`
+    predates it; empty for the same run."""
+    def flat(config):
+        fields = {key: value for key, value in config.items() if key != "options"}
+        fields.update({f"option {key}": value for key, value in config["options"].items() if key != "iterations"})
+        return fields
+
+    saved_fields, here_fields = flat(saved), flat(here)
+    if "data" not in saved_fields:
+        here_fields.pop("data", None)
+    def shown(fields, key):
+        return repr(fields[key]) if key in fields else "absent"
+
+    names = dict(data="the data's fingerprint")
+    return [f"{names.get(key, key)} {shown(saved_fields, key)} there, {shown(here_fields, key)} here"
+            for key in sorted(saved_fields.keys() | here_fields.keys())
+            if key not in saved_fields or key not in here_fields or saved_fields[key] != here_fields[key]]
 
 
 def _progress(enabled: bool, start: int, total: int, name: str):

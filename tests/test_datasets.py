@@ -10,6 +10,7 @@ import tarfile
 import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -670,3 +671,16 @@ def test_load_with_zca_fits_on_train_and_applies_to_test(tmp_path):
     assert train.images.dtype == torch.float32 and test.zca is train.zca
     assert torch.allclose(test.images, train.zca.apply(raw_test.images))
     assert torch.allclose(train.zca.inverse(test.images), raw_test.images / 255.0, atol=1e-5)
+
+
+def test_fingerprint_tells_data_apart_and_repeats():
+    """Same data, same value; another pixel, label order or normalisation, another value."""
+    images = (torch.rand(600, 1, 6, 6, generator=torch.Generator().manual_seed(0)) * 255).to(torch.uint8)
+    labels = torch.arange(600) % 3
+    data = ds.from_tensors(images, labels)
+    assert data.fingerprint() == ds.from_tensors(images.clone(), labels.clone()).fingerprint()
+    changed_pixel = images.clone()
+    changed_pixel[0, 0, 0, 0] ^= 1  # the first image is always among those read
+    others = [ds.from_tensors(changed_pixel, labels), ds.from_tensors(images, labels.roll(1)),
+              replace(data, mean=(0.5,)), ds.from_tensors(images.float() / 255, labels)]
+    assert len({data.fingerprint(), *(other.fingerprint() for other in others)}) == 1 + len(others)

@@ -3,12 +3,13 @@ loop of the published code, the driver resumes bit-identically and guards agains
 import json
 import math
 import os
+from dataclasses import replace
 
 import pytest
 import torch
 
 import condense_engine as ce
-from condense_engine.checkpoint import load_checkpoint
+from condense_engine.checkpoint import load_checkpoint, save_checkpoint
 from condense_engine.errors import NonFiniteLossError
 from condense_engine.methods.dm import DM
 from condense_engine.models import ConvNetBank
@@ -75,13 +76,31 @@ def test_resume_after_interruption_is_bit_identical(tmp_path):
     assert torch.equal(resumed.images, full.images)
 
 
-def test_resume_rejects_another_run(tmp_path):
+def test_resume_rejects_another_run_naming_what_differs(tmp_path):
     data = toy_dataset()
     ckpt = str(tmp_path / "ckpt.pt")
-    ce.distill(data, method="dm", ipc=2, iterations=2, seed=1, progress=False, device="cpu", checkpoint=ckpt, **FAST)
-    with pytest.raises(ValueError, match="another run"):
-        ce.distill(data, method="dm", ipc=2, iterations=4, seed=2, progress=False, device="cpu", checkpoint=ckpt,
-                   resume=True, **FAST)
+    run = dict(method="dm", ipc=2, seed=1, progress=False, device="cpu", checkpoint=ckpt, **FAST)
+    ce.distill(data, iterations=2, **run)
+    with pytest.raises(ValueError, match=r"another run: seed 1 there, 2 here\. Remove it"):
+        ce.distill(data, iterations=4, resume=True, **dict(run, seed=2))
+    with pytest.raises(ValueError, match=r"another run: option lr_img 1\.0 there, 3\.0 here\. Remove it"):
+        ce.distill(data, iterations=4, resume=True, lr_img=3.0, **run)
+    other_pixels = replace(data, images=data.images.flip(0))  # same name, shape and labels' counts
+    with pytest.raises(ValueError, match=r"another run: the data's fingerprint '[0-9a-f]{16}' there, '[0-9a-f]{16}' "):
+        ce.distill(other_pixels, iterations=4, resume=True, **run)
+
+
+def test_a_checkpoint_without_a_data_fingerprint_still_resumes(tmp_path):
+    """Checkpoints written before the fingerprint was recorded continue as before."""
+    data = toy_dataset()
+    ckpt = str(tmp_path / "ckpt.pt")
+    run = dict(method="dm", ipc=2, seed=1, progress=False, device="cpu", **FAST)
+    ce.distill(data, iterations=2, checkpoint=ckpt, **run)
+    state = load_checkpoint(ckpt)
+    del state["config"]["data"]
+    save_checkpoint(state, ckpt)
+    resumed = ce.distill(data, iterations=4, checkpoint=ckpt, resume=True, **run)
+    torch.testing.assert_close(resumed.images, ce.distill(data, iterations=4, **run).images, rtol=0, atol=0)
 
 
 def test_non_finite_loss_stops_and_keeps_last_checkpoint(tmp_path, monkeypatch):
