@@ -337,6 +337,7 @@ def run_differences(saved: dict, here: dict) -> list:
     saved_fields, here_fields = flat(saved), flat(here)
     if "data" not in saved_fields:
         here_fields.pop("data", None)
+
     def shown(fields, key):
         return repr(fields[key]) if key in fields else "absent"
 
