@@ -86,3 +86,8 @@ def test_real_batch_larger_than_a_class_is_refused_before_the_first_step(method,
 def test_real_batch_that_fits_the_smallest_class_runs():
     synset = ce.distill(_imbalanced(), method="dm", ipc=1, iterations=1, device="cpu", batch_real=5)
     assert synset.images.shape == (4, 1, 8, 8)
+
+
+def test_a_run_of_no_iterations_draws_no_real_batch_and_is_not_refused():
+    synset = ce.distill(_imbalanced(), method="dm", ipc=1, iterations=0, device="cpu")
+    assert synset.images.shape == (4, 1, 8, 8)

@@ -158,7 +158,10 @@ class Method:
         """ValueError before the first step when the smallest class cannot give the distinct real
         images per class that option batch_real draws each step (batch_real // `classes_sharing`:
         DD splits it over all classes, DM and DC draw it per class). It names the option and the
-        largest value that fits, where the first step would only say that a draw failed."""
+        largest value that fits, where the first step would only say that a draw failed. A run of
+        no iterations (the real initialisation alone) draws nothing and passes."""
+        if self.iterations == 0:
+            return
         batch_real = self.options["batch_real"]
         per_class = batch_real // classes_sharing
         counts = sampler.counts
