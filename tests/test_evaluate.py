@@ -138,17 +138,23 @@ def test_bad_input():
         ce.evaluate(synset, test, repeats=1, epochs=1)
 
 
-def test_test_images_are_normalised_with_the_sets_statistics(monkeypatch):
-    """A test split that carries its own statistics is evaluated normalised with the training
-    split's, which the set's pixels are in, and without a warning (the statistics are close)."""
-    train, test = _separable(4), _separable(6, seed=1)
-    assert test.mean != train.mean  # from_tensors gave each split its own statistics
+def _test_sets_trained_against(monkeypatch) -> list:
+    """A list that collects the test set every evaluation's models are trained against."""
     seen = []
     evaluate_module = importlib.import_module("condense_engine.evaluate")
     train_repeats = evaluate_module._train_repeats
     monkeypatch.setattr(evaluate_module, "_train_repeats",
                         lambda images, labels, test_set, **kw: seen.append(test_set) or train_repeats(
                             images, labels, test_set, **kw))
+    return seen
+
+
+def test_test_images_are_normalised_with_the_sets_statistics(monkeypatch):
+    """A test split that carries its own statistics is evaluated normalised with the training
+    split's, which the set's pixels are in, and without a warning (the statistics are close)."""
+    train, test = _separable(4), _separable(6, seed=1)
+    assert test.mean != train.mean  # from_tensors gave each split its own statistics
+    seen = _test_sets_trained_against(monkeypatch)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         ce.evaluate(_synset(train), test, model="ConvNetW32", repeats=1, epochs=1, dsa=False, device="cpu")
@@ -163,12 +169,7 @@ def test_tensor_pairs_are_evaluated_like_data_sets(monkeypatch):
     normalised with the set's statistics, not the pair's own."""
     train, test = _separable(4), _separable(6, seed=1)
     pixels = test.images.float() / 255
-    seen = []
-    evaluate_module = importlib.import_module("condense_engine.evaluate")
-    train_repeats = evaluate_module._train_repeats
-    monkeypatch.setattr(evaluate_module, "_train_repeats",
-                        lambda images, labels, test_set, **kw: seen.append(test_set) or train_repeats(
-                            images, labels, test_set, **kw))
+    seen = _test_sets_trained_against(monkeypatch)
     options = dict(model="ConvNetW32", repeats=1, epochs=2, dsa=False, device="cpu", baseline=True)
     from_pairs = ce.evaluate(_synset(train), (pixels, test.labels), train_set=(train.images, train.labels),
                              **options)
