@@ -20,6 +20,7 @@ import json
 import math
 import numbers
 import os
+import sys
 import time
 
 import torch
@@ -138,7 +139,8 @@ def distill(dataset, method: str = "dm", ipc: int = 10, iterations: int | None =
     method's table for the data set and IPC. With `checkpoint` set, the state is written
     atomically every `checkpoint_every` iterations and when SIGTERM/SIGINT arrives, and
     `resume=True` continues from it (bit-identically on CPU), also when it was written by the
-    same run with fewer iterations, which extends that run. `test_set` with `eval_every > 0`
+    same run with fewer iterations, which extends that run; with no file there yet it starts
+    afresh (saying so on stderr when `progress` is on). `test_set` with `eval_every > 0`
     evaluates the set periodically (`eval_options` go to `ce.evaluate`); it is checked against
     `dataset` before the first iteration. Called on every rank of
     an initialised torch.distributed group (e.g. under torchrun), every method shards the
@@ -204,6 +206,8 @@ def distill(dataset, method: str = "dm", ipc: int = 10, iterations: int | None =
     start = 0
     if resume and os.path.exists(checkpoint):
         start = _restore(checkpoint, config, synset, algorithm, generator)
+    elif resume and progress and lead:  # a preemptible job's first start, or a mistyped path: say which
+        print(f"distill: no checkpoint at {checkpoint} yet; starting from iteration 0", file=sys.stderr, flush=True)
 
     def write_checkpoint(iteration: int) -> None:
         if checkpoint and lead:

@@ -237,6 +237,17 @@ def test_resume_rejects_a_checkpoint_beyond_the_run(tmp_path):
         ce.distill(data, iterations=2, checkpoint=ckpt, resume=True, **RUN)
 
 
+def test_resume_without_a_checkpoint_starts_afresh_and_says_where_it_looked(tmp_path, capsys):
+    data = toy_dataset()
+    ckpt = str(tmp_path / "ckpt.pt")
+    fresh = ce.distill(data, iterations=2, **RUN)
+    resumed = ce.distill(data, iterations=2, checkpoint=ckpt, resume=True, **dict(RUN, progress=True))
+    assert torch.equal(resumed.images, fresh.images)
+    assert f"no checkpoint at {ckpt} yet; starting from iteration 0" in capsys.readouterr().err
+    ce.distill(data, iterations=2, checkpoint=ckpt, resume=True, **dict(RUN, progress=True))
+    assert "no checkpoint" not in capsys.readouterr().err  # it found the one just written
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 @pytest.mark.parametrize("method,options", [
     ("dm", FAST), ("m3d", FAST), ("dsa", dict(outer_loop=2, inner_loop=1, batch_real=8, model="ConvNetW32"))])
