@@ -224,6 +224,25 @@ def test_m3d_is_compared_with_dm_only_under_the_same_recipe():
     assert accuracy.method_comparison(rows[-2:], "dm", "m3d") == []
 
 
+def test_at_a_glance_keeps_the_longest_full_evaluation_of_each_cell_beside_the_published_number():
+    def row(method, dataset, ipc, mean, iterations, epochs=1000, **extra):
+        return dict(dict(method=method, dataset=dataset, ipc=ipc, acc_mean=mean, acc_std=0.1, iterations=iterations,
+                         recipe=dict(epochs=epochs), schedule=f"S{iterations}"), **extra)
+    rows = [("a", row("dm", "fashion-mnist", 10, 83.0, 2000)), ("b", row("dm", "fashion-mnist", 10, 82.0, 1000)),
+            ("c", row("dm", "fashion-mnist", 10, 90.0, 9000, epochs=300)),             # not the full evaluation
+            ("d", row("dm", "fashion-mnist", 10, 91.0, 9000, note="superseded: bug")),
+            ("e", row("dm", "fashion-mnist", 1, 71.5, 1000)), ("f", row("dm", "fashion-mnist", 50, 87.8, 1000)),
+            ("g", row("m3d", "mnist", 1, 95.0, 1000, baseline_random=dict(mean=59.1, std=6.0)))]
+    body = [line.split(" | ") for line in accuracy.at_a_glance(rows) if line.startswith("| ") and "IPC" not in line]
+    assert [(cells[0][2:], cells[1], cells[2], cells[3], cells[5], cells[-1]) for cells in body] == [
+        ("mnist", "1", "m3d", "95.00±0.10", "–", "`g.json` |"),                     # data sets in table order
+        ("fashion-mnist", "1", "dm", "71.50±0.10", "+0.8 (at or above)", "`e.json` |"),
+        ("fashion-mnist", "10", "dm", "83.00±0.10", "-0.5 (below)", "`a.json` |"),  # 83.5±0.3 published
+        ("fashion-mnist", "50", "dm", "87.80±0.10", "-0.3 (within one published std)", "`f.json` |")]  # 88.1±0.6
+    assert body[0][6] == "59.1 / 64.9±3.5" and body[2][6] == "– / 73.8±0.7"
+    assert accuracy.at_a_glance([("c", rows[2][1])]) == []
+
+
 def test_accuracy_rows_show_our_own_method_defaults_and_notes():
     row = dict(schedule="REDUCED (x)", method_options=dict(factor=2, kernel="gaussian"), note="superseded: old defaults")
     assert accuracy.schedule_text(row) == "REDUCED (x); options factor=2, kernel=gaussian; **superseded: old defaults**"
