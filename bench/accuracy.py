@@ -22,6 +22,7 @@ import json
 import os
 import re
 import shutil
+import sys
 import time
 
 import torch
@@ -233,8 +234,8 @@ def distill_cell(train, method: str, ipc: int, iterations: int, device: torch.de
             raise ValueError(f"{finished} was distilled with other options or seed: it has "
                              f"{synset.meta.get('options')} (seed {synset.meta.get('seed')}), this run asks for "
                              f"{expected} (seed {seed}); remove it or pick another --save-dir")
-        return synset, dict(seconds=synset.meta["run_seconds"], reused=finished,
-                            **({"extended_from": synset.meta["extended_from"]} if "extended_from" in synset.meta else {}))
+        kept = {key: synset.meta[key] for key in ("extended_from", "unlogged_iterations") if key in synset.meta}
+        return synset, dict(seconds=synset.meta["run_seconds"], reused=finished, **kept)
     if not os.path.exists(checkpoint):
         algorithm.options = expected
         config = run_config(algorithm, train, ipc, seed)
@@ -249,16 +250,20 @@ def distill_cell(train, method: str, ipc: int, iterations: int, device: torch.de
     os.makedirs(folder, exist_ok=True)
     extended = json.load(open(extension)) if os.path.exists(extension) else None
     resumed_from = load_checkpoint(checkpoint)["iteration"] if os.path.exists(checkpoint) else 0
-    seconds = earlier_seconds(log, resumed_from) if resumed_from else 0.0
+    unlogged = resumed_from if resumed_from and not os.path.exists(log) else 0
+    if unlogged:  # e.g. the folder was cleared while a stopped run still wrote its checkpoint
+        print(f"{log} is missing: the seconds recorded leave out the {unlogged} iterations before the checkpoint",
+              file=sys.stderr, flush=True)
+    seconds = earlier_seconds(log, resumed_from) if resumed_from and not unlogged else 0.0
     start = time.perf_counter()
     synset = run(checkpoint=checkpoint, checkpoint_every=CHECKPOINT_EVERY, resume=True, log=log)
     seconds += time.perf_counter() - start
     synset.meta["run_seconds"] = seconds
-    if extended:
-        synset.meta["extended_from"] = extended
+    kept = dict(**({"extended_from": extended} if extended else {}),
+                **({"unlogged_iterations": unlogged} if unlogged else {}))
+    synset.meta.update(kept)
     synset.save(finished)
-    return synset, dict(seconds=seconds, **({"resumed_from": resumed_from} if resumed_from else {}),
-                        **({"extended_from": extended} if extended else {}))
+    return synset, dict(seconds=seconds, **({"resumed_from": resumed_from} if resumed_from else {}), **kept)
 
 
 def earlier_seconds(log: str, resumed_from: int) -> float:
@@ -462,6 +467,8 @@ def schedule_text(row: dict) -> str:
     text = row.get("schedule", "–")
     if row.get("extended_from"):
         text += f"; continues the {row['extended_from']['iteration']}-iteration run of this cell"
+    if row.get("unlogged_iterations"):
+        text += f"; distill s leave out its first {row['unlogged_iterations']} iterations (their log was lost)"
     if row.get("method_options"):
         text += "; options " + ", ".join(f"{key}={value}" for key, value in sorted(row["method_options"].items()))
     return text + (f"; **{row['note']}**" if row.get("note") else "")

@@ -324,6 +324,23 @@ def test_accuracy_save_dir_resumes_a_stopped_cell_and_reuses_a_finished_one(tmp_
         accuracy.main(args + ["--set", "batch_real=8", "--out", str(tmp_path / "d_quick.json")])
 
 
+def test_accuracy_save_dir_resumes_a_checkpoint_whose_log_was_lost_and_says_the_seconds_miss_it(tmp_path, capsys):
+    save_dir = tmp_path / "sets"
+    args = ["--quick", "--methods", "dm", "--no-baseline", "--no-report", "--save-dir", str(save_dir)]
+    accuracy.main(args + ["--out", str(tmp_path / "a_quick.json")])
+    folder, = save_dir.iterdir()
+    (folder / "synset.pt").unlink()
+    (folder / "log.jsonl").unlink()
+    start = time.perf_counter()
+    resumed, = accuracy.main(args + ["--out", str(tmp_path / "b_quick.json")])
+    assert resumed["unlogged_iterations"] == accuracy.QUICK["iterations"] == resumed["resumed_from"]
+    assert resumed["seconds"] <= time.perf_counter() - start
+    assert "log.jsonl is missing: the seconds recorded leave out the 2 iterations" in capsys.readouterr().err
+    reused, = accuracy.main(args + ["--out", str(tmp_path / "c_quick.json")])
+    assert reused["unlogged_iterations"] == resumed["unlogged_iterations"]
+    assert accuracy.schedule_text(reused).endswith("; distill s leave out its first 2 iterations (their log was lost)")
+
+
 def test_accuracy_save_dir_extends_the_same_cell_run_shorter(tmp_path, monkeypatch):
     """A longer cell starts from the last state of the same cell with fewer iterations and
     lands exactly where a run from scratch does; a shorter cell with other options is not used."""
