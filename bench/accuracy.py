@@ -210,6 +210,10 @@ def shorter_cell(folder: str, iterations: int, config: dict) -> tuple[str, int] 
     return best
 
 
+#: What a cell's saved set carries into its row, also when the set is reused.
+RUN_META = ("extended_from", "unlogged_iterations")
+
+
 def distill_cell(train, method: str, ipc: int, iterations: int, device: torch.device, seed: int, options: dict,
                  folder: str | None) -> tuple[ce.SyntheticSet, dict]:
     """Distil one cell; with `folder`, resumably: a finished set there is reused, a checkpoint
@@ -234,7 +238,7 @@ def distill_cell(train, method: str, ipc: int, iterations: int, device: torch.de
             raise ValueError(f"{finished} was distilled with other options or seed: it has "
                              f"{synset.meta.get('options')} (seed {synset.meta.get('seed')}), this run asks for "
                              f"{expected} (seed {seed}); remove it or pick another --save-dir")
-        kept = {key: synset.meta[key] for key in ("extended_from", "unlogged_iterations") if key in synset.meta}
+        kept = {key: synset.meta[key] for key in RUN_META if key in synset.meta}
         return synset, dict(seconds=synset.meta["run_seconds"], reused=finished, **kept)
     if not os.path.exists(checkpoint):
         algorithm.options = expected
@@ -250,17 +254,18 @@ def distill_cell(train, method: str, ipc: int, iterations: int, device: torch.de
     os.makedirs(folder, exist_ok=True)
     extended = json.load(open(extension)) if os.path.exists(extension) else None
     resumed_from = load_checkpoint(checkpoint)["iteration"] if os.path.exists(checkpoint) else 0
-    unlogged = resumed_from if resumed_from and not os.path.exists(log) else 0
-    if unlogged:  # e.g. the folder was cleared while a stopped run still wrote its checkpoint
+    seconds, unlogged = 0.0, 0
+    if resumed_from and os.path.exists(log):
+        seconds = earlier_seconds(log, resumed_from)
+    elif resumed_from:  # e.g. the folder was cleared while a stopped run still wrote its checkpoint
+        unlogged = resumed_from
         print(f"{log} is missing: the seconds recorded leave out the {unlogged} iterations before the checkpoint",
               file=sys.stderr, flush=True)
-    seconds = earlier_seconds(log, resumed_from) if resumed_from and not unlogged else 0.0
     start = time.perf_counter()
     synset = run(checkpoint=checkpoint, checkpoint_every=CHECKPOINT_EVERY, resume=True, log=log)
     seconds += time.perf_counter() - start
     synset.meta["run_seconds"] = seconds
-    kept = dict(**({"extended_from": extended} if extended else {}),
-                **({"unlogged_iterations": unlogged} if unlogged else {}))
+    kept = {key: value for key, value in zip(RUN_META, (extended, unlogged)) if value}
     synset.meta.update(kept)
     synset.save(finished)
     return synset, dict(seconds=seconds, **({"resumed_from": resumed_from} if resumed_from else {}), **kept)
