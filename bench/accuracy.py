@@ -33,6 +33,7 @@ from condense_engine.checkpoint import load_checkpoint
 from condense_engine.cli import parse_option
 from condense_engine.driver import run_config, run_differences
 from condense_engine.methods import get_method
+from condense_engine.methods.augment import dc_eval_strategy
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_DATA_ROOT = os.path.join(REPO_ROOT, "..", "shared", "data")
@@ -123,6 +124,31 @@ PUBLISHED_RECIPES = {
 }
 # The evaluation each method's published numbers used, where it is not the standard one.
 EVAL_RECIPES = {"idc": "idc"}
+
+
+def published_augmentation(method: str, dataset: str) -> dict:
+    """evaluate()'s augmentation arguments for the augmentation `method`'s published numbers were
+    evaluated with: DC's own (methods.md §1.5: MNIST only, none elsewhere) for DC, DSA otherwise."""
+    if method != "dc":
+        return {}
+    return dict(dsa=False, dc_augment=dc_eval_strategy(dataset))
+
+
+def augmentation_text(recipe: dict) -> str:
+    """How an evaluation augmented its training images: 'DSA <strategy>', 'DC <strategy>' or 'no augmentation'."""
+    if recipe.get("dsa_strategy"):
+        return f"DSA {recipe['dsa_strategy']}"
+    return f"DC {recipe['dc_augment']}" if recipe.get("dc_augment") else "no augmentation"
+
+
+def like_published(row: dict) -> bool:
+    """Whether `row` was evaluated with the augmentation kind its method's published numbers used
+    (rows older than DC's own augmentation carry no dc_augment: DSA or none)."""
+    wanted = published_augmentation(row["method"], row["dataset"])
+    recipe = row["recipe"]
+    if "dsa" not in wanted:
+        return bool(recipe.get("dsa_strategy"))
+    return not recipe.get("dsa_strategy") and recipe.get("dc_augment") == wanted["dc_augment"]
 # Method options recorded in every row (those whose defaults are ours, not published ones).
 # Keyed by the registered name (synset.meta["method"]), so aliases such as "echo" share it.
 REPORTED_OPTIONS = {"m3d": ("kernel", "factor", "normalize", "lr_img", "model_steps")}
@@ -155,9 +181,8 @@ def schedule_label(iterations: int, default_iterations: int, epochs: int, change
 
 def recipe_text(recipe: dict) -> str:
     """One line describing how our number was evaluated."""
-    augmentation = f"DSA {recipe['dsa_strategy']}" if recipe.get("dsa_strategy") else "no augmentation"
     return (f"{recipe['model']}, SGD lr {recipe['lr']:g}, {recipe['epochs']} epochs, "
-            f"batch {recipe['batch_size']}, {augmentation}, 1 set × {recipe['repeats']} "
+            f"batch {recipe['batch_size']}, {augmentation_text(recipe)}, 1 set × {recipe['repeats']} "
             f"model{'s' if recipe['repeats'] != 1 else ''}")
 
 
@@ -298,14 +323,20 @@ def full_data_accuracy(dataset: str) -> float | None:
 
 def measure(method: str, dataset: str, train, test, ipc: int, *, iterations: int | None, epochs: int,
             repeats: int, device: torch.device, seed: int, options: dict, baseline: bool = True,
-            save_dir: str | None = None, fair: bool = False) -> dict:
+            save_dir: str | None = None, fair: bool = False, dsa_eval: bool = False) -> dict:
     """Distil one set and evaluate it (with the random-real baseline unless `baseline` is
     False, e.g. when another row of the same data set and schedule has it); one result row.
     With `save_dir`, the cell can be stopped and resumed and its set is kept (see distill_cell).
     `fair` adds DD-Ranking's LRS and ARS (`ce.fair_scores`, full-data accuracy from FULL_DATA, or
-    measured for `epochs` where the data set has none), which needs the baseline."""
+    measured for `epochs` where the data set has none), which needs the baseline.
+    The evaluation augments as the method's published numbers did (published_augmentation), or
+    with DSA for every method when `dsa_eval`."""
     if fair and not baseline:
         raise ValueError("fair scores compare with the random-real baseline: drop --no-baseline")
+    augmentation = {} if dsa_eval else published_augmentation(method, train.name)
+    if fair and augmentation:
+        raise ValueError(f"fair scores start from the DSA evaluation, but {method} is evaluated with "
+                         f"{augmentation_text(augmentation)} as published: add --dsa-eval")
     published = get_method(method)(train.name, ipc).options
     changed = {key: (value, published[key]) for key, value in options.items() if published.get(key) != value}
     default_iterations = published["iterations"]
@@ -317,7 +348,7 @@ def measure(method: str, dataset: str, train, test, ipc: int, *, iterations: int
     evaluation = dict(model="ConvNet", repeats=repeats, epochs=epochs, seed=seed, device=device,
                       recipe=EVAL_RECIPES.get(method, "dc"),
                       checkpoint=os.path.join(folder, "evaluation-runs.pt") if folder else None)
-    report = ce.evaluate(synset, test, baseline=baseline, train_set=train, **evaluation)
+    report = ce.evaluate(synset, test, baseline=baseline, train_set=train, **evaluation, **augmentation)
     scores = None
     if fair:
         full = full_data_accuracy(dataset)
@@ -380,13 +411,15 @@ def accuracy_section(files: list[tuple[str, dict]]) -> str:
 def at_a_glance(rows: list[tuple[str, dict]]) -> list[str]:
     """One line per method, data set and IPC: of its rows evaluated for the published
     FULL_EPOCHS (superseded ones left out), the one with the most distillation iterations (the
-    newest file among equals), beside the published number and how far it is from it."""
+    newest file among equals), preferring rows evaluated with the published augmentation
+    (like_published), beside the published number and how far it is from it."""
     chosen = {}
     for stem, row in sorted(rows, key=lambda item: item[0]):
         if row["recipe"]["epochs"] < FULL_EPOCHS or "superseded" in (row.get("note") or ""):
             continue
         key = (row["method"], row["dataset"], row["ipc"])
-        if key not in chosen or row["iterations"] >= chosen[key][1]["iterations"]:
+        rank = (like_published(row), row["iterations"])
+        if key not in chosen or rank >= (like_published(chosen[key][1]), chosen[key][1]["iterations"]):
             chosen[key] = (stem, row)
     if not chosen:
         return []
@@ -403,7 +436,9 @@ def at_a_glance(rows: list[tuple[str, dict]]) -> list[str]:
             difference, std = row["acc_mean"] - reference[0], reference[1]
             standing = ("at or above" if difference >= 0 else "" if std is None
                         else "within one published std" if difference >= -std else "below")
-            gap = f"{difference:+.1f}" + (f" ({standing})" if standing else "")
+            if not like_published(row):
+                standing += f"; not like-for-like: evaluated with {augmentation_text(row['recipe'])}"
+            gap = f"{difference:+.2f}" + (f" ({standing.lstrip('; ')})" if standing else "")
         base = row.get("baseline_random")
         random_text = (f"{base['mean']:.1f}" if base else "–") + " / " + format_published(published("random", dataset, ipc))
         lines.append(f"| {dataset} | {ipc} | {method} | {row['acc_mean']:.2f}±{row['acc_std']:.2f} | "
@@ -516,6 +551,9 @@ def main(argv=None) -> list[dict]:
                              "when it shortens the published schedule)")
     parser.add_argument("--no-baseline", action="store_true",
                         help="skip the random-real baseline (saves its evaluation when another run has it)")
+    parser.add_argument("--dsa-eval", action="store_true",
+                        help="evaluate every method with DSA (default: the augmentation its published numbers used, "
+                             "which for DC is DC's own on MNIST and none elsewhere)")
     parser.add_argument("--fair", action="store_true",
                         help="also DD-Ranking's LRS and ARS per cell (two more evaluations: without DSA)")
     parser.add_argument("--quick", action="store_true",
@@ -550,7 +588,7 @@ def main(argv=None) -> list[dict]:
                 rows.append(measure(method, dataset, train, test, ipc, iterations=args.iterations,
                                     epochs=args.epochs, repeats=args.repeats, device=device, seed=args.seed,
                                     options=method_options, baseline=not args.no_baseline,
-                                    save_dir=args.save_dir, fair=args.fair))
+                                    save_dir=args.save_dir, fair=args.fair, dsa_eval=args.dsa_eval))
                 row = rows[-1]
                 base = f"{row['baseline_random']['mean']:.2f}" if row["baseline_random"] else "–"
                 print(f"{method} {dataset} ipc {ipc}: {row['acc_mean']:.2f} ± {row['acc_std']:.2f} % "

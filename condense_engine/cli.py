@@ -40,6 +40,9 @@ def _add_eval_args(parser, *, epochs: int, repeats: int) -> None:
     group.add_argument("--recipe", choices=("dc", "idc"), default="dc",
                        help="dc: the standard protocol; idc: IDC's (batch 64, multistep lr, CutMix)")
     group.add_argument("--no-dsa", action="store_true", help="train without DSA augmentation")
+    group.add_argument("--dc-augment", metavar="STRATEGY", default=None,
+                       help="train with DC's own augmentation instead of DSA, e.g. crop_scale_rotate (how DC "
+                            "evaluated MNIST); ops: crop, scale, rotate, noise")
     group.add_argument("--baseline", action="store_true",
                        help="also train on random real images of the same IPC (needs the train split)")
 
@@ -124,9 +127,9 @@ def _evaluate(args, synset, test_set, train_set, device=None, checkpoint=None):
     reports = []
     for model in args.model or ["ConvNet"]:
         report = evaluate(synset, test_set, model=model, repeats=args.repeats, epochs=args.epochs,
-                          lr=args.eval_lr, batch_size=args.eval_batch, dsa=not args.no_dsa, seed=args.seed,
-                          baseline=args.baseline, train_set=train_set, device=device or args.device,
-                          recipe=args.recipe, checkpoint=checkpoint)
+                          lr=args.eval_lr, batch_size=args.eval_batch, dsa=not (args.no_dsa or args.dc_augment),
+                          seed=args.seed, baseline=args.baseline, train_set=train_set, device=device or args.device,
+                          recipe=args.recipe, checkpoint=checkpoint, dc_augment=args.dc_augment)
         print(report, flush=True)
         reports.append(report)
     return reports
@@ -206,7 +209,7 @@ def cmd_evaluate(args) -> int:
                            model=(args.model or ["ConvNet"])[0], repeats=args.repeats, epochs=args.epochs,
                            lr=args.eval_lr, batch_size=args.eval_batch, seed=args.seed, device=args.device,
                            recipe=args.recipe, checkpoint=args.checkpoint,
-                           report=None if args.no_dsa else reports[0])
+                           report=None if args.no_dsa or args.dc_augment else reports[0])
         print(fair, flush=True)
         extra["fair"] = fair.to_dict()
     if args.out:

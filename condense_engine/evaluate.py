@@ -6,6 +6,10 @@ optimiser is re-created, which resets momentum, as published), per-sample DSA on
 batch, accuracy after the last epoch; mean ± std over `repeats`. `baseline=True` also trains on
 random real subsets of the same size under the same recipe, the number a synthetic set must beat.
 
+`dc_augment="crop_scale_rotate"` (with `dsa=False`) trains with DC's own non-differentiable
+augmentation instead of DSA, as DC's published numbers were evaluated on MNIST (methods.md §1.5;
+`dc_eval_strategy` gives the published choice per data set and model).
+
 `recipe="idc"` is IDC's evaluation instead (methods.md §9.4): batch 64, lr ×0.2 at 2/3 and 5/6
 of the epochs (momentum kept), DSA colour/crop/flip/scale/rotate (no flip on MNIST and SVHN, no
 cutout since CutMix replaces it) and CutMix (β = 1) on half the batches. It runs the loop.
@@ -34,7 +38,7 @@ from condense_engine.models.layers import ACTIVATION_CHANNELS, forward_chunk
 from condense_engine.datasets import ClassSampler, ImageDataset, RealImages, as_dataset
 from condense_engine.device import resolve_device
 from condense_engine.evaluate_batched import train_and_test_batched, unbatchable_reason
-from condense_engine.methods.augment import cutmix
+from condense_engine.methods.augment import cutmix, dc_augment, dc_augment_ops
 from condense_engine.ops.dsa import DSAParams, default_strategy, dsa
 
 RECIPES = ("dc", "idc")
@@ -115,9 +119,11 @@ class FinishedRuns:
 
 def train_and_test(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor,
                    test_set: ImageDataset, *, epochs: int, lr: float, batch_size: int,
-                   strategy: str | None, generator: torch.Generator, recipe: str = "dc") -> tuple[float, float]:
+                   strategy: str | None, generator: torch.Generator, recipe: str = "dc",
+                   dc_strategy: str | None = None) -> tuple[float, float]:
     """Train `model` on (images, labels) with the published recipe ("dc", or IDC's "idc"; see
-    the module docstring); return (test acc, last loss). A ConvNet trains with its fused
+    the module docstring), augmenting with DSA `strategy` or DC's `dc_strategy` (dc_augment);
+    return (test acc, last loss). A ConvNet trains with its fused
     norm → act → pool epilogue (training needs first-order gradients only)."""
     if isinstance(model, models.ConvNet):
         model.use_fused_epilogue()
@@ -143,6 +149,8 @@ def train_and_test(model: torch.nn.Module, images: torch.Tensor, labels: torch.T
                 params = DSAParams.sample(len(batch), strategy, size=tuple(batch.shape[2:]), siamese=False,
                                           generator=generator, device=device)
                 batch = dsa(batch, params)
+            if dc_strategy:
+                batch = dc_augment(batch, dc_strategy, generator)
             if recipe == "idc" and float(torch.rand((), generator=generator)) < IDC_CUTMIX_PROB:
                 batch, pasted, kept = cutmix(batch, labels[index], IDC_CUTMIX_BETA, generator)
                 logits = model(batch)
@@ -226,7 +234,7 @@ def _loop_reason(batched: bool | None, model: str, nets: list, images: torch.Ten
 
 
 def _train_repeats(images, labels, test_set, *, model, repeats, epochs, lr, batch_size, strategy,
-                   seed, channel, num_classes, im_size, batched, recipe="dc", draw=None,
+                   seed, channel, num_classes, im_size, batched, recipe="dc", dc_strategy=None, draw=None,
                    finished: FinishedRuns | None = None, key: str = "") -> tuple[list, list, dict]:
     """Train `repeats` fresh models, repeat r seeded by seed·1000 + r. Return their accuracies,
     last losses and the path taken: {"path": "batched"} or {"path": "loop", "loop_reason": ...}.
@@ -239,7 +247,8 @@ def _train_repeats(images, labels, test_set, *, model, repeats, epochs, lr, batc
     generators = [torch.Generator().manual_seed(seed * 1000 + repeat) for repeat in range(repeats)]
     sets = [draw(g) if draw is not None else (images, labels) for g in generators]
     nets = fresh_models(model, repeats, seed, channel, num_classes, im_size, images.device)
-    train = dict(test_set=test_set, epochs=epochs, lr=lr, batch_size=batch_size, strategy=strategy)
+    train = dict(test_set=test_set, epochs=epochs, lr=lr, batch_size=batch_size, strategy=strategy,
+                 dc_strategy=dc_strategy)
     reason = _loop_reason(batched, model, nets, images, recipe)
     key = fingerprint(key, "loop" if reason is not None else "batched") if key else key
     kept = [finished.get(key, repeat) for repeat in range(repeats)]
@@ -289,13 +298,14 @@ def evaluate(synset, test_set, model: str = "ConvNet", repeats: int = 5,
              epochs: int = 1000, lr: float | None = None, batch_size: int | None = None, dsa: bool = True,
              seed: int = 0, *, baseline: bool = False, train_set=None,
              dsa_strategy: str | None = None, device=None, batched: bool | None = None,
-             recipe: str = "dc", checkpoint: str | None = None) -> EvalReport:
+             recipe: str = "dc", checkpoint: str | None = None, dc_augment: str | None = None) -> EvalReport:
     """Train `repeats` fresh `model`s on `synset` and report their test accuracy (SPEC §6).
 
     `test_set` and `train_set` take what `distill` takes: an ImageDataset, an (images, labels)
     tensor pair or a torch Dataset.
     `recipe` "dc" is the standard protocol, "idc" IDC's (see the module docstring); batch_size
-    None is the recipe's (256 or 64).
+    None is the recipe's (256 or 64). `dc_augment`: a strategy of DC's own augmentation (such as
+    "crop_scale_rotate") to train with instead of DSA; it needs dsa=False.
     `lr=None` takes the set's learned lr when it has one, else 0.01. `baseline=True` needs
     `train_set` and adds the random-real baseline of the same images per class. `batched=True`
     trains the repeats together as one vmapped model (ValueError if the model does not allow
@@ -307,6 +317,10 @@ def evaluate(synset, test_set, model: str = "ConvNet", repeats: int = 5,
     """
     if recipe not in RECIPES:
         raise ValueError(f"recipe must be one of {RECIPES}, got {recipe!r}")
+    if dc_augment is not None:
+        dc_augment_ops(dc_augment)
+        if dsa:
+            raise ValueError("dc_augment replaces DSA: pass dsa=False with it")
     # A tensor pair's pixels take the set's statistics, as a data set's test split does.
     test_set = as_dataset(test_set, "test_set", mean=synset.mean, std=synset.std)
     if train_set is not None:
@@ -342,7 +356,7 @@ def evaluate(synset, test_set, model: str = "ConvNet", repeats: int = 5,
     schedule = "lr x0.2 at 2/3 and 5/6 of the epochs; CutMix p 0.5" if recipe == "idc" else "lr x0.1 at epochs//2"
     described = dict(model=model, repeats=repeats, epochs=epochs, lr=lr, batch_size=batch_size,
                      dsa_strategy=strategy, optimizer="SGD(momentum=0.9, weight_decay=5e-4)",
-                     schedule=schedule, seed=seed, recipe=recipe)
+                     schedule=schedule, seed=seed, recipe=recipe, dc_augment=dc_augment)
     shape = dict(channel=test_set.channels, num_classes=synset.num_classes, im_size=test_set.image_size)
     run = dict(model=model, repeats=repeats, epochs=epochs, lr=lr, batch_size=batch_size,
                strategy=strategy, seed=seed, batched=batched, recipe=recipe, **shape)
@@ -351,9 +365,13 @@ def evaluate(synset, test_set, model: str = "ConvNet", repeats: int = 5,
     # the path, added in _train_repeats); the repeat number picks its seed, so how many repeats
     # there are does not matter: an evaluation with more repeats reuses the first ones.
     test_key = fingerprint(test_set.images, test_set.labels, test_set.mean, test_set.std) if checkpoint else ""
+    # dc_augment joins the key only when set, so runs finished before it existed are still found.
     recipe_key = {k: v for k, v in run.items() if k not in ("repeats", "batched")}
+    if dc_augment is not None:
+        recipe_key["dc_strategy"] = dc_augment
     key = fingerprint("set", images, labels, test_key, recipe_key, device.type) if checkpoint else ""
-    accs, losses, path = _train_repeats(images, labels, test_set, **run, finished=finished, key=key)
+    accs, losses, path = _train_repeats(images, labels, test_set, **run, dc_strategy=dc_augment, finished=finished,
+                                        key=key)
     described.update(path)
     report = EvalReport(model, accs, described, losses=losses)
     if baseline:
@@ -362,7 +380,7 @@ def evaluate(synset, test_set, model: str = "ConvNet", repeats: int = 5,
         base_recipe = dict(described, lr=0.01, images_per_class=ipc)
         key = (fingerprint("random real", ipc, train_set.images, train_set.labels, train_set.mean, train_set.std,
                            test_key, dict(recipe_key, lr=0.01), device.type) if checkpoint else "")
-        accs, losses, path = _train_repeats(images, labels, test_set, **dict(run, lr=0.01),
+        accs, losses, path = _train_repeats(images, labels, test_set, **dict(run, lr=0.01), dc_strategy=dc_augment,
                                             draw=lambda g: sampler.random_real(ipc, g), finished=finished, key=key)
         report.baseline = EvalReport(model, accs, dict(base_recipe, **path), losses=losses)
     return report

@@ -22,6 +22,7 @@ from torch import nn
 from torch.func import functional_call, stack_module_state
 
 from condense_engine.datasets import ImageDataset, RealImages
+from condense_engine.methods.augment import dc_augment
 from condense_engine.ops.dsa import DSAParams, dsa
 
 #: (model name, device type) → why torch.func cannot run the model, or None when it can.
@@ -55,11 +56,12 @@ def unbatchable_reason(name: str, nets: list[nn.Module], images: torch.Tensor) -
 
 def train_and_test_batched(nets: list[nn.Module], images: torch.Tensor, labels: torch.Tensor,
                            test_set: ImageDataset, *, epochs: int, lr: float, batch_size: int,
-                           strategy: str | None,
-                           generators: list[torch.Generator]) -> tuple[list, list]:
+                           strategy: str | None, generators: list[torch.Generator],
+                           dc_strategy: str | None = None) -> tuple[list, list]:
     """Train `nets` together with the published recipe: net r on (images[r], labels[r]), with
-    order and augmentation drawn from generators[r]. Like the loop, this leaves the trained
-    weights in `nets`. Return each net's test accuracy and its last loss.
+    order and augmentation (DSA `strategy` or DC's `dc_strategy`) drawn from generators[r]. Like
+    the loop, this leaves the trained weights in `nets`. Return each net's test accuracy and its
+    last loss.
 
     `images` is (R, N, C, H, W) and `labels` is (R, N). An expanded view is fine when every net
     trains on the same set.
@@ -85,6 +87,8 @@ def train_and_test_batched(nets: list[nn.Module], images: torch.Tensor, labels: 
             batch = images[rows, index]
             if strategy:
                 batch = augment_each(batch, strategy, generators)
+            if dc_strategy:
+                batch = torch.stack([dc_augment(part, dc_strategy, g) for part, g in zip(batch, generators)])
             losses = batched_loss(params, batch, labels[rows, index])
             optimizer.zero_grad(set_to_none=True)
             losses.sum().backward()

@@ -75,8 +75,9 @@ def fair_scores(synset: SyntheticSet, test_set, train_set, *, full_accuracy: flo
     _check_fraction("aug_weight", aug_weight)
     if full_accuracy is not None:
         _check_fraction("full_accuracy", full_accuracy)
-    if "dsa" in evaluate_options or "baseline" in evaluate_options:
-        raise ValueError("fair_scores sets dsa and baseline itself; leave them out")
+    if {"dsa", "dc_augment", "baseline"} & evaluate_options.keys():
+        raise ValueError("fair_scores sets the augmentation (DSA or none) and baseline itself; leave dsa, "
+                         "dc_augment and baseline out")
     if train_set is None:
         raise ValueError("fair_scores needs train_set: the random subsets (and the full-data run) come from it")
     test_set = as_dataset(test_set, "test_set", mean=synset.mean, std=synset.std)

@@ -227,7 +227,7 @@ def test_m3d_is_compared_with_dm_only_under_the_same_recipe():
 def test_at_a_glance_keeps_the_longest_full_evaluation_of_each_cell_beside_the_published_number():
     def row(method, dataset, ipc, mean, iterations, epochs=1000, **extra):
         return dict(dict(method=method, dataset=dataset, ipc=ipc, acc_mean=mean, acc_std=0.1, iterations=iterations,
-                         recipe=dict(epochs=epochs), schedule=f"S{iterations}"), **extra)
+                         recipe=dict(epochs=epochs, dsa_strategy="color_crop"), schedule=f"S{iterations}"), **extra)
     rows = [("a", row("dm", "fashion-mnist", 10, 83.0, 2000)), ("b", row("dm", "fashion-mnist", 10, 82.0, 1000)),
             ("c", row("dm", "fashion-mnist", 10, 90.0, 9000, epochs=300)),             # not the full evaluation
             ("d", row("dm", "fashion-mnist", 10, 91.0, 9000, note="superseded: bug")),
@@ -236,11 +236,30 @@ def test_at_a_glance_keeps_the_longest_full_evaluation_of_each_cell_beside_the_p
     body = [line.split(" | ") for line in accuracy.at_a_glance(rows) if line.startswith("| ") and "IPC" not in line]
     assert [(cells[0][2:], cells[1], cells[2], cells[3], cells[5], cells[-1]) for cells in body] == [
         ("mnist", "1", "m3d", "95.00±0.10", "–", "`g.json` |"),                     # data sets in table order
-        ("fashion-mnist", "1", "dm", "71.50±0.10", "+0.8 (at or above)", "`e.json` |"),
-        ("fashion-mnist", "10", "dm", "83.00±0.10", "-0.5 (below)", "`a.json` |"),  # 83.5±0.3 published
-        ("fashion-mnist", "50", "dm", "87.80±0.10", "-0.3 (within one published std)", "`f.json` |")]  # 88.1±0.6
+        ("fashion-mnist", "1", "dm", "71.50±0.10", "+0.80 (at or above)", "`e.json` |"),
+        ("fashion-mnist", "10", "dm", "83.00±0.10", "-0.50 (below)", "`a.json` |"),  # 83.5±0.3 published
+        ("fashion-mnist", "50", "dm", "87.80±0.10", "-0.30 (within one published std)", "`f.json` |")]  # 88.1±0.6
     assert body[0][6] == "59.1 / 64.9±3.5" and body[2][6] == "– / 73.8±0.7"
     assert accuracy.at_a_glance([("c", rows[2][1])]) == []
+
+
+def test_at_a_glance_prefers_the_published_augmentation_and_flags_any_other():
+    def dc_row(mean, iterations, **recipe):
+        return dict(method="dc", dataset="mnist", ipc=1, acc_mean=mean, acc_std=0.1, iterations=iterations,
+                    recipe=dict(epochs=1000, **recipe), schedule="S")
+    with_dsa = dc_row(88.65, 1000, dsa_strategy="color_crop_cutout_scale_rotate")
+    as_published = dc_row(91.3, 1000, dsa_strategy=None, dc_augment="crop_scale_rotate")
+    assert accuracy.like_published(as_published) and not accuracy.like_published(with_dsa)
+    assert not accuracy.like_published(dict(as_published, dataset="fashion-mnist"))  # DC used none there
+    for rows in ([("a", as_published), ("b", with_dsa)], [("b", as_published), ("a", with_dsa)]):
+        (cells,) = [line.split(" | ") for line in accuracy.at_a_glance(rows) if line.startswith("| mnist")]
+        assert cells[3] == "91.30±0.10" and cells[5] == "-0.40 (within one published std)"  # 91.7±0.5
+    longer_with_dsa = dict(with_dsa, iterations=2000)
+    (cells,) = [line.split(" | ") for line in accuracy.at_a_glance([("a", longer_with_dsa)])
+                if line.startswith("| mnist")]
+    assert cells[5] == "-3.05 (below; not like-for-like: evaluated with DSA color_crop_cutout_scale_rotate)"
+    assert accuracy.recipe_text(dict(as_published, model="ConvNet", lr=0.01, batch_size=256, repeats=3,
+                                     **as_published["recipe"])).count("DC crop_scale_rotate") == 1
 
 
 def test_accuracy_rows_show_our_own_method_defaults_and_notes():
@@ -283,6 +302,19 @@ def test_accuracy_fair_rows_carry_the_robust_scores_of_their_accuracies(tmp_path
     assert accuracy.full_data_accuracy("fashion-mnist") == pytest.approx(0.935)
     with pytest.raises(ValueError, match="drop --no-baseline"):
         accuracy.main(["--quick", "--methods", "dm", "--fair", "--no-baseline", "--out", str(out), "--no-report"])
+    with pytest.raises(ValueError, match="add --dsa-eval"):
+        accuracy.main(["--quick", "--methods", "dc", "--fair", "--out", str(out), "--no-report"])
+
+
+def test_accuracy_evaluates_dc_with_its_own_augmentation_unless_told_dsa(tmp_path):
+    """DC's published MNIST numbers were evaluated with DC's augmentation; --dsa-eval puts DC
+    under the DSA recipe every other method uses."""
+    out = tmp_path / "accuracy-cpu-dc_quick.json"
+    row, = accuracy.main(["--quick", "--methods", "dc", "--no-baseline", "--out", str(out), "--no-report"])
+    assert row["recipe"]["dc_augment"] == "crop_scale_rotate" and row["recipe"]["dsa_strategy"] is None
+    row, = accuracy.main(["--quick", "--methods", "dc", "--no-baseline", "--dsa-eval", "--out", str(out),
+                          "--no-report"])
+    assert row["recipe"]["dc_augment"] is None and row["recipe"]["dsa_strategy"] == "color_crop_cutout_scale_rotate"
 
 
 def test_accuracy_quick_runs_a_method_without_the_quick_options_it_lacks(tmp_path):

@@ -45,6 +45,10 @@ def test_distill_evaluate_show_round_trip(tmp_path, capsys):
     assert "accuracy_mean" in evaluated
     assert evaluated["evaluations"][0]["recipe"]["recipe"] == "idc"
     assert evaluated["evaluations"][0]["recipe"]["batch_size"] == 64
+    assert main(["evaluate", str(out / "synset.pt"), "--model", "ConvNetW32", "--epochs", "1", "--repeats", "1",
+                 "--out", str(tmp_path / "e.json"), "--device", "cpu", "--dc-augment", "crop_scale_rotate"]) == 0
+    recipe = json.loads((tmp_path / "e.json").read_text())["evaluations"][0]["recipe"]
+    assert recipe["dc_augment"] == "crop_scale_rotate" and recipe["dsa_strategy"] is None
 
 
 def test_evaluate_fair_writes_the_robust_scores(tmp_path, capsys):

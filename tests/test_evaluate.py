@@ -99,6 +99,23 @@ def test_idc_recipe_learns_with_cutmix_repeats_exactly_and_refuses_batching():
         ce.evaluate(_synset(train), test, model="ConvNetW32", repeats=1, epochs=1, recipe="kip")
 
 
+def test_dc_augmentation_replaces_dsa_in_training_and_is_recorded(monkeypatch):
+    train, test, pool = _separable(3, size=12), _separable(10, size=12, seed=1), _separable(10, size=12, seed=2)
+    options = dict(model="ConvNetW32", repeats=2, epochs=4, batch_size=4, dsa=False, device="cpu",
+                   baseline=True, train_set=pool)
+    plain = ce.evaluate(_synset(train), test, **options)
+    augmented = ce.evaluate(_synset(train), test, dc_augment="crop_scale_rotate", **options)
+    assert augmented.recipe["dc_augment"] == "crop_scale_rotate" and augmented.recipe["dsa_strategy"] is None
+    assert plain.recipe["dc_augment"] is None
+    assert augmented.losses != plain.losses and augmented.baseline.losses != plain.baseline.losses
+    again = ce.evaluate(_synset(train), test, dc_augment="crop_scale_rotate", **options)
+    assert again.accuracies == augmented.accuracies and again.losses == augmented.losses
+    with pytest.raises(ValueError, match="pass dsa=False"):
+        ce.evaluate(_synset(train), test, repeats=1, epochs=1, dc_augment="crop")
+    with pytest.raises(ValueError, match="DC augmentation strategy"):
+        ce.evaluate(_synset(train), test, repeats=1, epochs=1, dsa=False, dc_augment="flip")
+
+
 def test_seeded_runs_repeat_exactly():
     train, test = _separable(3), _separable(5, seed=1)
     a = ce.evaluate(_synset(train), test, model="ConvNetW32", repeats=1, epochs=3, seed=4, device="cpu")
@@ -189,11 +206,11 @@ def test_statistics_of_another_data_set_warn():
         ce.evaluate(synset, test, model="ConvNetW32", repeats=1, epochs=1, dsa=False, device="cpu")
 
 
-def _train_both_ways(train, test, *, repeats, epochs, batch_size, strategy, seed=3):
+def _train_both_ways(train, test, *, repeats, epochs, batch_size, strategy, dc_strategy=None, seed=3):
     """Fresh models trained one after another and together, from the same seeds."""
     shape = dict(channel=1, num_classes=train.num_classes, im_size=train.image_size, device="cpu")
     images, labels = train.normalized(), train.labels
-    recipe = dict(epochs=epochs, lr=0.01, batch_size=batch_size, strategy=strategy)
+    recipe = dict(epochs=epochs, lr=0.01, batch_size=batch_size, strategy=strategy, dc_strategy=dc_strategy)
 
     def generators():
         return [torch.Generator().manual_seed(seed * 1000 + r) for r in range(repeats)]
@@ -208,16 +225,18 @@ def _train_both_ways(train, test, *, repeats, epochs, batch_size, strategy, seed
     return looped, loop_results, together, list(zip(accs, losses))
 
 
-@pytest.mark.parametrize("strategy", [None, "color_crop_cutout_flip_scale_rotate"])
-def test_batched_training_gives_the_loops_weights(strategy):
-    """Same init, minibatch order and DSA params: the weights agree up to float rounding.
+@pytest.mark.parametrize("strategy, dc_strategy", [(None, None), ("color_crop_cutout_flip_scale_rotate", None),
+                                                   (None, "crop_scale_rotate_noise")])
+def test_batched_training_gives_the_loops_weights(strategy, dc_strategy):
+    """Same init, minibatch order and augmentation draws (DSA's or DC's): the weights agree up
+    to float rounding.
 
     Batches of 4 from 12 images over 4 epochs: several steps per epoch, several op groups
     drawn, and the lr decay with its momentum reset at epoch 2.
     """
     train, test = _separable(4), _separable(10, seed=1)
     looped, loop_results, together, batched_results = _train_both_ways(
-        train, test, repeats=2, epochs=4, batch_size=4, strategy=strategy)
+        train, test, repeats=2, epochs=4, batch_size=4, strategy=strategy, dc_strategy=dc_strategy)
     assert [acc for acc, _ in batched_results] == [acc for acc, _ in loop_results]
     torch.testing.assert_close([loss for _, loss in batched_results],
                                [loss for _, loss in loop_results], rtol=1e-4, atol=1e-6)
@@ -331,6 +350,12 @@ def test_a_stopped_evaluation_resumes_from_its_finished_runs(tmp_path, monkeypat
     trained[:] = []
     ce.evaluate(_synset(train), test, checkpoint=checkpoint, **dict(options, epochs=2, baseline=False))
     assert len(trained) == 3
+    trained[:] = []
+    ce.evaluate(_synset(train), test, checkpoint=checkpoint, **dict(options, dsa=False))
+    assert len(trained) == 3 + 3
+    trained[:] = []
+    ce.evaluate(_synset(train), test, checkpoint=checkpoint, **dict(options, dsa=False, dc_augment="crop"))
+    assert len(trained) == 3 + 3  # DC's augmentation is another evaluation: set and baseline afresh
 
 
 def test_a_damaged_evaluation_checkpoint_is_reported(tmp_path):

@@ -76,7 +76,8 @@ def test_a_given_augmented_report_is_reused_and_must_carry_its_baseline(monkeypa
 
 @pytest.mark.parametrize("options, message", [
     (dict(label_weight=1.5), "label_weight"), (dict(aug_weight=-0.1), "aug_weight"),
-    (dict(full_accuracy=90.0), "full_accuracy"), (dict(dsa=False), "leave them out")])
+    (dict(full_accuracy=90.0), "full_accuracy"), (dict(dsa=False), "leave dsa"),
+    (dict(dc_augment="crop"), "dc_augment")])
 def test_bad_arguments_are_refused(options, message):
     train = toy_dataset()
     with pytest.raises(ValueError, match=message):

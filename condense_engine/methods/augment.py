@@ -11,6 +11,7 @@ import dataclasses
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from condense_engine.ops.dsa import FIELD_LAYOUT, GROUP_FIELDS, DSAParams, dsa, siamese_draws
 from condense_engine.ops.gather import host_to_device
@@ -160,3 +161,85 @@ def cutmix(images: torch.Tensor, labels: torch.Tensor, beta: float, generator: t
     mixed[..., top:bottom, left:right] = images[order][..., top:bottom, left:right]
     kept = 1.0 - (bottom - top) * (right - left) / (height * width)
     return mixed, labels[order], kept
+
+
+#: DC's evaluation-only augmentation (methods.md §1.5): its ops, crop padding, scale range,
+#: rotation range (degrees, integers in [−45, 45)) and noise std.
+DC_AUGMENT_OPS = ("crop", "scale", "rotate", "noise")
+DC_CROP_PAD, DC_SCALE, DC_ROTATE, DC_NOISE_STD = 4, 0.2, 45, 0.001
+#: How each geometric op resamples (noise moves no pixel).
+DC_RESAMPLING = {"crop": "nearest", "scale": "nearest", "rotate": "bilinear"}
+
+
+def dc_augment_ops(strategy: str) -> tuple:
+    """The ops of a DC augmentation strategy such as "crop_scale_rotate"; ValueError if it names
+    anything else or none."""
+    ops = tuple(strategy.split("_")) if isinstance(strategy, str) and strategy else ()
+    if not ops or len(set(ops)) != len(ops) or not set(ops) <= set(DC_AUGMENT_OPS):
+        raise ValueError(f"a DC augmentation strategy joins distinct ops of {DC_AUGMENT_OPS} with '_', "
+                         f"got {strategy!r}")
+    return ops
+
+
+def dc_eval_strategy(dataset_name: str, model: str = "ConvNet") -> str | None:
+    """The DC augmentation DC's evaluation used (methods.md §1.5): "crop_noise" for ConvNetBN,
+    "crop_scale_rotate" on MNIST (and its subsets, such as the embedded "mnist-default"), none
+    elsewhere."""
+    if model.lower() == "convnetbn":
+        return "crop_noise"
+    return "crop_scale_rotate" if dataset_name.lower().startswith("mnist") else None
+
+
+def dc_augment_draws(count: int, ops: tuple, generator: torch.Generator) -> dict:
+    """dc_augment's draws for `count` images, from the CPU `generator`, the same number per image
+    whatever op it gets: "op" (index into `ops`), "shift" (crop, (x, y) pixels in
+    [−DC_CROP_PAD, DC_CROP_PAD]), "zoom" (scale, (x, y) factors) and "angle" (rotate, degrees)."""
+    return dict(op=torch.randint(len(ops), (count,), generator=generator),
+                shift=torch.randint(-DC_CROP_PAD, DC_CROP_PAD + 1, (count, 2), generator=generator),
+                zoom=1 + DC_SCALE * (2 * torch.rand(count, 2, generator=generator) - 1),
+                angle=torch.randint(-DC_ROTATE, DC_ROTATE, (count,), generator=generator))
+
+
+def dc_augment(images: torch.Tensor, strategy: str, generator: torch.Generator) -> torch.Tensor:
+    """DC's non-differentiable evaluation augmentation: each image of the (N, C, H, W) batch gets
+    one op of `strategy`, drawn at random (methods.md §1.5).
+
+    crop shifts the image by up to DC_CROP_PAD pixels each way; scale zooms each side by its own
+    factor in [1 − DC_SCALE, 1 + DC_SCALE] about the centre (nearest neighbour); rotate turns it by
+    an integer angle in [−DC_ROTATE, DC_ROTATE) degrees about the centre (bilinear, where DC used
+    scipy's cubic spline); uncovered pixels take the batch's channel mean, as DC fills them. noise
+    adds N(0, DC_NOISE_STD²). The draws (dc_augment_draws, then the noise) come from the CPU
+    `generator`, so they do not depend on the device.
+    """
+    ops = dc_augment_ops(strategy)
+    count, _, height, width = images.shape
+    draws = dc_augment_draws(count, ops, generator)
+    noise = DC_NOISE_STD * torch.randn(images.shape, generator=generator) if "noise" in ops else None
+    picked = {name: draws["op"] == index for index, name in enumerate(ops)}
+    # Per image, the affine map from output to input pixels in grid_sample's [-1, 1] coordinates.
+    theta = torch.eye(2, 3).repeat(count, 1, 1)
+    if "crop" in picked:
+        crop = picked["crop"]
+        theta[crop, :, 2] = 2 * draws["shift"][crop].float() / torch.tensor([width, height])
+    if "scale" in picked:
+        scale = picked["scale"]
+        theta[scale, 0, 0], theta[scale, 1, 1] = (1 / draws["zoom"][scale]).unbind(1)
+    if "rotate" in picked:
+        rotate = picked["rotate"]
+        radians = torch.deg2rad(draws["angle"][rotate].float())
+        cos, sin = radians.cos(), radians.sin()
+        theta[rotate, 0, 0], theta[rotate, 0, 1] = cos, -sin * height / width
+        theta[rotate, 1, 0], theta[rotate, 1, 1] = sin * width / height, cos
+    mean = images.mean(dim=(0, 2, 3), keepdim=True)
+    out = images.clone()
+    for mode in ("nearest", "bilinear"):
+        chosen = torch.isin(draws["op"], torch.tensor([i for i, name in enumerate(ops) if DC_RESAMPLING.get(name) == mode]))
+        if chosen.any():
+            where = chosen.nonzero().squeeze(1).to(images.device)
+            grid = F.affine_grid(theta[chosen].to(images), (len(where), *images.shape[1:]), align_corners=False)
+            moved = F.grid_sample(images[where] - mean, grid, mode=mode, padding_mode="zeros", align_corners=False)
+            out[where] = moved + mean
+    if noise is not None:
+        chosen = picked["noise"].to(images.device)
+        out[chosen] += noise.to(images)[chosen]
+    return out
