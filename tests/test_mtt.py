@@ -120,6 +120,18 @@ def test_datm_window_grows_to_its_final_value():
     assert fixed.start_window(0) == (1, 9)
 
 
+@pytest.mark.parametrize("window, message", [
+    (dict(current_max_start_epoch=12), "current_max_start_epoch ≤ max_start_epoch"),
+    (dict(current_max_start_epoch=1), "min_start_epoch < current_max_start_epoch")])
+def test_datm_refuses_a_window_that_cannot_grow(window, message):
+    datm = DATM("toy", 2, **dict(dict(min_start_epoch=1, current_max_start_epoch=3, max_start_epoch=9,
+                                      expansion_end_epoch=100), **window))
+    with pytest.raises(ValueError, match=message):
+        datm.start_window_limits()
+    assert DATM("toy", 2, **dict(dict(min_start_epoch=1, max_start_epoch=9, sequential_generation=False),
+                                 **window)).start_window_limits() == (1, 8)  # no growth, no constraint
+
+
 def test_datm_learns_soft_labels_from_expert_logits(buffer, tmp_path):
     log = tmp_path / "log.jsonl"
     options = dict(ipc=2, device="cpu", progress=False, buffer=buffer, model="ConvNetD1", syn_steps=4,

@@ -309,7 +309,13 @@ class DATM(MTT):
                                                momentum=self.options["momentum_y"])
 
     def start_window_limits(self):
-        return self.options["min_start_epoch"], self.options["max_start_epoch"] - 1
+        low, current, final = (self.options[key] for key in
+                               ("min_start_epoch", "current_max_start_epoch", "max_start_epoch"))
+        if self.options["sequential_generation"] and not low < current <= final:
+            raise ValueError(f"datm: the start-epoch window grows from current_max_start_epoch {current} to "
+                             f"max_start_epoch {final} above min_start_epoch {low}, so it needs "
+                             f"min_start_epoch < current_max_start_epoch ≤ max_start_epoch")
+        return low, final - 1
 
     def start_window(self, iteration):
         low, final = self.options["min_start_epoch"], self.options["max_start_epoch"]
