@@ -37,7 +37,8 @@ from condense_engine.methods.augment import dc_eval_strategy
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_DATA_ROOT = os.path.join(REPO_ROOT, "..", "shared", "data")
-FULL_EPOCHS = 1000
+FULL_EPOCHS = 1000  # the published evaluation's epochs with augmentation (DSA or DC's)
+PLAIN_EPOCHS = 300  # and without (DC's numbers outside MNIST)
 CHECKPOINT_EVERY = 250  # --save-dir: iterations between checkpoints
 # --quick: IPC 1, a few iterations and epochs, and every 10th test image (CPU test time is mostly
 # the ConvNet forward over the test set).
@@ -134,6 +135,12 @@ def published_augmentation(method: str, dataset: str) -> dict:
     return dict(dsa=False, dc_augment=dc_eval_strategy(dataset))
 
 
+def published_epochs(augmentation: dict) -> int:
+    """Evaluation epochs of the published protocol for an augmentation choice (methods.md §1.6):
+    PLAIN_EPOCHS when it trains without augmentation (DC outside MNIST), else FULL_EPOCHS."""
+    return PLAIN_EPOCHS if augmentation.get("dsa") is False and not augmentation.get("dc_augment") else FULL_EPOCHS
+
+
 def augmentation_text(recipe: dict) -> str:
     """How an evaluation augmented its training images: 'DSA <strategy>', 'DC <strategy>' or 'no augmentation'."""
     if recipe.get("dsa_strategy"):
@@ -167,15 +174,17 @@ def format_published(value: tuple[float, float | None] | None) -> str:
     return f"{mean:.1f}" if std is None else f"{mean:.1f}±{std:.1f}"
 
 
-def schedule_label(iterations: int, default_iterations: int, epochs: int, changed: dict | None = None) -> str:
+def schedule_label(iterations: int, default_iterations: int, epochs: int, changed: dict | None = None,
+                   full_epochs: int = FULL_EPOCHS) -> str:
     """'published schedule' or 'REDUCED (...)' naming every shortened or changed part of the run.
 
-    `changed` maps a method option set away from its published default to (value, default)."""
+    `changed` maps a method option set away from its published default to (value, default);
+    `full_epochs` is the published evaluation's (published_epochs)."""
     shortened = [f"{key} {value} instead of {default}" for key, (value, default) in (changed or {}).items()]
     if iterations < default_iterations:
         shortened.append(f"{iterations} of {default_iterations} distillation iterations")
-    if epochs < FULL_EPOCHS:
-        shortened.append(f"{epochs} of {FULL_EPOCHS} evaluation epochs")
+    if epochs < full_epochs:
+        shortened.append(f"{epochs} of {full_epochs} evaluation epochs")
     return f"REDUCED ({'; '.join(shortened)})" if shortened else "published schedule"
 
 
@@ -321,7 +330,7 @@ def full_data_accuracy(dataset: str) -> float | None:
     return float(re.match(r"[\d.]+", text).group()) / 100 if text else None
 
 
-def measure(method: str, dataset: str, train, test, ipc: int, *, iterations: int | None, epochs: int,
+def measure(method: str, dataset: str, train, test, ipc: int, *, iterations: int | None, epochs: int | None,
             repeats: int, device: torch.device, seed: int, options: dict, baseline: bool = True,
             save_dir: str | None = None, fair: bool = False, dsa_eval: bool = False) -> dict:
     """Distil one set and evaluate it (with the random-real baseline unless `baseline` is
@@ -330,13 +339,15 @@ def measure(method: str, dataset: str, train, test, ipc: int, *, iterations: int
     `fair` adds DD-Ranking's LRS and ARS (`ce.fair_scores`, full-data accuracy from FULL_DATA, or
     measured for `epochs` where the data set has none), which needs the baseline.
     The evaluation augments as the method's published numbers did (published_augmentation), or
-    with DSA for every method when `dsa_eval`."""
+    with DSA for every method when `dsa_eval`; `epochs` None is that protocol's (published_epochs)."""
     if fair and not baseline:
         raise ValueError("fair scores compare with the random-real baseline: drop --no-baseline")
     augmentation = {} if dsa_eval else published_augmentation(method, train.name)
     if fair and augmentation:
         raise ValueError(f"fair scores start from the DSA evaluation, but {method} is evaluated with "
                          f"{augmentation_text(augmentation)} as published: add --dsa-eval")
+    full_epochs = published_epochs(augmentation)
+    epochs = full_epochs if epochs is None else epochs
     published = get_method(method)(train.name, ipc).options
     changed = {key: (value, published[key]) for key, value in options.items() if published.get(key) != value}
     default_iterations = published["iterations"]
@@ -363,7 +374,7 @@ def measure(method: str, dataset: str, train, test, ipc: int, *, iterations: int
                 baseline_random=dict(mean=100 * report.baseline.mean, std=100 * report.baseline.std)
                 if baseline else None,
                 recipe=report.recipe, test_images=len(test), method_options=method_options,
-                schedule=schedule_label(iterations, default_iterations, epochs, changed),
+                schedule=schedule_label(iterations, default_iterations, epochs, changed, full_epochs),
                 default_iterations=default_iterations, options=options,
                 eval_seconds=time.perf_counter() - start, **({"fair": scores} if scores else {}))
 
@@ -409,13 +420,14 @@ def accuracy_section(files: list[tuple[str, dict]]) -> str:
 
 
 def at_a_glance(rows: list[tuple[str, dict]]) -> list[str]:
-    """One line per method, data set and IPC: of its rows evaluated for the published
-    FULL_EPOCHS (superseded ones left out), the one with the most distillation iterations (the
-    newest file among equals), preferring rows evaluated with the published augmentation
+    """One line per method, data set and IPC: of its rows evaluated for the published epochs
+    (published_epochs; superseded ones left out), the one with the most distillation iterations
+    (the newest file among equals), preferring rows evaluated with the published augmentation
     (like_published), beside the published number and how far it is from it."""
     chosen = {}
     for stem, row in sorted(rows, key=lambda item: item[0]):
-        if row["recipe"]["epochs"] < FULL_EPOCHS or "superseded" in (row.get("note") or ""):
+        full_epochs = published_epochs(published_augmentation(row["method"], row["dataset"]))
+        if row["recipe"]["epochs"] < full_epochs or "superseded" in (row.get("note") or ""):
             continue
         key = (row["method"], row["dataset"], row["ipc"])
         rank = (like_published(row), row["iterations"])
@@ -424,7 +436,8 @@ def at_a_glance(rows: list[tuple[str, dict]]) -> list[str]:
     if not chosen:
         return []
     order = {name: index for index, name in enumerate(TABLE_DATASETS)}
-    lines = [f"### At a glance: the longest run of each cell evaluated for {FULL_EPOCHS} epochs", "",
+    lines = [f"### At a glance: the longest run of each cell evaluated for the published {FULL_EPOCHS} epochs "
+             f"({PLAIN_EPOCHS} where the published evaluation did not augment)", "",
              "| data set | IPC | method | ours | published | ours − published | random real (ours / published) "
              "| schedule | file |",
              "|---|---|---|---|---|---|---|---|---|"]
@@ -540,7 +553,9 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--ipcs", nargs="+", type=int, default=[1, 10, 50])
     parser.add_argument("--iterations", type=int, default=None,
                         help="distillation iterations (default: each method's published default)")
-    parser.add_argument("--epochs", type=int, default=FULL_EPOCHS, help="evaluation epochs (1000)")
+    parser.add_argument("--epochs", type=int, default=None,
+                        help=f"evaluation epochs (the published protocol's: {FULL_EPOCHS}, {PLAIN_EPOCHS} for DC "
+                             "outside MNIST, which it evaluated without augmentation)")
     parser.add_argument("--repeats", type=int, default=5, help="fresh evaluation models per set (5)")
     parser.add_argument("--data-root", default=DEFAULT_DATA_ROOT,
                         help="folder holding one folder per data set (default ../shared/data)")

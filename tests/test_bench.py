@@ -262,6 +262,20 @@ def test_at_a_glance_prefers_the_published_augmentation_and_flags_any_other():
                                      **as_published["recipe"])).count("DC crop_scale_rotate") == 1
 
 
+def test_dc_outside_mnist_counts_as_published_after_300_epochs_without_augmentation():
+    plain = accuracy.published_augmentation("dc", "fashion-mnist")
+    assert plain == dict(dsa=False, dc_augment=None) and accuracy.published_epochs(plain) == 300
+    assert accuracy.published_epochs(accuracy.published_augmentation("dc", "mnist")) == 1000
+    assert accuracy.published_epochs(accuracy.published_augmentation("dm", "fashion-mnist")) == 1000
+    assert accuracy.schedule_label(500, 500, 300, full_epochs=300) == "published schedule"
+    assert accuracy.schedule_label(500, 500, 300) == "REDUCED (300 of 1000 evaluation epochs)"
+    row = dict(method="dc", dataset="fashion-mnist", ipc=1, acc_mean=70.9, acc_std=0.2, iterations=1000,
+               recipe=dict(epochs=300, dsa_strategy=None, dc_augment=None), schedule="S")
+    (cells,) = [line.split(" | ") for line in accuracy.at_a_glance([("a", row)]) if line.startswith("| fashion")]
+    assert cells[5] == "+0.40 (at or above)"  # 70.5±0.6 published
+    assert accuracy.at_a_glance([("a", dict(row, method="dm"))]) == []  # DM's published evaluation is 1000 epochs
+
+
 def test_accuracy_rows_show_our_own_method_defaults_and_notes():
     row = dict(schedule="REDUCED (x)", method_options=dict(factor=2, kernel="gaussian"), note="superseded: old defaults")
     assert accuracy.schedule_text(row) == "REDUCED (x); options factor=2, kernel=gaussian; **superseded: old defaults**"
