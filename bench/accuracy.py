@@ -110,7 +110,8 @@ FULL_DATA = {"mnist": "99.6 (U)", "fashion-mnist": "93.5±0.1", "cifar10": "84.8
 # How each published number was evaluated (methods.md §1.6 and the method sections).
 PUBLISHED_RECIPES = {
     "random": "random real subset evaluated like DC/DSA: ConvNet-3, SGD lr 0.01",
-    "dc": "ConvNet-3, SGD lr 0.01, 300 epochs DC-augmentation (1000 on MNIST), 5 sets × 20 models",
+    "dc": "ConvNet-3, SGD lr 0.01; MNIST 1000 epochs with DC's augmentation (crop/scale/rotate), elsewhere 300 "
+          "epochs without augmentation; 5 sets × 20 models",
     "dd": "random-init DD as quoted by DC: LeNet/AlexCifarNet trained with the learned step schedule, "
           "not the DC protocol",
     "dsa": "ConvNet-3, SGD lr 0.01, 1000 epochs with DSA, batch 256, 5 sets × 20 models",
