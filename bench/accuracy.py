@@ -150,13 +150,16 @@ def augmentation_text(recipe: dict) -> str:
 
 
 def like_published(row: dict) -> bool:
-    """Whether `row` was evaluated with the augmentation kind its method's published numbers used
-    (rows older than DC's own augmentation carry no dc_augment: DSA or none)."""
+    """Whether `row` was evaluated with the augmentation its method's published numbers used
+    (published_augmentation). Rows written before DC's own augmentation existed have no
+    dc_augment key: they count as evaluated with DSA or with none."""
     wanted = published_augmentation(row["method"], row["dataset"])
     recipe = row["recipe"]
     if "dsa" not in wanted:
         return bool(recipe.get("dsa_strategy"))
     return not recipe.get("dsa_strategy") and recipe.get("dc_augment") == wanted["dc_augment"]
+
+
 # Method options recorded in every row (those whose defaults are ours, not published ones).
 # Keyed by the registered name (synset.meta["method"]), so aliases such as "echo" share it.
 REPORTED_OPTIONS = {"m3d": ("kernel", "factor", "normalize", "lr_img", "model_steps")}
