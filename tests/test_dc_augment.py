@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from condense_engine.methods.augment import (DC_CROP_PAD, DC_NOISE_STD, DC_ROTATE, DC_SCALE, dc_augment,
                                              dc_augment_draws, dc_augment_ops, dc_eval_strategy)
@@ -17,41 +18,45 @@ def _images(seed=0):
 
 
 def _reference(images, ops, draws):
-    """Each image's op, pixel by pixel: the source pixel of every output pixel, in pixel
-    coordinates about the image centre; the batch's channel mean where the source is outside."""
+    """Each image's op done the long way: crop by slicing a canvas padded with the channel means;
+    scale by F.interpolate onto a zero canvas of the largest side, then slicing its centre; rotate
+    pixel by pixel, bilinear about the centre, filling with the mean of the channel means."""
     count, channels, height, width = images.shape
-    mean = images.mean(dim=(0, 2, 3))
+    means = images.mean(dim=(0, 2, 3))
     out = images.clone()
-
-    def pixel(n, c, y, x):
-        inside = 0 <= y < height and 0 <= x < width
-        return float(images[n, c, y, x] - mean[c]) if inside else 0.0
-
     for n in range(count):
         op = ops[int(draws["op"][n])]
-        if op == "noise":
-            continue
-        for i in range(height):
-            for j in range(width):
-                dx, dy = j + 0.5 - width / 2, i + 0.5 - height / 2
-                if op == "crop":
-                    src_x, src_y = j + int(draws["shift"][n, 0]), i + int(draws["shift"][n, 1])
-                elif op == "scale":
-                    zoom_x, zoom_y = draws["zoom"][n].tolist()
-                    src_x, src_y = dx / zoom_x + width / 2 - 0.5, dy / zoom_y + height / 2 - 0.5
-                else:
-                    angle = math.radians(int(draws["angle"][n]))
+        if op == "crop":
+            canvas = means[:, None, None].repeat(1, height + 2 * DC_CROP_PAD, width + 2 * DC_CROP_PAD)
+            canvas[:, DC_CROP_PAD:DC_CROP_PAD + height, DC_CROP_PAD:DC_CROP_PAD + width] = images[n]
+            top, left = DC_CROP_PAD + int(draws["shift"][n, 1]), DC_CROP_PAD + int(draws["shift"][n, 0])
+            out[n] = canvas[:, top:top + height, left:left + width]
+        elif op == "scale":
+            new_h, new_w = int(draws["zoom"][n, 1] * height), int(draws["zoom"][n, 0] * width)
+            resized = F.interpolate(images[n:n + 1], [new_h, new_w], mode="nearest")[0]
+            side = max(new_h, new_w, height, width)
+            canvas = torch.zeros(channels, side, side)
+            top, left = (side - new_h) // 2, (side - new_w) // 2
+            canvas[:, top:top + new_h, left:left + new_w] = resized
+            top, left = (side - height) // 2, (side - width) // 2
+            out[n] = canvas[:, top:top + height, left:left + width]
+        elif op == "rotate":
+            fill = float(means.mean())
+            angle = math.radians(int(draws["angle"][n]))
+
+            def pixel(c, y, x):
+                return float(images[n, c, y, x]) - fill if 0 <= y < height and 0 <= x < width else 0.0
+            for i in range(height):
+                for j in range(width):
+                    dx, dy = j + 0.5 - width / 2, i + 0.5 - height / 2
                     src_x = math.cos(angle) * dx - math.sin(angle) * dy + width / 2 - 0.5
                     src_y = math.sin(angle) * dx + math.cos(angle) * dy + height / 2 - 0.5
-                for c in range(channels):
-                    if op == "rotate":  # bilinear between the four neighbours
-                        x0, y0 = math.floor(src_x), math.floor(src_y)
-                        fx, fy = src_x - x0, src_y - y0
-                        value = ((1 - fx) * (1 - fy) * pixel(n, c, y0, x0) + fx * (1 - fy) * pixel(n, c, y0, x0 + 1)
-                                 + (1 - fx) * fy * pixel(n, c, y0 + 1, x0) + fx * fy * pixel(n, c, y0 + 1, x0 + 1))
-                    else:  # nearest
-                        value = pixel(n, c, round(src_y), round(src_x))
-                    out[n, c, i, j] = value + mean[c]
+                    x0, y0 = math.floor(src_x), math.floor(src_y)
+                    fx, fy = src_x - x0, src_y - y0
+                    corners = (((1 - fx) * (1 - fy), y0, x0), (fx * (1 - fy), y0, x0 + 1),
+                               ((1 - fx) * fy, y0 + 1, x0), (fx * fy, y0 + 1, x0 + 1))
+                    for c in range(channels):
+                        out[n, c, i, j] = fill + sum(weight * pixel(c, y, x) for weight, y, x in corners)
     return out
 
 
@@ -68,7 +73,7 @@ def test_each_op_matches_the_per_pixel_reference(strategy):
 
 def test_draws_stay_in_the_published_ranges():
     draws = dc_augment_draws(4000, ("crop", "scale", "rotate"), torch.Generator().manual_seed(0))
-    assert draws["shift"].min() == -DC_CROP_PAD and draws["shift"].max() == DC_CROP_PAD
+    assert draws["shift"].min() == -DC_CROP_PAD and draws["shift"].max() == DC_CROP_PAD - 1  # 8 offsets of a pad 4
     assert draws["zoom"].min() >= 1 - DC_SCALE and draws["zoom"].max() <= 1 + DC_SCALE
     assert draws["zoom"].min() < 1 - 0.9 * DC_SCALE and draws["zoom"].max() > 1 + 0.9 * DC_SCALE
     assert draws["angle"].min() == -DC_ROTATE and draws["angle"].max() == DC_ROTATE - 1

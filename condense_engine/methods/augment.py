@@ -167,8 +167,6 @@ def cutmix(images: torch.Tensor, labels: torch.Tensor, beta: float, generator: t
 #: rotation range (degrees, integers in [−45, 45)) and noise std.
 DC_AUGMENT_OPS = ("crop", "scale", "rotate", "noise")
 DC_CROP_PAD, DC_SCALE, DC_ROTATE, DC_NOISE_STD = 4, 0.2, 45, 0.001
-#: How each geometric op resamples (noise moves no pixel).
-DC_RESAMPLING = {"crop": "nearest", "scale": "nearest", "rotate": "bilinear"}
 
 
 def dc_augment_ops(strategy: str) -> tuple:
@@ -193,53 +191,80 @@ def dc_eval_strategy(dataset_name: str, model: str = "ConvNet") -> str | None:
 def dc_augment_draws(count: int, ops: tuple, generator: torch.Generator) -> dict:
     """dc_augment's draws for `count` images, from the CPU `generator`, the same number per image
     whatever op it gets: "op" (index into `ops`), "shift" (crop, (x, y) pixels in
-    [−DC_CROP_PAD, DC_CROP_PAD]), "zoom" (scale, (x, y) factors) and "angle" (rotate, degrees)."""
+    [−DC_CROP_PAD, DC_CROP_PAD − 1]), "zoom" (scale, (x, y) factors) and "angle" (rotate, degrees)."""
     return dict(op=torch.randint(len(ops), (count,), generator=generator),
-                shift=torch.randint(-DC_CROP_PAD, DC_CROP_PAD + 1, (count, 2), generator=generator),
-                zoom=1 + DC_SCALE * (2 * torch.rand(count, 2, generator=generator) - 1),
+                shift=torch.randint(-DC_CROP_PAD, DC_CROP_PAD, (count, 2), generator=generator),
+                zoom=1 + DC_SCALE * (2 * torch.rand(count, 2, generator=generator, dtype=torch.float64) - 1),
                 angle=torch.randint(-DC_ROTATE, DC_ROTATE, (count,), generator=generator))
+
+
+def _shift_and_zoom_sources(draws: dict, is_crop: torch.Tensor, height: int, width: int) -> list:
+    """For images that crop (`is_crop`) or scale: per image, the source row of every output row,
+    (N, H), and the source column of every output column, (N, W), each with whether it lies inside
+    the image. A crop shifts by draws["shift"]. A scale resizes each side to ⌊zoom · size⌋ pixels
+    by nearest neighbour (source ⌊i · size / new⌋, as F.interpolate picks), centres the result on a
+    square canvas as large as the largest side, and keeps the canvas's centre height × width."""
+    new = (draws["zoom"] * torch.tensor([width, height])).floor().long()  # (N, 2): new width, new height
+    canvas = new.amax(1).clamp(min=max(height, width))
+    sources = []
+    for axis, size in ((1, height), (0, width)):
+        index = torch.arange(size)
+        resized = index + ((canvas - size) // 2 - (canvas - new[:, axis]) // 2)[:, None]
+        zoomed = (resized.float() * (size / new[:, axis, None].float())).floor().long()
+        shifted = index + draws["shift"][:, axis, None]
+        source = torch.where(is_crop[:, None], shifted, zoomed)
+        inside = torch.where(is_crop[:, None], (shifted >= 0) & (shifted < size),
+                             (resized >= 0) & (resized < new[:, axis, None]))
+        sources.append((source.clamp(0, size - 1), inside))
+    return sources
 
 
 def dc_augment(images: torch.Tensor, strategy: str, generator: torch.Generator) -> torch.Tensor:
     """DC's non-differentiable evaluation augmentation: each image of the (N, C, H, W) batch gets
-    one op of `strategy`, drawn at random (methods.md §1.5).
+    one op of `strategy`, drawn at random (methods.md §1.5), as DC's code applies it.
 
-    crop shifts the image by up to DC_CROP_PAD pixels each way; scale zooms each side by its own
-    factor in [1 − DC_SCALE, 1 + DC_SCALE] about the centre (nearest neighbour); rotate turns it by
-    an integer angle in [−DC_ROTATE, DC_ROTATE) degrees about the centre (bilinear, where DC used
-    scipy's cubic spline); uncovered pixels take the batch's channel mean, as DC fills them. noise
-    adds N(0, DC_NOISE_STD²). The draws (dc_augment_draws, then the noise) come from the CPU
-    `generator`, so they do not depend on the device.
+    crop shifts the image by −DC_CROP_PAD … DC_CROP_PAD − 1 pixels each way, filling with the
+    batch's channel means; scale resizes each side by a factor in [1 − DC_SCALE, 1 + DC_SCALE]
+    (nearest neighbour) and keeps the centre, filling with 0 (the data set's mean once
+    normalised); rotate turns the image about its centre by an integer angle in
+    [−DC_ROTATE, DC_ROTATE) degrees, filling with the mean of the channel means, bilinearly where
+    DC used scipy's cubic spline; noise adds N(0, DC_NOISE_STD²). The draws (dc_augment_draws,
+    then the noise) come from the CPU `generator`, so they do not depend on the device.
     """
     ops = dc_augment_ops(strategy)
     count, _, height, width = images.shape
+    device = images.device
     draws = dc_augment_draws(count, ops, generator)
     noise = DC_NOISE_STD * torch.randn(images.shape, generator=generator) if "noise" in ops else None
-    picked = {name: draws["op"] == index for index, name in enumerate(ops)}
-    # Per image, the affine map from output to input pixels in grid_sample's [-1, 1] coordinates.
-    theta = torch.eye(2, 3).repeat(count, 1, 1)
-    if "crop" in picked:
-        crop = picked["crop"]
-        theta[crop, :, 2] = 2 * draws["shift"][crop].float() / torch.tensor([width, height])
-    if "scale" in picked:
-        scale = picked["scale"]
-        theta[scale, 0, 0], theta[scale, 1, 1] = (1 / draws["zoom"][scale]).unbind(1)
-    if "rotate" in picked:
-        rotate = picked["rotate"]
-        radians = torch.deg2rad(draws["angle"][rotate].float())
-        cos, sin = radians.cos(), radians.sin()
-        theta[rotate, 0, 0], theta[rotate, 0, 1] = cos, -sin * height / width
-        theta[rotate, 1, 0], theta[rotate, 1, 1] = sin * width / height, cos
-    mean = images.mean(dim=(0, 2, 3), keepdim=True)
+    picked = {name: draws["op"] == ops.index(name) if name in ops else torch.zeros(count, dtype=torch.bool)
+              for name in DC_AUGMENT_OPS}
+    channel_mean = images.mean(dim=(0, 2, 3))
     out = images.clone()
-    for mode in ("nearest", "bilinear"):
-        chosen = torch.isin(draws["op"], torch.tensor([i for i, name in enumerate(ops) if DC_RESAMPLING.get(name) == mode]))
-        if chosen.any():
-            where = chosen.nonzero().squeeze(1).to(images.device)
-            grid = F.affine_grid(theta[chosen].to(images), (len(where), *images.shape[1:]), align_corners=False)
-            moved = F.grid_sample(images[where] - mean, grid, mode=mode, padding_mode="zeros", align_corners=False)
-            out[where] = moved + mean
+    moved = picked["crop"] | picked["scale"]
+    if moved.any():
+        where = moved.nonzero().squeeze(1)
+        is_crop = picked["crop"][where]
+        (rows, rows_inside), (cols, cols_inside) = _shift_and_zoom_sources(
+            {key: value[where] for key, value in draws.items()}, is_crop, height, width)
+        rows, cols, is_crop = rows.to(device), cols.to(device), is_crop.to(device)
+        where = where.to(device)
+        gathered = images[where[:, None, None], :, rows[:, :, None], cols[:, None, :]]  # (n, H, W, C)
+        inside = (rows_inside[:, :, None] & cols_inside[:, None, :]).to(device)[..., None]
+        fill = torch.where(is_crop[:, None], channel_mean, 0.0)[:, None, None, :]
+        out[where] = torch.where(inside, gathered, fill).permute(0, 3, 1, 2)
+    if picked["rotate"].any():
+        where = picked["rotate"].nonzero().squeeze(1)
+        radians = torch.deg2rad(draws["angle"][where].float())
+        cos, sin, zero = radians.cos(), radians.sin(), torch.zeros(len(where))
+        # The map from output to input pixels in grid_sample's [-1, 1] coordinates.
+        theta = torch.stack([torch.stack([cos, -sin * height / width, zero], 1),
+                             torch.stack([sin * width / height, cos, zero], 1)], 1)
+        fill = channel_mean.mean()
+        where = where.to(device)
+        grid = F.affine_grid(theta.to(images), (len(where), *images.shape[1:]), align_corners=False)
+        out[where] = F.grid_sample(images[where] - fill, grid, mode="bilinear", padding_mode="zeros",
+                                   align_corners=False) + fill
     if noise is not None:
-        chosen = picked["noise"].to(images.device)
+        chosen = picked["noise"].to(device)
         out[chosen] += noise.to(images)[chosen]
     return out
