@@ -204,7 +204,7 @@ def _shift_and_zoom_sources(draws: dict, is_crop: torch.Tensor, height: int, wid
     the image. A crop shifts by draws["shift"]. A scale resizes each side to ⌊zoom · size⌋ pixels
     by nearest neighbour (source ⌊i · size / new⌋, as F.interpolate picks), centres the result on a
     square canvas as large as the largest side, and keeps the canvas's centre height × width."""
-    new = (draws["zoom"] * torch.tensor([width, height])).floor().long()  # (N, 2): new width, new height
+    new = (draws["zoom"] * torch.tensor([width, height])).floor().long().clamp(min=1)  # (N, 2): new width, height
     canvas = new.amax(1).clamp(min=max(height, width))
     sources = []
     for axis, size in ((1, height), (0, width)):
