@@ -8,7 +8,7 @@ random real subsets of the same size under the same recipe, the number a synthet
 
 `dc_augment="crop_scale_rotate"` (with `dsa=False`) trains with DC's own non-differentiable
 augmentation instead of DSA, as DC's published numbers were evaluated on MNIST (methods.md §1.5;
-`dc_eval_strategy` gives the published choice per data set and model).
+`methods.augment.dc_eval_strategy` gives the published choice per data set and model).
 
 `recipe="idc"` is IDC's evaluation instead (methods.md §9.4): batch 64, lr ×0.2 at 2/3 and 5/6
 of the epochs (momentum kept), DSA colour/crop/flip/scale/rotate (no flip on MNIST and SVHN, no
