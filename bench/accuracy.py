@@ -453,9 +453,10 @@ def at_a_glance(rows: list[tuple[str, dict]]) -> list[str]:
             difference, std = row["acc_mean"] - reference[0], reference[1]
             standing = ("at or above" if difference >= 0 else "" if std is None
                         else "within one published std" if difference >= -std else "below")
+            notes = [standing] if standing else []
             if not like_published(row):
-                standing += f"; not like-for-like: evaluated with {augmentation_text(row['recipe'])}"
-            gap = f"{difference:+.2f}" + (f" ({standing.lstrip('; ')})" if standing else "")
+                notes.append(f"not like-for-like: evaluated with {augmentation_text(row['recipe'])}")
+            gap = f"{difference:+.2f}" + (f" ({'; '.join(notes)})" if notes else "")
         base = row.get("baseline_random")
         random_text = (f"{base['mean']:.1f}" if base else "–") + " / " + format_published(published("random", dataset, ipc))
         lines.append(f"| {dataset} | {ipc} | {method} | {row['acc_mean']:.2f}±{row['acc_std']:.2f} | "

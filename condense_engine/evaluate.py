@@ -359,19 +359,17 @@ def evaluate(synset, test_set, model: str = "ConvNet", repeats: int = 5,
                      schedule=schedule, seed=seed, recipe=recipe, dc_augment=dc_augment)
     shape = dict(channel=test_set.channels, num_classes=synset.num_classes, im_size=test_set.image_size)
     run = dict(model=model, repeats=repeats, epochs=epochs, lr=lr, batch_size=batch_size,
-               strategy=strategy, seed=seed, batched=batched, recipe=recipe, **shape)
+               strategy=strategy, seed=seed, batched=batched, recipe=recipe, dc_strategy=dc_augment, **shape)
     finished = FinishedRuns(checkpoint)
     # A run's result depends on its training images, the test set, the recipe and the device (and
     # the path, added in _train_repeats); the repeat number picks its seed, so how many repeats
     # there are does not matter: an evaluation with more repeats reuses the first ones.
     test_key = fingerprint(test_set.images, test_set.labels, test_set.mean, test_set.std) if checkpoint else ""
-    # dc_augment joins the key only when set, so runs finished before it existed are still found.
-    recipe_key = {k: v for k, v in run.items() if k not in ("repeats", "batched")}
-    if dc_augment is not None:
-        recipe_key["dc_strategy"] = dc_augment
+    # dc_strategy joins the key only when set, so runs finished before it existed are still found.
+    recipe_key = {k: v for k, v in run.items()
+                  if k not in ("repeats", "batched") and not (k == "dc_strategy" and v is None)}
     key = fingerprint("set", images, labels, test_key, recipe_key, device.type) if checkpoint else ""
-    accs, losses, path = _train_repeats(images, labels, test_set, **run, dc_strategy=dc_augment, finished=finished,
-                                        key=key)
+    accs, losses, path = _train_repeats(images, labels, test_set, **run, finished=finished, key=key)
     described.update(path)
     report = EvalReport(model, accs, described, losses=losses)
     if baseline:
@@ -380,7 +378,7 @@ def evaluate(synset, test_set, model: str = "ConvNet", repeats: int = 5,
         base_recipe = dict(described, lr=0.01, images_per_class=ipc)
         key = (fingerprint("random real", ipc, train_set.images, train_set.labels, train_set.mean, train_set.std,
                            test_key, dict(recipe_key, lr=0.01), device.type) if checkpoint else "")
-        accs, losses, path = _train_repeats(images, labels, test_set, **dict(run, lr=0.01), dc_strategy=dc_augment,
+        accs, losses, path = _train_repeats(images, labels, test_set, **dict(run, lr=0.01),
                                             draw=lambda g: sampler.random_real(ipc, g), finished=finished, key=key)
         report.baseline = EvalReport(model, accs, dict(base_recipe, **path), losses=losses)
     return report
