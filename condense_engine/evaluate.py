@@ -18,9 +18,9 @@ The repeats train together as one vmapped model (evaluate_batched.py) on an acce
 model allows it, else one after another; both give the same weights up to float rounding.
 
 `checkpoint=` keeps every finished run in a file as soon as it finishes (`FinishedRuns`), keyed by
-everything its result depends on, so an evaluation stopped part-way (a killed job, a time-limited
-machine) and started again trains only the runs it had not finished: on the loop path run by
-run, on the batched path all runs or none.
+everything its result depends on, the code's `EVALUATION_REVISION` included, so an evaluation
+stopped part-way (a killed job, a time-limited machine) and started again trains only the runs it
+had not finished: on the loop path run by run, on the batched path all runs or none.
 """
 import hashlib
 import json
@@ -42,6 +42,11 @@ from condense_engine.methods.augment import cutmix, dc_augment, dc_augment_ops
 from condense_engine.ops.dsa import DSAParams, default_strategy, dsa
 
 RECIPES = ("dc", "idc")
+#: The revision of what an evaluation run computes (training loop, models, DSA, DC's augmentation,
+#: CutMix). It is part of a checkpoint's keys, so bumping it makes runs finished by earlier code be
+#: trained again instead of reused. Bump it with any change that changes a run's result:
+#: tests/test_evaluate.py pins this revision's results and fails until it is bumped.
+EVALUATION_REVISION = 1
 #: IDC's evaluation: (epoch fraction, lr factor) milestones, CutMix probability and β, batch.
 IDC_MILESTONES = ((2 / 3, 0.2), (5 / 6, 0.2))
 IDC_CUTMIX_PROB, IDC_CUTMIX_BETA, IDC_BATCH = 0.5, 1.0, 64
@@ -365,9 +370,7 @@ def evaluate(synset, test_set, model: str = "ConvNet", repeats: int = 5,
     # the path, added in _train_repeats); the repeat number picks its seed, so how many repeats
     # there are does not matter: an evaluation with more repeats reuses the first ones.
     test_key = fingerprint(test_set.images, test_set.labels, test_set.mean, test_set.std) if checkpoint else ""
-    # dc_strategy joins the key only when set, so runs finished before it existed are still found.
-    recipe_key = {k: v for k, v in run.items()
-                  if k not in ("repeats", "batched") and not (k == "dc_strategy" and v is None)}
+    recipe_key = dict({k: v for k, v in run.items() if k not in ("repeats", "batched")}, revision=EVALUATION_REVISION)
     key = fingerprint("set", images, labels, test_key, recipe_key, device.type) if checkpoint else ""
     accs, losses, path = _train_repeats(images, labels, test_set, **run, finished=finished, key=key)
     described.update(path)

@@ -356,6 +356,29 @@ def test_a_stopped_evaluation_resumes_from_its_finished_runs(tmp_path, monkeypat
     trained[:] = []
     ce.evaluate(_synset(train), test, checkpoint=checkpoint, **dict(options, dsa=False, dc_augment="crop"))
     assert len(trained) == 3 + 3  # DC's augmentation is another evaluation: set and baseline afresh
+    trained[:] = []
+    monkeypatch.setattr(importlib.import_module("condense_engine.evaluate"), "EVALUATION_REVISION", 2)
+    ce.evaluate(_synset(train), test, checkpoint=checkpoint, **options)
+    assert len(trained) == 3 + 3  # runs of an earlier revision of the evaluation code are not reused
+
+
+# The last training loss of each run of this revision of the evaluation code (see the test below).
+PINNED_LOSSES = {1: {"dsa": [0.6505854725837708, 0.8134459257125854],
+                     "dc_augment": [1.0979833602905273, 0.9179407954216003],
+                     "idc": [0.6060670018196106, 0.7630459666252136]}}
+
+
+def test_a_change_of_what_a_run_computes_needs_a_new_evaluation_revision():
+    """Checkpoints reuse finished runs of the same EVALUATION_REVISION, so a change to the training
+    loop, DSA, DC's augmentation or CutMix that changes a run's result must bump it; this pins the
+    revision's results on all three augmentation paths (CPU, 2 runs of 10 epochs each)."""
+    from condense_engine.evaluate import EVALUATION_REVISION
+    train, test = _separable(3), _separable(10, seed=1)
+    paths = {"dsa": {}, "dc_augment": dict(dsa=False, dc_augment="crop_scale_rotate"), "idc": dict(recipe="idc")}
+    for name, options in paths.items():
+        report = ce.evaluate(_synset(train), test, model="ConvNetW32", repeats=2, epochs=10, device="cpu", **options)
+        assert report.losses == pytest.approx(PINNED_LOSSES[EVALUATION_REVISION][name], rel=1e-4), (
+            f"the {name} evaluation now computes other results: bump EVALUATION_REVISION and pin its losses here")
 
 
 def test_a_damaged_evaluation_checkpoint_is_reported(tmp_path):
