@@ -67,6 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="method option, e.g. --set lr_img=1.0 --set batch_real=256")
     p.add_argument("--out", default="out/distill", help="output folder (out/distill)")
     p.add_argument("--checkpoint-every", type=int, default=500, help="iterations between checkpoints (500)")
+    p.add_argument("--checkpoint-minutes", type=float, default=10.0,
+                   help="also write a checkpoint once this many minutes have passed since the last (10; 0: off)")
     p.add_argument("--sync-every", type=int, default=None,
                    help="iterations between reading the loss back from the device (1 on CPU, 10 on a GPU)")
     p.add_argument("--real-images-on", choices=PLACEMENTS, default="device",
@@ -165,6 +167,7 @@ def _distill(args, device, lead: bool) -> int:
     synset = ce.distill(train, method=args.method, ipc=args.ipc, iterations=args.iterations, device=device,
                         seed=args.seed, test_set=test, eval_every=args.eval_every, eval_options=eval_options,
                         checkpoint=os.path.join(args.out, "checkpoint.pt"), checkpoint_every=args.checkpoint_every,
+                        checkpoint_minutes=args.checkpoint_minutes or None,
                         sync_every=args.sync_every, real_images_on=args.real_images_on,
                         resume=args.resume, log=os.path.join(args.out, "log.jsonl"), progress=not args.quiet,
                         **dict(args.options))

@@ -2,7 +2,7 @@
 
 The driver owns everything that is not the method's own algorithm: resolving the input data,
 initialising the synthetic set from real images, the progress bar, JSON-lines logging,
-periodic evaluation, atomic checkpoints (every N iterations and on SIGTERM/SIGINT), exact
+periodic evaluation, atomic checkpoints (every N iterations, every M minutes and on SIGTERM/SIGINT), exact
 resume, and the guard that stops on a non-finite loss while keeping the last good checkpoint.
 
 Reading a value computed on an accelerator makes the host wait for the device, so on one the
@@ -131,13 +131,15 @@ def checked_test_set(test_set, dataset: ImageDataset) -> ImageDataset:
 def distill(dataset, method: str = "dm", ipc: int = 10, iterations: int | None = None, device=None,
             seed: int = 0, *, test_set=None, eval_every: int = 0,
             eval_options: dict | None = None, checkpoint: str | None = None, checkpoint_every: int = 500,
-            resume: bool = False, log: str | None = None, progress: bool = True, sync_every: int | None = None,
+            checkpoint_minutes: float | None = 10.0, resume: bool = False, log: str | None = None, progress: bool = True, sync_every: int | None = None,
             real_images_on: str = "device", **options) -> SyntheticSet:
     """Condense `dataset` into `ipc` images per class with `method`; returns a SyntheticSet.
 
     Method options (e.g. lr_img, batch_real) pass through `**options`; defaults come from the
     method's table for the data set and IPC. With `checkpoint` set, the state is written
-    atomically every `checkpoint_every` iterations and when SIGTERM/SIGINT arrives, and
+    atomically every `checkpoint_every` iterations, at the first read-back (see `sync_every`)
+    `checkpoint_minutes` after the last write (so a slow run killed without a signal loses at most
+    about that much; None: by iterations only), and when SIGTERM/SIGINT arrives, and
     `resume=True` continues from it (bit-identically on CPU), also when it was written by the
     same run with fewer iterations, which extends that run; with no file there yet it starts
     afresh (saying so on stderr when `progress` is on). `test_set` with `eval_every > 0`
@@ -171,6 +173,12 @@ def distill(dataset, method: str = "dm", ipc: int = 10, iterations: int | None =
                          f"which has only {int(counts.min())} images")
     if resume and not checkpoint:
         raise ValueError("resume=True needs checkpoint=<path>")
+    if isinstance(checkpoint_every, bool) or not isinstance(checkpoint_every, int) or checkpoint_every < 1:
+        raise ValueError(f"checkpoint_every must be a positive integer, got {checkpoint_every!r}")
+    if checkpoint_minutes is not None and (isinstance(checkpoint_minutes, bool)
+                                           or not isinstance(checkpoint_minutes, numbers.Real)
+                                           or not checkpoint_minutes > 0):
+        raise ValueError(f"checkpoint_minutes must be a positive number of minutes or None, got {checkpoint_minutes!r}")
     algorithm = get_method(method)(dataset.name, ipc, **options)
     if iterations is not None:
         if (isinstance(iterations, bool) or not isinstance(iterations, numbers.Real)
@@ -209,11 +217,17 @@ def distill(dataset, method: str = "dm", ipc: int = 10, iterations: int | None =
     elif resume and progress and lead:  # a preemptible job's first start, or a mistyped path: say which
         print(f"distill: no checkpoint at {checkpoint} yet; starting from iteration 0", file=sys.stderr, flush=True)
 
+    last_write = [time.monotonic()]
+
     def write_checkpoint(iteration: int) -> None:
         if checkpoint and lead:
             save_checkpoint({"iteration": iteration, "config": config, "images": synset.images.detach().cpu(),
                              "method": algorithm.state_dict(), "rng": capture_rng_state(generators=[generator])},
                             checkpoint)
+        last_write[0] = time.monotonic()
+
+    def checkpoint_overdue() -> bool:
+        return bool(checkpoint and checkpoint_minutes and time.monotonic() - last_write[0] >= 60 * checkpoint_minutes)
 
     logger = _JsonLog(log if lead else None, append=start > 0)
     bar = _progress(progress and lead, start, total, algorithm.name)
@@ -266,11 +280,13 @@ def distill(dataset, method: str = "dm", ipc: int = 10, iterations: int | None =
                 scheduled = checkpoint and (done % checkpoint_every == 0 or done == total)
                 at_sync = done % sync_every == 0 or done == total or evaluate_due or scheduled
                 stopping = stop.is_set()
-                if shard.sharded:  # agree where the ranks wait anyway, so all stop after the same iteration
+                overdue = checkpoint_overdue()
+                if shard.sharded:  # agree where the ranks wait anyway, so all stop (or write) after the same iteration
                     stopping = at_sync and shard.any_rank(stopping)
+                    overdue = at_sync and shard.any_rank(overdue)
                 if not (at_sync or stopping):
                     continue
-                checkpoint_due = checkpoint and (scheduled or stopping)
+                checkpoint_due = checkpoint and (scheduled or stopping or overdue)
                 records = checked_records()
                 if shard.sharded and (evaluate_due or checkpoint_due):
                     algorithm.gather(synset)

@@ -160,6 +160,38 @@ def test_tensor_and_number_stats_are_both_logged(tmp_path):
     assert all(isinstance(r["loss"], float) and r["loss"] > 0 for r in records)
 
 
+@pytest.mark.parametrize("sync_every, minutes, written", [
+    (1, 10, [3, 6, 9, 10]),  # due at 12, 24 and 36 minutes, each counted from the last write
+    (4, 10, [4, 8, 10]),     # overdue since iteration 3, written at the next read-back
+    (1, None, [10]),         # by iterations only
+])
+def test_a_slow_run_also_checkpoints_by_the_clock(tmp_path, monkeypatch, sync_every, minutes, written):
+    """Every iteration takes 4 minutes (a fake clock); checkpoint_every=100 never comes round, so
+    the checkpoints come from checkpoint_minutes, at read-backs, and at the end."""
+    log, clock, saved = str(tmp_path / "log.jsonl"), [0.0], []
+    monkeypatch.setattr(driver, "time", types.SimpleNamespace(perf_counter=driver.time.perf_counter,
+                                                              monotonic=lambda: clock[0]))
+    save = driver.save_checkpoint
+    monkeypatch.setattr(driver, "save_checkpoint", lambda state, path: saved.append(state["iteration"]) or save(state, path))
+
+    def four_minutes(synset, iteration, stats):
+        clock[0] += 240.0
+        return stats
+
+    with _patched_step(log, [], four_minutes):
+        ce.distill(toy_dataset(), iterations=10, sync_every=sync_every, checkpoint=str(tmp_path / "ckpt.pt"),
+                   checkpoint_every=100, checkpoint_minutes=minutes, log=log, **RUN)
+    assert saved == written
+
+
+@pytest.mark.parametrize("option, value", [("checkpoint_minutes", 0), ("checkpoint_minutes", -1.0),
+                                           ("checkpoint_minutes", True), ("checkpoint_minutes", "10"),
+                                           ("checkpoint_every", 0), ("checkpoint_every", 2.5)])
+def test_bad_checkpoint_cadence_is_refused_by_name(tmp_path, option, value):
+    with pytest.raises(ValueError, match=option):
+        ce.distill(toy_dataset(), iterations=1, checkpoint=str(tmp_path / "ckpt.pt"), **{option: value}, **RUN)
+
+
 def test_non_finite_loss_between_reads_names_its_iteration_and_keeps_the_checkpoint_before(tmp_path):
     log, ckpt = str(tmp_path / "log.jsonl"), str(tmp_path / "ckpt.pt")
 
