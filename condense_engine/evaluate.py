@@ -20,8 +20,8 @@ model allows it, else one after another; both give the same weights up to float 
 `checkpoint=` keeps every finished run in a file as soon as it finishes (`FinishedRuns`), keyed by
 everything its result depends on, the code's `EVALUATION_REVISION` included, so an evaluation
 stopped part-way (a killed job, a time-limited machine) and started again trains only the runs it
-had not finished: on the loop path run by run, an unfinished run continuing from the state it
-saved last (every PROGRESS_MINUTES); on the batched path all runs or none.
+had not finished: on the loop path run by run, on the batched path all runs or none. Unfinished
+runs continue from the state they saved last (every PROGRESS_MINUTES).
 """
 import copy
 import hashlib
@@ -109,8 +109,8 @@ def fingerprint(*parts) -> str:
 
 class FinishedRuns:
     """Evaluation runs kept in the file `path` (None: nowhere): the finished ones as
-    {key: {repeat: [accuracy, last loss]}}, and the last saved state of unfinished ones (the
-    loop path saves one every PROGRESS_MINUTES); every change rewrites the file atomically."""
+    {key: {repeat: [accuracy, last loss]}}, and the last saved state of unfinished ones (see
+    ProgressSaver); every change rewrites the file atomically."""
 
     def __init__(self, path: str | None):
         self.path = os.fspath(path) if path is not None else None
@@ -124,44 +124,62 @@ class FinishedRuns:
         return tuple(found) if found is not None else None
 
     def add(self, key: str, repeat: int, accuracy: float, loss: float) -> None:
+        self.add_all(key, {repeat: (accuracy, loss)}, unfinished=repeat)
+
+    def add_all(self, key: str, results: dict, unfinished) -> None:
+        """Keep the finished runs `results` {repeat: (accuracy, last loss)} and drop the state
+        saved under `unfinished` (a repeat, or the slot of runs trained together) while they ran."""
         if self.path is None:
             return
-        self.runs.setdefault(key, {})[repeat] = [float(accuracy), float(loss)]
-        self.unfinished.get(key, {}).pop(repeat, None)
+        for repeat, (accuracy, loss) in results.items():
+            self.runs.setdefault(key, {})[repeat] = [float(accuracy), float(loss)]
+        self.unfinished.get(key, {}).pop(unfinished, None)
         self._write()
 
-    def state(self, key: str, repeat: int) -> dict | None:
-        """The last saved state of the unfinished run (key, repeat), or None."""
-        return self.unfinished.get(key, {}).get(repeat)
+    def state(self, key: str, slot) -> dict | None:
+        """The last saved state of the unfinished run(s) in `slot` under `key`, or None."""
+        return self.unfinished.get(key, {}).get(slot)
 
-    def saver(self, key: str, repeat: int):
-        """A function keeping the state of the unfinished run (key, repeat); None without a file."""
-        if self.path is None:
-            return None
-
-        def save(state: dict) -> None:
-            self.unfinished.setdefault(key, {})[repeat] = state
-            self._write()
-        return save
+    def saver(self, key: str, slot) -> "ProgressSaver | None":
+        """Where the unfinished run(s) in `slot` under `key` save their state; None without a file."""
+        return ProgressSaver(self, key, slot) if self.path is not None else None
 
     def _write(self) -> None:
         atomic_save({"format": RUNS_KIND, "format_version": RUNS_FORMAT_VERSION, "runs": self.runs,
                      "unfinished": self.unfinished}, self.path)
 
 
+class ProgressSaver:
+    """Saves snapshots of an unfinished run's state into its FinishedRuns file, when `due()`:
+    PROGRESS_MINUTES after the run started or was last saved."""
+
+    def __init__(self, runs: FinishedRuns, key: str, slot):
+        self.runs, self.key, self.slot = runs, key, slot
+        self.saved_at = time.monotonic()
+
+    def due(self) -> bool:
+        return time.monotonic() - self.saved_at >= 60 * PROGRESS_MINUTES
+
+    def __call__(self, state: dict) -> None:
+        # A copy: the live tensors go on changing after the save.
+        self.runs.unfinished.setdefault(self.key, {})[self.slot] = copy.deepcopy(state)
+        self.runs._write()
+        self.saved_at = time.monotonic()
+
+
 def train_and_test(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor,
                    test_set: ImageDataset, *, epochs: int, lr: float, batch_size: int,
                    strategy: str | None, generator: torch.Generator, recipe: str = "dc",
                    dc_strategy: str | None = None, resume_from: dict | None = None,
-                   save_progress=None) -> tuple[float, float]:
+                   save_progress: ProgressSaver | None = None) -> tuple[float, float]:
     """Train `model` on (images, labels) with the published recipe ("dc", or IDC's "idc"; see
     the module docstring), augmenting with DSA `strategy` or DC's `dc_strategy` (dc_augment);
     return (test acc, last loss). A ConvNet trains with its fused
     norm → act → pool epilogue (training needs first-order gradients only).
 
     `save_progress(state)`, when given, receives the run's state (weights, optimiser, generator,
-    next epoch) at the end of an epoch every PROGRESS_MINUTES; `resume_from` such a
-    state continues the run exactly where it was saved."""
+    next epoch) at the end of each epoch it says is due; `resume_from` such a state continues the
+    run exactly where it was saved."""
     if isinstance(model, models.ConvNet):
         model.use_fused_epilogue()
     device = images.device
@@ -170,7 +188,7 @@ def train_and_test(model: torch.nn.Module, images: torch.Tensor, labels: torch.T
     decay_at = epochs // 2
     milestones = {int(epochs * fraction): factor for fraction, factor in IDC_MILESTONES}
     loss = torch.tensor(float("nan"))
-    start, saved_at = 0, time.monotonic()
+    start = 0
     if resume_from is not None:
         model.load_state_dict(resume_from["model"])
         optimizer.load_state_dict(resume_from["optimizer"])  # the decayed lr included
@@ -203,11 +221,9 @@ def train_and_test(model: torch.nn.Module, images: torch.Tensor, labels: torch.T
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-        if save_progress is not None and epoch + 1 < epochs and time.monotonic() - saved_at >= 60 * PROGRESS_MINUTES:
-            # Copies: the live tensors go on changing after the save.
-            save_progress(copy.deepcopy(dict(epoch=epoch + 1, model=model.state_dict(),
-                                             optimizer=optimizer.state_dict(), generator=generator.get_state())))
-            saved_at = time.monotonic()
+        if save_progress is not None and epoch + 1 < epochs and save_progress.due():
+            save_progress(dict(epoch=epoch + 1, model=model.state_dict(), optimizer=optimizer.state_dict(),
+                               generator=generator.get_state()))
     return accuracy(model, test_set), float(loss.detach())
 
 
@@ -320,10 +336,11 @@ def _train_repeats(images, labels, test_set, *, model, repeats, epochs, lr, batc
     else:
         stacked_images = torch.stack([pair[0] for pair in sets])
         stacked_labels = torch.stack([pair[1] for pair in sets])
-    accs, losses = train_and_test_batched(nets, stacked_images, stacked_labels, **train,
-                                          generators=generators)
-    for repeat, (accuracy, loss) in enumerate(zip(accs, losses)):
-        finished.add(key, repeat, accuracy, loss)
+    together = f"{repeats} together"  # a saved state holds exactly these runs
+    accs, losses = train_and_test_batched(nets, stacked_images, stacked_labels, **train, generators=generators,
+                                          resume_from=finished.state(key, together),
+                                          save_progress=finished.saver(key, together))
+    finished.add_all(key, dict(enumerate(zip(accs, losses))), unfinished=together)
     return accs, losses, dict(path="batched")
 
 

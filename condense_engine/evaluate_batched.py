@@ -57,11 +57,13 @@ def unbatchable_reason(name: str, nets: list[nn.Module], images: torch.Tensor) -
 def train_and_test_batched(nets: list[nn.Module], images: torch.Tensor, labels: torch.Tensor,
                            test_set: ImageDataset, *, epochs: int, lr: float, batch_size: int,
                            strategy: str | None, generators: list[torch.Generator],
-                           dc_strategy: str | None = None) -> tuple[list, list]:
+                           dc_strategy: str | None = None, resume_from: dict | None = None,
+                           save_progress=None) -> tuple[list, list]:
     """Train `nets` together with the published recipe: net r on (images[r], labels[r]), with
     order and augmentation (DSA `strategy` or DC's `dc_strategy`) drawn from generators[r]. Like
     the loop, this leaves the trained weights in `nets`. Return each net's test accuracy and its
-    last loss.
+    last loss. `save_progress` and `resume_from` save and continue the runs' state as the loop's
+    do (`evaluate.train_and_test`).
 
     `images` is (R, N, C, H, W) and `labels` is (R, N). An expanded view is fine when every net
     trains on the same set.
@@ -76,8 +78,17 @@ def train_and_test_batched(nets: list[nn.Module], images: torch.Tensor, labels: 
     optimizer = _sgd(params, lr_now)
     decay_at = epochs // 2
     losses = torch.full((repeats,), float("nan"))
+    start = 0
+    if resume_from is not None:
+        with torch.no_grad():
+            for name, stacked in params.items():
+                stacked.copy_(resume_from["params"][name])
+        optimizer.load_state_dict(resume_from["optimizer"])  # the decayed lr included
+        for generator, state in zip(generators, resume_from["generators"], strict=True):
+            generator.set_state(state)
+        start = resume_from["epoch"]
     template.train()
-    for epoch in range(epochs):
+    for epoch in range(start, epochs):
         if epoch == decay_at and epoch > 0:
             lr_now *= 0.1
             optimizer = _sgd(params, lr_now)
@@ -93,6 +104,10 @@ def train_and_test_batched(nets: list[nn.Module], images: torch.Tensor, labels: 
             optimizer.zero_grad(set_to_none=True)
             losses.sum().backward()
             optimizer.step()
+        if save_progress is not None and epoch + 1 < epochs and save_progress.due():
+            save_progress(dict(epoch=epoch + 1, params={name: p.detach() for name, p in params.items()},
+                               optimizer=optimizer.state_dict(),
+                               generators=[generator.get_state() for generator in generators]))
     with torch.no_grad():
         for repeat, net in enumerate(nets):
             for name, weight in net.named_parameters():

@@ -2,6 +2,7 @@
 its repeats trained together as one vmapped model match the repeats trained one by one, and a
 stopped evaluation resumes from its finished runs."""
 import importlib
+import types
 import warnings
 from dataclasses import replace
 
@@ -362,56 +363,59 @@ def test_a_stopped_evaluation_resumes_from_its_finished_runs(tmp_path, monkeypat
     assert len(trained) == 3 + 3  # runs of an earlier revision of the evaluation code are not reused
 
 
+@pytest.mark.parametrize("batched", [False, True])
 @pytest.mark.parametrize("killed_at", [2, 4])  # before the lr decay at epoch 3, and after it
-def test_a_run_killed_part_way_continues_from_its_last_saved_state(tmp_path, monkeypatch, killed_at):
-    """With a save after every epoch, a run killed right after saving epoch `killed_at` continues
-    from there and ends exactly as the uninterrupted run (weights, momentum, decayed lr and DSA
-    draws restored); the finished run's saved state is then dropped from the file."""
+def test_runs_killed_part_way_continue_from_their_last_saved_state(tmp_path, monkeypatch, killed_at, batched):
+    """With a save after every epoch, an evaluation killed right after saving epoch `killed_at`
+    continues from there and ends exactly as the uninterrupted one (weights, momentum, decayed lr
+    and DSA draws restored), on the loop path (run 0 was killed) and the batched one (both runs
+    were); the finished runs' saved state is then dropped from the file."""
     evaluate_module = importlib.import_module("condense_engine.evaluate")
     train, test = _separable(3), _separable(10, seed=1)
-    options = dict(model="ConvNetW32", repeats=2, epochs=6, device="cpu")
+    options = dict(model="ConvNetW32", repeats=2, epochs=6, device="cpu", batched=batched)
     straight = ce.evaluate(_synset(train), test, **options)
     monkeypatch.setattr(evaluate_module, "PROGRESS_MINUTES", 0.0)
-    saves, epochs_run = [], []
-    saver = evaluate_module.FinishedRuns.saver
+    saves, shuffles = [], []
+    save = evaluate_module.ProgressSaver.__call__
 
-    def killed_after_saving(self, key, repeat):
-        save = saver(self, key, repeat)
-
-        def counted(state):
-            save(state)
-            saves.append((repeat, state["epoch"]))
-            if len(saves) == killed_at:
-                raise KeyboardInterrupt("killed")
-        return counted
-    monkeypatch.setattr(evaluate_module.FinishedRuns, "saver", killed_after_saving)
+    def killed_after_saving(self, state):
+        save(self, state)
+        saves.append((self.slot, state["epoch"]))
+        if len(saves) == killed_at:
+            raise KeyboardInterrupt("killed")
+    monkeypatch.setattr(evaluate_module.ProgressSaver, "__call__", killed_after_saving)
     randperm = torch.randperm
-    monkeypatch.setattr(torch, "randperm", lambda *a, **k: epochs_run.append(1) or randperm(*a, **k))
+    monkeypatch.setattr(torch, "randperm", lambda *a, **k: shuffles.append(1) or randperm(*a, **k))
     checkpoint = tmp_path / "runs.pt"
     with pytest.raises(KeyboardInterrupt):
         ce.evaluate(_synset(train), test, checkpoint=checkpoint, **options)
-    assert saves == [(0, epoch) for epoch in range(1, killed_at + 1)]
-    epochs_run[:] = []
+    slot = "2 together" if batched else 0
+    assert saves == [(slot, epoch) for epoch in range(1, killed_at + 1)]
+    shuffles[:] = []
     resumed = ce.evaluate(_synset(train), test, checkpoint=checkpoint, **options)
-    assert len(epochs_run) == 6 - killed_at + 6  # the rest of run 0, then all of run 1
+    # One shuffle per run and epoch: the epochs left of the killed runs (and all of run 1 on the loop).
+    assert len(shuffles) == (2 * (6 - killed_at) if batched else 6 - killed_at + 6)
     assert resumed.accuracies == straight.accuracies and resumed.losses == straight.losses
     assert not any(evaluate_module.FinishedRuns(checkpoint).unfinished.values())
 
 
-def test_each_saved_state_is_a_snapshot_of_its_epoch(monkeypatch):
-    """The saved states must not share tensors with the model and optimiser that train on."""
-    monkeypatch.setattr(importlib.import_module("condense_engine.evaluate"), "PROGRESS_MINUTES", 0.0)
-    train, test = _separable(3), _separable(10, seed=1)
-    net = fresh_models("ConvNetW32", 1, 0, channel=1, num_classes=3, im_size=(8, 8), device="cpu")[0]
-    states = []
-    train_and_test(net, train.normalized(), train.labels, test, epochs=3, lr=0.01, batch_size=256, strategy=None,
-                   generator=torch.Generator().manual_seed(0), save_progress=states.append)
-    assert [state["epoch"] for state in states] == [1, 2]
-    first, second = states
-    assert not torch.equal(first["model"]["features.0.conv.weight"], second["model"]["features.0.conv.weight"])
-    assert not torch.equal(first["optimizer"]["state"][0]["momentum_buffer"],
-                           second["optimizer"]["state"][0]["momentum_buffer"])
-    assert not torch.equal(first["generator"], second["generator"])
+def test_a_saved_state_is_a_snapshot_taken_when_due(tmp_path, monkeypatch):
+    """A run's state is saved PROGRESS_MINUTES after it started or was last saved, as a copy: the
+    live tensors it was taken from go on changing."""
+    evaluate_module = importlib.import_module("condense_engine.evaluate")
+    clock = [0.0]
+    monkeypatch.setattr(evaluate_module, "time", types.SimpleNamespace(monotonic=lambda: clock[0]))
+    runs = evaluate_module.FinishedRuns(tmp_path / "runs.pt")
+    saver, live = runs.saver("key", 0), torch.zeros(3)
+    clock[0] = 60 * evaluate_module.PROGRESS_MINUTES - 1
+    assert not saver.due()
+    clock[0] += 1
+    assert saver.due()
+    saver({"weights": live})
+    assert not saver.due()
+    live += 1
+    assert torch.equal(runs.state("key", 0)["weights"], torch.zeros(3))
+    assert torch.equal(evaluate_module.FinishedRuns(tmp_path / "runs.pt").state("key", 0)["weights"], torch.zeros(3))
 
 
 # The last training loss of each run of this revision of the evaluation code (see the test below).
