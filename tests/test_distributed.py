@@ -7,6 +7,8 @@ import datetime
 import json
 import os
 import signal
+import time
+import types
 
 import pytest
 import torch
@@ -14,7 +16,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import condense_engine as ce
-from condense_engine import distributed
+from condense_engine import distributed, driver
 from condense_engine.datasets import ClassSampler
 from condense_engine.distributed import ClassShard
 from condense_engine.expert import train_experts
@@ -67,6 +69,11 @@ def _rank_main(rank: int, world: int, folder: str, calls: list) -> None:
             if kwargs.pop("nan_rank", None) == rank:
                 _poison_after(kwargs.pop("nan_after"))
             kwargs.pop("nan_after", None)
+            if kwargs.pop("late_clock_rank", None) == rank:
+                _clock_jumps_after(kwargs.pop("late_clock_after"))
+            kwargs.pop("late_clock_after", None)
+            if kwargs.pop("record_saves", False):
+                _record_saves(os.path.join(folder, f"saves-{index}-{rank}.txt"))
             if kwargs.pop("unshardable", False):  # a method of the user's that declares it cannot shard
                 get_method(kwargs["method"]).class_sharded = False
             for key in ("checkpoint", "log"):
@@ -111,6 +118,25 @@ def _poison_after(steps: int) -> None:
         with torch.no_grad():
             synset.images[method.shard.first * 2] = float("nan")
     _after_dm_steps(steps, poison)
+
+
+def _clock_jumps_after(steps: int) -> None:
+    """This process's clock (the driver's) jumps an hour ahead after its `steps`-th DM step, so
+    that only this rank finds a timed checkpoint overdue."""
+    offset, monotonic = [0.0], time.monotonic
+    driver.time = types.SimpleNamespace(perf_counter=time.perf_counter, monotonic=lambda: monotonic() + offset[0])
+    _after_dm_steps(steps, lambda method, synset: offset.__setitem__(0, 3600.0))
+
+
+def _record_saves(path: str) -> None:
+    """This process appends the iteration of every checkpoint it writes to `path`."""
+    save = driver.save_checkpoint
+
+    def recorded(state, target):
+        save(state, target)
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(f"{state['iteration']}\n")
+    driver.save_checkpoint = recorded
 
 
 def _run_ranks(world: int, folder, calls: list) -> None:
@@ -297,6 +323,18 @@ def test_a_signal_to_one_rank_stops_all_after_the_same_iteration_with_a_resumabl
     resumed = ce.distill(toy_dataset(), **dict(call, checkpoint=str(tmp_path / "checkpoint.pt"), resume=True))
     straight = ce.distill(toy_dataset(), **dict(call, checkpoint=None))
     torch.testing.assert_close(resumed.images, straight.images, rtol=1e-4, atol=1e-4)
+
+
+def test_a_timed_checkpoint_due_on_one_rank_is_written_by_all_after_the_same_iteration(tmp_path):
+    """Only rank 1's clock says a checkpoint is overdue (after its second step); the ranks agree,
+    gather the set and rank 0 writes it after iteration 2 (then at the end), with no rank left
+    waiting in a collective."""
+    call = dict(RUN, method="dm", iterations=6, checkpoint="checkpoint.pt", checkpoint_every=100, record_saves=True,
+                late_clock_rank=1, late_clock_after=2, **FAST)
+    _run_ranks(2, tmp_path, [call])
+    assert (tmp_path / "saves-0-0.txt").read_text().split() == ["2", "6"]
+    assert not (tmp_path / "saves-0-1.txt").exists()  # the lead alone writes
+    assert all((tmp_path / f"images-0-{rank}.pt").exists() for rank in range(2))
 
 
 def test_non_finite_pixels_on_one_rank_stop_every_rank_at_the_same_iteration(tmp_path):
