@@ -2,8 +2,9 @@
 
 The driver owns everything that is not the method's own algorithm: resolving the input data,
 initialising the synthetic set from real images, the progress bar, JSON-lines logging,
-periodic evaluation, atomic checkpoints (every N iterations, every M minutes and on SIGTERM/SIGINT), exact
-resume, and the guard that stops on a non-finite loss while keeping the last good checkpoint.
+periodic evaluation, atomic checkpoints (every N iterations, every M minutes and on
+SIGTERM/SIGINT), exact resume, and the guard that stops on a non-finite loss while keeping the
+last good checkpoint.
 
 Reading a value computed on an accelerator makes the host wait for the device, so on one the
 driver keeps each iteration's stats and finiteness flag on the device and reads them back together
@@ -131,8 +132,9 @@ def checked_test_set(test_set, dataset: ImageDataset) -> ImageDataset:
 def distill(dataset, method: str = "dm", ipc: int = 10, iterations: int | None = None, device=None,
             seed: int = 0, *, test_set=None, eval_every: int = 0,
             eval_options: dict | None = None, checkpoint: str | None = None, checkpoint_every: int = 500,
-            checkpoint_minutes: float | None = 10.0, resume: bool = False, log: str | None = None, progress: bool = True, sync_every: int | None = None,
-            real_images_on: str = "device", **options) -> SyntheticSet:
+            checkpoint_minutes: float | None = 10.0, resume: bool = False, log: str | None = None,
+            progress: bool = True, sync_every: int | None = None, real_images_on: str = "device",
+            **options) -> SyntheticSet:
     """Condense `dataset` into `ipc` images per class with `method`; returns a SyntheticSet.
 
     Method options (e.g. lr_img, batch_real) pass through `**options`; defaults come from the

@@ -89,8 +89,8 @@ class EvalReport:
 
 
 RUNS_KIND, RUNS_FORMAT_VERSION = "condense-engine/evaluation-runs", 1
-#: Minutes between saves of an unfinished run's state on the loop path (at the end of an epoch),
-#: so a killed long run (21 min per model at MNIST IPC 50 on 2 CPU cores) continues from there.
+#: Minutes between saves of an unfinished run's state (at the end of an epoch), so a killed long
+#: run (21 min per model at MNIST IPC 50 on 2 CPU cores) continues from there.
 PROGRESS_MINUTES = 10.0
 
 
@@ -144,6 +144,11 @@ class FinishedRuns:
         """Where the unfinished run(s) in `slot` under `key` save their state; None without a file."""
         return ProgressSaver(self, key, slot) if self.path is not None else None
 
+    def save_state(self, key: str, slot, state: dict) -> None:
+        """Keep a copy of `state` (the live tensors go on changing) as the unfinished run(s) in `slot`."""
+        self.unfinished.setdefault(key, {})[slot] = copy.deepcopy(state)
+        self._write()
+
     def _write(self) -> None:
         atomic_save({"format": RUNS_KIND, "format_version": RUNS_FORMAT_VERSION, "runs": self.runs,
                      "unfinished": self.unfinished}, self.path)
@@ -161,9 +166,7 @@ class ProgressSaver:
         return time.monotonic() - self.saved_at >= 60 * PROGRESS_MINUTES
 
     def __call__(self, state: dict) -> None:
-        # A copy: the live tensors go on changing after the save.
-        self.runs.unfinished.setdefault(self.key, {})[self.slot] = copy.deepcopy(state)
-        self.runs._write()
+        self.runs.save_state(self.key, self.slot, state)
         self.saved_at = time.monotonic()
 
 
