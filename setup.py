@@ -84,7 +84,19 @@ def _extensions():
     else:
         ext = CppExtension("condense_engine._C", sources, extra_compile_args=extra,
                            extra_link_args=["-fopenmp"])
-    return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
+    return [ext], {"build_ext": _replacing(BuildExtension).with_options(use_ninja=True)}
+
+
+def _replacing(build_ext):
+    """`build_ext` that replaces an installed library with a new file instead of rewriting it in
+    place (as `pip install -e .` does otherwise): a process that has the old one loaded, such as
+    a long run going while someone rebuilds, keeps running the code it started with."""
+    class ReplacingBuildExtension(build_ext):
+        def copy_file(self, infile, outfile, *args, **kwargs):
+            if outfile.endswith((".so", ".pyd")) and os.path.isfile(outfile):
+                os.unlink(outfile)  # the loaded library's inode lives on until its users exit
+            return super().copy_file(infile, outfile, *args, **kwargs)
+    return ReplacingBuildExtension
 
 
 ext_modules, cmdclass = _extensions()
