@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from condense_engine import models
-from condense_engine.checkpoint import atomic_save, load_versioned
+from condense_engine.checkpoint import atomic_save, load_versioned, require_writable_folder
 from condense_engine.models.layers import ACTIVATION_CHANNELS, forward_chunk
 from condense_engine.datasets import ClassSampler, ImageDataset, RealImages, as_dataset
 from condense_engine.device import resolve_device
@@ -115,6 +115,8 @@ class FinishedRuns:
     def __init__(self, path: str | None):
         self.path = os.fspath(path) if path is not None else None
         self.runs, self.unfinished = {}, {}
+        if self.path is not None:  # fail now, not when the first run has finished
+            require_writable_folder(os.path.dirname(os.path.abspath(self.path)), "evaluation runs")
         if self.path is not None and os.path.exists(self.path):
             content = load_versioned(self.path, RUNS_KIND, RUNS_FORMAT_VERSION, map_location="cpu")
             self.runs, self.unfinished = content["runs"], content.get("unfinished", {})

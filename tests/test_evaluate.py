@@ -437,6 +437,16 @@ def test_a_change_of_what_a_run_computes_needs_a_new_evaluation_revision():
             f"the {name} evaluation now computes other results: bump EVALUATION_REVISION and pin its losses here")
 
 
+def test_an_unwritable_evaluation_checkpoint_is_refused_before_training(tmp_path, monkeypatch):
+    blocked = tmp_path / "a-file"
+    blocked.write_text("")
+    monkeypatch.setattr(importlib.import_module("condense_engine.evaluate"), "train_and_test",
+                        lambda *a, **k: pytest.fail("trained before checking the checkpoint's folder"))
+    with pytest.raises(ValueError, match="cannot write evaluation runs to .*a-file"):
+        ce.evaluate(_synset(_separable(2)), _separable(2, seed=1), repeats=1, epochs=1, device="cpu",
+                    checkpoint=blocked / "runs.pt")
+
+
 def test_a_damaged_evaluation_checkpoint_is_reported(tmp_path):
     damaged = tmp_path / "runs.pt"
     damaged.write_bytes(b"not a torch file")
