@@ -29,7 +29,7 @@ import torch
 
 import condense_engine as ce
 from bench import common
-from condense_engine.checkpoint import load_checkpoint
+from condense_engine.checkpoint import load_checkpoint, require_writable_folder
 from condense_engine.cli import parse_option
 from condense_engine.driver import run_config, run_differences
 from condense_engine.methods import get_method
@@ -594,6 +594,12 @@ def main(argv=None) -> list[dict]:
         args.datasets, args.ipcs, quick_options = [QUICK["dataset"]], QUICK["ipcs"], QUICK["options"]
         args.iterations, args.epochs, args.repeats = QUICK["iterations"], QUICK["epochs"], QUICK["repeats"]
     out = args.out or default_out_path(device, args.quick)
+    # Where the results go is checked before hours of work, not after the first cell.
+    require_writable_folder(os.path.dirname(os.path.abspath(out)), "results")
+    if args.save_dir:
+        require_writable_folder(args.save_dir, "cell folders")
+    if not args.no_report:
+        require_writable_folder(os.path.dirname(os.path.abspath(args.report)), "the report")
     rows = []
     for dataset in args.datasets:
         root = None if dataset == "default" else os.path.join(args.data_root, dataset)

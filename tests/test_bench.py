@@ -320,6 +320,17 @@ def test_accuracy_fair_rows_carry_the_robust_scores_of_their_accuracies(tmp_path
         accuracy.main(["--quick", "--methods", "dc", "--fair", "--out", str(out), "--no-report"])
 
 
+@pytest.mark.parametrize("where", ["--out", "--save-dir", "--report"])
+def test_accuracy_refuses_an_unwritable_destination_before_any_cell(tmp_path, monkeypatch, where):
+    blocked = tmp_path / "a-file"
+    blocked.write_text("")
+    monkeypatch.setattr(accuracy, "measure", lambda *a, **k: pytest.fail("a cell ran before the check"))
+    paths = {"--out": str(tmp_path / "r.json"), "--save-dir": str(tmp_path / "cells"), "--report": str(tmp_path / "R.md")}
+    paths[where] = str(blocked / "inside")
+    with pytest.raises(ValueError, match="cannot write .*a-file"):
+        accuracy.main(["--quick", "--methods", "dm", *[part for pair in paths.items() for part in pair]])
+
+
 def test_accuracy_evaluates_dc_with_its_own_augmentation_unless_told_dsa(tmp_path):
     """DC's published MNIST numbers were evaluated with DC's augmentation; --dsa-eval puts DC
     under the DSA recipe every other method uses."""
