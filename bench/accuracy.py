@@ -472,9 +472,11 @@ def _same_recipe_key(row: dict, baseline: str) -> tuple:
     """What must match for two rows to be compared: data set, IPC, distillation iterations, the
     --set overrides other than the method's own options (e.g. M3D's factor; an option the
     `baseline` method also has, such as lr_img, is not the method's own), and the evaluation
-    recipe (how it was executed aside; rows from before the recipe was named used "dc")."""
+    recipe (how it was executed aside; rows from before the recipe or DC's augmentation was
+    recorded used "dc" and no DC augmentation)."""
     recipe = {key: value for key, value in row["recipe"].items() if key not in _EXECUTION_FIELDS}
     recipe.setdefault("recipe", "dc")
+    recipe.setdefault("dc_augment", None)
     own = set(row.get("method_options") or {}) - set(get_method(baseline).defaults)
     shared = {key: value for key, value in (row.get("options") or {}).items() if key not in own}
     return (row["dataset"], row["ipc"], row["iterations"], json.dumps(shared, sort_keys=True),
