@@ -219,21 +219,17 @@ def distill(dataset, method: str = "dm", ipc: int = 10, iterations: int | None =
     elif resume and progress and lead:  # a preemptible job's first start, or a mistyped path: say which
         print(f"distill: no checkpoint at {checkpoint} yet; starting from iteration 0", file=sys.stderr, flush=True)
 
-    last_write = [time.monotonic()]
-
     def write_checkpoint(iteration: int) -> None:
         if checkpoint and lead:
             save_checkpoint({"iteration": iteration, "config": config, "images": synset.images.detach().cpu(),
                              "method": algorithm.state_dict(), "rng": capture_rng_state(generators=[generator])},
                             checkpoint)
-        last_write[0] = time.monotonic()
-
-    def checkpoint_overdue() -> bool:
-        return bool(checkpoint and checkpoint_minutes and time.monotonic() - last_write[0] >= 60 * checkpoint_minutes)
 
     logger = _JsonLog(log if lead else None, append=start > 0)
     bar = _progress(progress and lead, start, total, algorithm.name)
     last_saved = start if (resume and start) else None
+    timed = bool(checkpoint and checkpoint_minutes)  # the same on every rank: they agree only when it is on
+    written_at = time.monotonic()
     pending = _PendingIterations()
     began = time.perf_counter()
 
@@ -282,10 +278,10 @@ def distill(dataset, method: str = "dm", ipc: int = 10, iterations: int | None =
                 scheduled = checkpoint and (done % checkpoint_every == 0 or done == total)
                 at_sync = done % sync_every == 0 or done == total or evaluate_due or scheduled
                 stopping = stop.is_set()
-                overdue = checkpoint_overdue()
+                overdue = timed and time.monotonic() - written_at >= 60 * checkpoint_minutes
                 if shard.sharded:  # agree where the ranks wait anyway, so all stop (or write) after the same iteration
                     stopping = at_sync and shard.any_rank(stopping)
-                    overdue = at_sync and shard.any_rank(overdue)
+                    overdue = timed and at_sync and shard.any_rank(overdue)
                 if not (at_sync or stopping):
                     continue
                 checkpoint_due = checkpoint and (scheduled or stopping or overdue)
@@ -298,7 +294,7 @@ def distill(dataset, method: str = "dm", ipc: int = 10, iterations: int | None =
                 publish(records)
                 if checkpoint_due:
                     write_checkpoint(done)
-                    last_saved = done
+                    last_saved, written_at = done, time.monotonic()
                 if stopping:
                     raise KeyboardInterrupt(f"stopped by signal after iteration {done}"
                                             + (f"; resume from {checkpoint}" if checkpoint else ""))

@@ -115,9 +115,10 @@ class FinishedRuns:
     def __init__(self, path: str | None):
         self.path = os.fspath(path) if path is not None else None
         self.runs, self.unfinished = {}, {}
-        if self.path is not None:  # fail now, not when the first run has finished
-            require_writable_folder(os.path.dirname(os.path.abspath(self.path)), "evaluation runs")
-        if self.path is not None and os.path.exists(self.path):
+        if self.path is None:
+            return
+        require_writable_folder(os.path.dirname(os.path.abspath(self.path)), "evaluation runs")  # fail now, not later
+        if os.path.exists(self.path):
             content = load_versioned(self.path, RUNS_KIND, RUNS_FORMAT_VERSION, map_location="cpu")
             self.runs, self.unfinished = content["runs"], content.get("unfinished", {})
 
