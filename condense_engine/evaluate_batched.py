@@ -22,7 +22,7 @@ from torch import nn
 from torch.func import functional_call, stack_module_state
 
 from condense_engine.datasets import ImageDataset, RealImages
-from condense_engine.methods.augment import dc_augment
+from condense_engine.methods.augment import dc_augment_each
 from condense_engine.ops.dsa import DSAParams, dsa
 
 #: (model name, device type) → why torch.func cannot run the model, or None when it can.
@@ -99,7 +99,7 @@ def train_and_test_batched(nets: list[nn.Module], images: torch.Tensor, labels: 
             if strategy:
                 batch = augment_each(batch, strategy, generators)
             if dc_strategy:
-                batch = torch.stack([dc_augment(part, dc_strategy, g) for part, g in zip(batch, generators)])
+                batch = dc_augment_each(batch, dc_strategy, generators)
             losses = batched_loss(params, batch, labels[rows, index])
             optimizer.zero_grad(set_to_none=True)
             losses.sum().backward()

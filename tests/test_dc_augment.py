@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from condense_engine.methods.augment import (DC_CROP_PAD, DC_NOISE_STD, DC_ROTATE, DC_SCALE, dc_augment,
-                                             dc_augment_draws, dc_augment_ops, dc_eval_strategy)
+                                             dc_augment_draws, dc_augment_each, dc_augment_ops, dc_eval_strategy)
 
 # Not square, so a rotation that mixed up height and width would show.
 SHAPE = (24, 2, 9, 11)
@@ -100,6 +100,20 @@ def test_seeded_and_leaves_the_input_alone():
     assert torch.equal(first, dc_augment(images, "crop_scale_rotate", torch.Generator().manual_seed(3)))
     assert not torch.equal(first, dc_augment(images, "crop_scale_rotate", torch.Generator().manual_seed(4)))
     assert torch.equal(images, kept)
+
+
+def test_each_slice_is_augmented_with_its_own_draws_and_fills():
+    """The batched models' call: slice r as dc_augment would do it alone with generators[r]. The
+    slices' means differ, so a fill taken from the whole batch or another slice would show."""
+    slices = torch.stack([_images(seed) + 3 * seed for seed in range(3)])
+    ops = dc_augment_ops("crop_scale_rotate")
+    out = dc_augment_each(slices, "crop_scale_rotate", [torch.Generator().manual_seed(10 + r) for r in range(3)])
+    for r, images in enumerate(slices):
+        draws = dc_augment_draws(len(images), ops, torch.Generator().manual_seed(10 + r))
+        torch.testing.assert_close(out[r], _reference(images, ops, draws), rtol=1e-4, atol=1e-4)
+    noisy = dc_augment_each(slices, "crop_noise", [torch.Generator().manual_seed(10 + r) for r in range(3)])
+    for r, images in enumerate(slices):
+        torch.testing.assert_close(noisy[r], dc_augment(images, "crop_noise", torch.Generator().manual_seed(10 + r)))
 
 
 @pytest.mark.parametrize("strategy", ["", "flip", "crop_crop", "crop-scale", None])

@@ -231,14 +231,26 @@ def dc_augment(images: torch.Tensor, strategy: str, generator: torch.Generator) 
     DC used scipy's cubic spline; noise adds N(0, DC_NOISE_STD²). The draws (dc_augment_draws,
     then the noise) come from the CPU `generator`, so they do not depend on the device.
     """
+    return dc_augment_each(images[None], strategy, [generator])[0]
+
+
+def dc_augment_each(batches: torch.Tensor, strategy: str, generators: list[torch.Generator]) -> torch.Tensor:
+    """dc_augment on each (B, C, H, W) slice of the (R, B, C, H, W) `batches` in one pass: slice r
+    with draws from generators[r], drawn as dc_augment draws them, and fills from its own channel
+    means. The evaluation's batched models use it, one slice per model, instead of R calls."""
     ops = dc_augment_ops(strategy)
-    count, _, height, width = images.shape
-    device = images.device
-    draws = dc_augment_draws(count, ops, generator)
-    noise = DC_NOISE_STD * torch.randn(images.shape, generator=generator) if "noise" in ops else None
-    picked = {name: draws["op"] == ops.index(name) if name in ops else torch.zeros(count, dtype=torch.bool)
+    repeats, count, _, height, width = batches.shape
+    device = batches.device
+    drawn, noises = [], []
+    for generator in generators:
+        drawn.append(dc_augment_draws(count, ops, generator))
+        if "noise" in ops:
+            noises.append(DC_NOISE_STD * torch.randn(batches.shape[1:], generator=generator))
+    draws = {key: torch.cat([part[key] for part in drawn]) for key in drawn[0]}
+    images = batches.flatten(0, 1)
+    channel_mean = batches.mean(dim=(1, 3, 4)).repeat_interleave(count, 0)  # (R·B, C): each image's slice's
+    picked = {name: draws["op"] == ops.index(name) if name in ops else torch.zeros(len(images), dtype=torch.bool)
               for name in DC_AUGMENT_OPS}
-    channel_mean = images.mean(dim=(0, 2, 3))
     out = images.clone()
     moved = picked["crop"] | picked["scale"]
     if moved.any():
@@ -250,7 +262,7 @@ def dc_augment(images: torch.Tensor, strategy: str, generator: torch.Generator) 
         where = where.to(device)
         gathered = images[where[:, None, None], :, rows[:, :, None], cols[:, None, :]]  # (n, H, W, C)
         inside = (rows_inside[:, :, None] & cols_inside[:, None, :]).to(device)[..., None]
-        fill = torch.where(is_crop[:, None], channel_mean, 0.0)[:, None, None, :]
+        fill = torch.where(is_crop[:, None], channel_mean[where], 0.0)[:, None, None, :]
         out[where] = torch.where(inside, gathered, fill).permute(0, 3, 1, 2)
     if picked["rotate"].any():
         where = picked["rotate"].nonzero().squeeze(1)
@@ -259,12 +271,12 @@ def dc_augment(images: torch.Tensor, strategy: str, generator: torch.Generator) 
         # The map from output to input pixels in grid_sample's [-1, 1] coordinates.
         theta = torch.stack([torch.stack([cos, -sin * height / width, zero], 1),
                              torch.stack([sin * width / height, cos, zero], 1)], 1)
-        fill = channel_mean.mean()
         where = where.to(device)
+        fill = channel_mean[where].mean(1)[:, None, None, None]
         grid = F.affine_grid(theta.to(images), (len(where), *images.shape[1:]), align_corners=False)
         out[where] = F.grid_sample(images[where] - fill, grid, mode="bilinear", padding_mode="zeros",
                                    align_corners=False) + fill
-    if noise is not None:
+    if noises:
         chosen = picked["noise"].to(device)
-        out[chosen] += noise.to(images)[chosen]
-    return out
+        out[chosen] += torch.cat(noises).to(images)[chosen]
+    return out.view(batches.shape)
