@@ -18,7 +18,7 @@ import traceback
 
 from bench import common, report
 
-BENCHMARKS = ("mmd", "dsa", "embed", "match_dist", "trajectory", "dm_iteration", "condense_time", "evaluate")
+BENCHMARKS = ("mmd", "dsa", "embed", "match_dist", "moments", "trajectory", "dm_iteration", "condense_time", "evaluate")
 
 
 def results_path(name: str, quick: bool, results_dir: str) -> str:

@@ -68,7 +68,7 @@ tests() {
 # so one cut off by the limit still returns the cases it finished.
 bench() {
     local names=("$@") code=0
-    [[ ${#names[@]} -eq 0 ]] && names=(mmd dsa embed match_dist trajectory dm_iteration evaluate condense_time)
+    [[ ${#names[@]} -eq 0 ]] && names=(mmd dsa embed match_dist moments trajectory dm_iteration evaluate condense_time)
     for name in "${names[@]}"; do
         if [[ $name == condense_time ]]; then
             timeout "$(seconds_left)" python3 -m bench.condense_time --measure-seconds 20 \
@@ -126,10 +126,11 @@ wait_background() {
 
 # The kernels' own tests: the GPU paths of every op the benchmarks time.
 KERNEL_TESTS=(tests/test_mmd.py tests/test_dsa.py tests/test_dsa_triton.py tests/test_embed_epilogue.py
-              tests/test_gather.py tests/test_bank.py tests/test_match_dist.py tests/test_trajectory.py)
+              tests/test_gather.py tests/test_bank.py tests/test_match_dist.py tests/test_moments.py
+              tests/test_trajectory.py)
 # What the open issues need from a GPU, most needed first: the CUDA build, the kernels checked on
 # the device, then the benchmarks behind the speed targets of issues 3, 4, 6 and 5, then the rest.
-PLAN=(install kernel-tests mmd dsa dm_iteration condense_time trajectory embed match_dist evaluate tests)
+PLAN=(install kernel-tests mmd dsa dm_iteration condense_time trajectory embed match_dist moments evaluate tests)
 
 plan() {
     local seconds=${1:?plan needs the seconds this call may use} task code=0
