@@ -163,6 +163,17 @@ def like_published(row: dict) -> bool:
 # Method options recorded in every row (those whose defaults are ours, not published ones).
 # Keyed by the registered name (synset.meta["method"]), so aliases such as "echo" share it.
 REPORTED_OPTIONS = {"m3d": ("kernel", "factor", "normalize", "lr_img", "model_steps")}
+#: M3D kernels whose `degree` option changes the loss, so their rows report it too.
+DEGREE_KERNELS = ("poly", "moments")
+
+
+def reported_options(meta: dict) -> dict:
+    """The options of a distilled set (its meta) that its accuracy row records."""
+    options = meta["options"]
+    reported = {key: options[key] for key in REPORTED_OPTIONS.get(meta["method"], ())}
+    if reported.get("kernel") in DEGREE_KERNELS:
+        reported["degree"] = options["degree"]
+    return reported
 TABLE_DATASETS = ("mnist", "fashion-mnist", "cifar10", "cifar100", "tinyimagenet")
 
 
@@ -358,7 +369,7 @@ def measure(method: str, dataset: str, train, test, ipc: int, *, iterations: int
     iterations = default_iterations if iterations is None else iterations
     folder = cell_folder(save_dir, method, dataset, ipc, iterations, seed) if save_dir else None
     synset, run = distill_cell(train, method, ipc, iterations, device, seed, options, folder)
-    method_options = {key: synset.meta["options"][key] for key in REPORTED_OPTIONS.get(synset.meta["method"], ())}
+    method_options = reported_options(synset.meta)
     start = time.perf_counter()
     evaluation = dict(model="ConvNet", repeats=repeats, epochs=epochs, seed=seed, device=device,
                       recipe=EVAL_RECIPES.get(method, "dc"),

@@ -355,6 +355,13 @@ def test_accuracy_m3d_rows_record_its_own_defaults_and_may_skip_the_baseline(tmp
     assert row["method_options"] == dict(kernel="gaussian", factor=2, normalize=True, lr_img=1.0, model_steps=1)
 
 
+@pytest.mark.parametrize("kernel, reported", [("gaussian", False), ("poly", True), ("moments", True)])
+def test_accuracy_rows_report_the_degree_of_the_kernels_it_changes(kernel, reported):
+    meta = dict(method="m3d", options=dict(M3D("mnist", 1, kernel=kernel, degree=4).options))
+    options = accuracy.reported_options(meta)
+    assert options["kernel"] == kernel and options.get("degree") == (4 if reported else None)
+
+
 def test_accuracy_save_dir_resumes_a_stopped_cell_and_reuses_a_finished_one(tmp_path):
     save_dir = tmp_path / "sets"
     args = ["--quick", "--methods", "dm", "--no-baseline", "--no-report", "--save-dir", str(save_dir)]

@@ -4,7 +4,7 @@ import torch
 
 import condense_engine as ce
 from condense_engine import ops
-from condense_engine.methods.dm import DM, M3D
+from condense_engine.methods.dm import DM, M3D, moment_matching_loss
 from condense_engine.models import ConvNetBank, layers
 from condense_engine.reference import mmd as reference_mmd
 from tests.toy_data import FAST, toy_dataset
@@ -105,7 +105,8 @@ def test_first_order_weight_is_the_kernel_slope_at_the_data(kernel):
 
 
 @pytest.mark.parametrize("method,options", [
-    (DM, {}), (M3D, {}), (M3D, dict(kernel="poly")), (M3D, dict(sigmas=(2.0, 5.0))), (M3D, dict(normalize=False))])
+    (DM, {}), (M3D, {}), (M3D, dict(kernel="poly")), (M3D, dict(sigmas=(2.0, 5.0))), (M3D, dict(normalize=False)),
+    (M3D, dict(kernel="moments"))])
 def test_class_groups_give_the_one_pass_loss_and_gradient(method, options, monkeypatch):
     """backward_loss in groups of classes (forced by a tiny activation bound) equals one pass."""
     m = method("toy", 2, **dict(FAST, **options))
@@ -129,3 +130,51 @@ def test_class_groups_give_the_one_pass_loss_and_gradient(method, options, monke
     assert whole_grad.abs().sum() > 0
     torch.testing.assert_close(grouped, whole)
     torch.testing.assert_close(grouped_grad, whole_grad)
+
+
+def test_moment_matching_loss_is_its_definition():
+    """Σ_c ‖Δμ‖² + ‖Δvar‖²/(2v) + ‖Δm₃‖²/(6v²), v the class's mean real variance, by hand in float64."""
+    generator = torch.Generator().manual_seed(3)
+    real = torch.randn(2, 40, 6, generator=generator).exp()
+    syn = torch.randn(2, 5, 6, generator=generator)
+    expected = 0.0
+    for r, y in zip(real.double(), syn.double()):
+        v = r.var(0, unbiased=False).mean()
+        centred_r, centred_y = r - r.mean(0), y - y.mean(0)
+        expected += (r.mean(0) - y.mean(0)).pow(2).sum()
+        expected += (centred_r.pow(2).mean(0) - centred_y.pow(2).mean(0)).pow(2).sum() / (2 * v)
+        expected += (centred_r.pow(3).mean(0) - centred_y.pow(3).mean(0)).pow(2).sum() / (6 * v ** 2)
+    torch.testing.assert_close(moment_matching_loss(real, syn, 3), expected.float(), rtol=1e-4, atol=1e-6)
+
+
+def test_moment_matching_is_in_squared_feature_units_and_starts_from_dm():
+    """Scaling every feature by a scales the loss by a² (so DM's lr_img carries over), and order 1
+    is DM's loss and gradient."""
+    generator = torch.Generator().manual_seed(4)
+    real, syn = torch.randn(2, 16, 8, generator=generator).exp(), torch.randn(2, 3, 8, generator=generator)
+    method = M3D("mnist", 3, kernel="moments", degree=4)
+    torch.testing.assert_close(method.feature_loss(7.0 * real, 7.0 * syn), 49.0 * method.feature_loss(real, syn))
+    expected = _syn_gradient(DM("mnist", 3), real, syn)
+    torch.testing.assert_close(_syn_gradient(M3D("mnist", 3, kernel="moments", degree=1), real, syn), expected)
+
+
+def test_m3d_with_explicit_moments_lowers_its_loss():
+    data = toy_dataset()
+    options = dict(FAST, dsa=False, kernel="moments", degree=3, factor=1)
+    init = ce.distill(data, method="m3d", ipc=2, iterations=0, progress=False, device="cpu", **options)
+    syn = ce.distill(data, method="m3d", ipc=2, iterations=25, progress=False, device="cpu", **options)
+    real = torch.cat([data.normalized()[data.labels == c][:24] for c in range(3)])
+    before = after = 0.0
+    for seed in range(4):
+        bank = ConvNetBank(1, channel=1, width=32, im_size=(12, 12), generator=torch.Generator().manual_seed(seed))
+        with torch.no_grad():
+            feats = [bank.embed(x)[0] for x in (real, init.images, syn.images)]
+        before += float(moment_matching_loss(feats[0].view(3, 24, -1), feats[1].view(3, 2, -1), 3))
+        after += float(moment_matching_loss(feats[0].view(3, 24, -1), feats[2].view(3, 2, -1), 3))
+    assert after < 0.9 * before
+
+
+def test_unknown_kernel_is_refused_before_the_first_step():
+    with pytest.raises(ValueError, match="kernel must be one of"):
+        ce.distill(toy_dataset(), method="m3d", ipc=1, iterations=1, progress=False, device="cpu", kernel="laplace",
+                   **FAST)
