@@ -195,8 +195,9 @@ class M3D(DM):
     `kernel="moments"` matches the moments explicitly instead (`ops.moments`, up to order
     `degree`): per class, ‖μ_real − μ_syn‖² + Σ_{k=2..degree} ‖m_k real − m_k syn‖² / (k!·v^(k−1)),
     m_k the centred moments per feature and v the class's mean real feature variance (a
-    constant). The weights are those of the Gaussian kernel's Taylor series,
-    exp(ab/σ²) = Σ_k (ab/σ²)^k / k!, at σ² = v, times v: every term is in squared feature units
+    constant). The weights are those the Gaussian kernel's Taylor series,
+    exp(ab/σ²) = Σ_k (ab/σ²)^k / k!, gives the raw moments, taken at σ² = v and multiplied by v
+    (here applied to centred moments): every term is in squared feature units
     and the first is DM's loss, so DM's lr_img carries over with no normalising weight. Without
     the 1/k! (measured on the toy set, lr_img 1) the variance term made the first steps diverge.
     This loss is our own construction, not a published method.
