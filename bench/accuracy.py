@@ -165,6 +165,18 @@ def like_published(row: dict) -> bool:
 REPORTED_OPTIONS = {"m3d": ("kernel", "factor", "normalize", "lr_img", "model_steps")}
 #: M3D kernels whose `degree` option changes the loss, so their rows report it too.
 DEGREE_KERNELS = ("poly", "moments")
+#: Method options that choose another algorithm rather than another schedule (M3D's kernel):
+#: the at-a-glance table shows a method as its defaults run it whenever such a row exists.
+VARIANT_OPTIONS = {"m3d": ("kernel",)}
+
+
+def default_variant(row: dict) -> bool:
+    """Whether `row` ran its method's own algorithm (VARIANT_OPTIONS at their defaults)."""
+    keys = VARIANT_OPTIONS.get(row["method"], ())
+    if not keys:
+        return True
+    defaults, own = get_method(row["method"]).defaults, row.get("method_options") or {}
+    return all(own.get(key, defaults[key]) == defaults[key] for key in keys)
 
 
 def reported_options(meta: dict) -> dict:
@@ -438,15 +450,17 @@ def at_a_glance(rows: list[tuple[str, dict]]) -> list[str]:
     """One line per method, data set and IPC: of its rows evaluated for the published epochs
     (published_epochs; superseded ones left out), the one with the most distillation iterations
     (the newest file among equals), preferring rows evaluated with the published augmentation
-    (like_published), beside the published number and how far it is from it."""
+    (like_published), then rows of the method's own algorithm (default_variant), beside the
+    published number and how far it is from it."""
     chosen = {}
     for stem, row in sorted(rows, key=lambda item: item[0]):
         full_epochs = published_epochs(published_augmentation(row["method"], row["dataset"]))
         if row["recipe"]["epochs"] < full_epochs or "superseded" in (row.get("note") or ""):
             continue
         key = (row["method"], row["dataset"], row["ipc"])
-        rank = (like_published(row), row["iterations"])
-        if key not in chosen or rank >= (like_published(chosen[key][1]), chosen[key][1]["iterations"]):
+        rank = (like_published(row), default_variant(row), row["iterations"])
+        if key not in chosen or rank >= (like_published(chosen[key][1]), default_variant(chosen[key][1]),
+                                         chosen[key][1]["iterations"]):
             chosen[key] = (stem, row)
     if not chosen:
         return []

@@ -243,6 +243,21 @@ def test_at_a_glance_keeps_the_longest_full_evaluation_of_each_cell_beside_the_p
     assert accuracy.at_a_glance([("c", rows[2][1])]) == []
 
 
+def test_at_a_glance_shows_a_method_as_its_defaults_run_it_when_it_can():
+    def m3d_row(mean, iterations, kernel):
+        return dict(method="m3d", dataset="mnist", ipc=1, acc_mean=mean, acc_std=0.1, iterations=iterations,
+                    recipe=dict(epochs=1000, dsa_strategy="color_crop"), schedule="S",
+                    method_options=dict(kernel=kernel, factor=2))
+    gaussian, moments = m3d_row(95.4, 1000, "gaussian"), m3d_row(90.3, 2000, "moments")
+    assert accuracy.default_variant(gaussian) and not accuracy.default_variant(moments)
+    assert accuracy.default_variant(dict(gaussian, method_options=None))  # rows from before options were recorded
+    for rows in ([("a", gaussian), ("b", moments)], [("b", gaussian), ("a", moments)]):
+        (cells,) = [line.split(" | ") for line in accuracy.at_a_glance(rows) if line.startswith("| mnist")]
+        assert cells[3] == "95.40±0.10"  # not the variant, newer or longer as it may be
+    (cells,) = [line.split(" | ") for line in accuracy.at_a_glance([("b", moments)]) if line.startswith("| mnist")]
+    assert cells[3] == "90.30±0.10"  # a variant alone still shows
+
+
 def test_at_a_glance_prefers_the_published_augmentation_and_flags_any_other():
     def dc_row(mean, iterations, **recipe):
         return dict(method="dc", dataset="mnist", ipc=1, acc_mean=mean, acc_std=0.1, iterations=iterations,
