@@ -90,7 +90,7 @@ def test_normalized_kernel_loss_moves_pixels_like_dm(options):
     assert raw.abs().max() < 0.2 * expected.abs().max()
 
 
-@pytest.mark.parametrize("kernel", ["gaussian", "poly"])
+@pytest.mark.parametrize("kernel", ["gaussian", "poly", "linear"])
 def test_first_order_weight_is_the_kernel_slope_at_the_data(kernel):
     """Shift a copy of the real features by ε·v: the kernel MMD² is ≈ w·ε²·‖v‖² (high d, small ε)."""
     generator = torch.Generator().manual_seed(1)

@@ -257,6 +257,8 @@ class M3D(DM):
         real features when already computed; `class_mean` averages per-class values, across
         ranks when class-sharded)."""
         feats = real_feats.detach().float()
+        if self.options["kernel"] == "linear":  # the linear MMD² is DM's loss itself
+            return torch.ones((), device=feats.device)
         if self.options["kernel"] == "poly":
             degree, gamma = self.options["degree"], reference_mmd.default_gamma(feats.shape[-1])
             typical_inner = class_mean(feats.mean(-2).pow(2).sum(-1))
