@@ -126,7 +126,7 @@ def _power_sums(x: torch.Tensor, mean: torch.Tensor | None, first: int, last: in
     classes, rows_count, dim = x.shape
     grid = shape.grid(classes, rows_count, dim)
     partial = torch.empty((classes, grid[2], last - first + 1, dim), dtype=torch.float32, device=x.device)
-    _power_sums_kernel[grid](x, x if mean is None else mean, partial, rows_count, dim,
+    _power_sums_kernel[grid](x, x if mean is None else mean, partial, rows_count, dim,  # x: unread when not CENTRED
                              shape.rows_per_split(rows_count), CENTRED=mean is not None, FIRST=first, LAST=last,
                              POWER_ROWS=triton.next_power_of_2(last - first + 1), BLOCK_N=shape.block_n,
                              BLOCK_D=shape.block_d, num_warps=shape.num_warps)
@@ -148,7 +148,7 @@ class Moments(torch.autograd.Function):
         else:
             out = mean
         ctx.save_for_backward(x, out)
-        ctx.order, ctx.shape = order, shape
+        ctx.order, ctx.launch = order, shape
         return out
 
     @staticmethod
@@ -156,7 +156,7 @@ class Moments(torch.autograd.Function):
     def backward(ctx, upstream):
         x, out = ctx.saved_tensors
         classes, rows_count, dim = x.shape
-        shape = ctx.shape
+        shape = ctx.launch
         grad = torch.empty_like(x)
         _moments_backward_kernel[shape.grid(classes, rows_count, dim)](
             x, out, upstream.float().contiguous(), grad, rows_count, dim, shape.rows_per_split(rows_count),
