@@ -179,8 +179,9 @@ def compile_skip_reason(no_compile: bool, device: torch.device, quick: bool) -> 
 
 
 def kernel_parser(bench: str, doc: str) -> argparse.ArgumentParser:
-    """The command line every kernel benchmark (mmd, dsa, embed) shares; `doc` is its module
-    docstring, whose first paragraph describes it. Add the bench's own options to the result."""
+    """The command line every kernel benchmark (mmd, moments, dsa, match_dist, embed) shares;
+    `doc` is its module docstring, whose first paragraph describes it. Add the bench's own
+    options to the result."""
     parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny shapes (CPU smoke test)")
     parser.add_argument("--out", help=f"results file (default bench/results/{bench}.json; {bench}_bf16.json with "
@@ -194,12 +195,14 @@ def kernel_parser(bench: str, doc: str) -> argparse.ArgumentParser:
 
 @dataclasses.dataclass
 class KernelRun:
-    """What a kernel benchmark's main needs from its parsed kernel_parser arguments."""
+    """One kernel benchmark's run: its device, dtype and rows, and how each row is measured."""
+    bench: str
     device: torch.device
     dtype: torch.dtype
     compile_note: str | None  # why the compile rows are skipped, or None
     peaks: dict | None
     name: str  # the results file's name
+    out: str | None  # --out
     rows: Rows
     only: list | None  # --cases
 
@@ -207,14 +210,58 @@ class KernelRun:
         """The cases (tuples named by their first entry) that --cases selects."""
         return [case for case in cases if self.only is None or case[0] in self.only]
 
+    def timed_row(self, label: str, impl: str, build_step, *, note: str | None = None,
+                  skip: str | None = None, interpreted: bool = False, timing: dict | None = None,
+                  **counts) -> dict:
+        """One result row of `impl` on `label`: the step that build_step() returns, timed, or,
+        when the row is skipped (`skip`, or this run's compile_note for impl "compile"), no
+        timing and no inputs built. The note joins `note` with why it was skipped, the
+        interpreter's caveat (`interpreted`) or the failure that ended the step."""
+        skip = skip or (self.compile_note if impl == "compile" else None)
+        counts.update(peaks=self.peaks, dtype=self.dtype)
+        if skip:
+            return row(self.bench, label, impl, None, note=_joined(note, f"skipped: {skip}"), **counts)
+        ms, memory, outcome = measure(build_step(), self.device, interpreted=interpreted, **(timing or {}))
+        return row(self.bench, label, impl, ms, peak_mem_mb=memory, note=_joined(note, outcome), **counts)
+
+    def record(self, result: dict, what: str | None = None) -> None:
+        """Append a row (its file is rewritten) and print its time; `what` names the impl."""
+        self.rows.append(result)
+        print(f"{result['case']} {what or result['impl']}: {result['ms']} ms", flush=True)
+
+    def finish(self) -> list[dict]:
+        """Write the results file and print the table (see finish); the rows."""
+        finish(self.name, self.rows, self.device, self.out)
+        return self.rows
+
+
+def _joined(*notes: str | None) -> str | None:
+    """The notes that are given, joined by "; ", or None."""
+    return "; ".join(note for note in notes if note) or None
+
 
 def kernel_run(bench: str, args: argparse.Namespace) -> KernelRun:
     """The device (CUDA when present), dtype, results file and rows of a kernel benchmark run."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     name = f"{bench}_quick" if args.quick else (bench if args.dtype == "fp32" else f"{bench}_bf16")
-    return KernelRun(device=device, dtype=torch.bfloat16 if args.dtype == "bf16" else torch.float32,
+    return KernelRun(bench=bench, device=device, dtype=torch.bfloat16 if args.dtype == "bf16" else torch.float32,
                      compile_note=compile_skip_reason(args.no_compile, device, args.quick), peaks=device_peaks(device),
-                     name=name, rows=Rows(name, device, args.out), only=args.cases)
+                     name=name, out=args.out, rows=Rows(name, device, args.out), only=args.cases)
+
+
+def grad_step(fn, mode: str, inputs: tuple, wrt, upstream: torch.Tensor | None = None):
+    """A no-argument callable running one timed step: fn(*inputs) without autograd for "fwd";
+    for "fwd+bwd", also the gradient of its output with respect to `wrt`, given `upstream`
+    (None for a scalar output)."""
+    if mode == "fwd":
+        def forward():
+            with torch.no_grad():
+                return fn(*inputs)
+        return forward
+
+    def forward_backward():
+        return torch.autograd.grad(fn(*inputs), wrt, upstream)
+    return forward_backward
 
 
 def compiled(fn, **options):

@@ -81,60 +81,32 @@ def augment_function(variant: str, params: DSAParams):
     return common.compiled(lambda x: reference.dsa(x, params), dynamic=False)
 
 
-def step_function(augment, mode: str, x: torch.Tensor, upstream: torch.Tensor):
-    """A no-argument callable running one timed step: the forward, plus dL/dx for fwd+bwd."""
-    if mode == "fwd":
-        def forward():
-            with torch.no_grad():
-                return augment(x)
-        return forward
-
-    def forward_backward():
-        return torch.autograd.grad(augment(x), (x,), upstream)
-    return forward_backward
-
-
-def skip_reason(impl: str, variant: str, device: torch.device, compile_note: str | None):
-    """Why this implementation is not measured here, or None."""
-    if impl == "compile":
-        return compile_note
-    if variant == "native":
-        return has_native("dsa", device.type)
-    return None
-
-
 def native_note(device: torch.device) -> str:
     """The native row's note: which kernel, and whether ops.dsa trusts it yet."""
     verified = "" if device.type in NATIVE_DEVICES else ", not yet verified by tests"
     return f"{NOTES['native']}, {device.type}{verified}"
 
 
-def measure(case, strategy: str, mode: str, impl: str, variant: str, device: torch.device,
-            dtype: torch.dtype, peaks: dict | None, compile_note: str | None,
+def measure(case, strategy: str, mode: str, impl: str, variant: str, run: common.KernelRun,
             timing: dict) -> dict:
     """One result row (failures such as out-of-memory become a row with a note)."""
     name, n, channels, height, width = case
-    label = f"{name}/{strategy}/{mode}" + ("/native" if variant == "native" else "")
-    counts = dict(bytes_moved=byte_count(mode, n, channels, height, width, dtype.itemsize),
-                  peaks=peaks, dtype=dtype)
-    reason = skip_reason(impl, variant, device, compile_note)
-    if reason:
-        return common.row("dsa", label, impl, None, note=f"{variant} skipped: {reason}",
-                          **counts)
-    note = native_note(device) if variant == "native" else NOTES[variant]
-    if variant == "triton" and device.type == "cpu":
-        note += "; Triton interpreter (TRITON_INTERPRET=1): a smoke test, not a speed"
-    generator = torch.Generator(device=device).manual_seed(0)
-    x = torch.randn(n, channels, height, width, device=device, generator=generator).to(dtype)
-    upstream = torch.randn(x.shape, device=device, generator=generator).to(dtype)
-    x.requires_grad_(mode == "fwd+bwd")
-    params = DSAParams.sample(n, STRATEGIES[strategy], size=(height, width), mode="M",
-                              siamese=False, seed=0, device=device)
-    step = step_function(augment_function(variant, params), mode, x, upstream)
-    ms, memory, failure = common.measure(step, device, **timing)
-    if failure:
-        note = f"{variant} {failure}"
-    return common.row("dsa", label, impl, ms, peak_mem_mb=memory, note=note, **counts)
+    device = run.device
+
+    def build_step():
+        generator = torch.Generator(device=device).manual_seed(0)
+        x = torch.randn(n, channels, height, width, device=device, generator=generator).to(run.dtype)
+        upstream = torch.randn(x.shape, device=device, generator=generator).to(run.dtype)
+        x.requires_grad_(mode == "fwd+bwd")
+        params = DSAParams.sample(n, STRATEGIES[strategy], size=(height, width), mode="M",
+                                  siamese=False, seed=0, device=device)
+        return common.grad_step(augment_function(variant, params), mode, (x,), (x,), upstream)
+
+    return run.timed_row(f"{name}/{strategy}/{mode}" + ("/native" if variant == "native" else ""), impl,
+                         build_step, note=native_note(device) if variant == "native" else NOTES[variant],
+                         skip=has_native("dsa", device.type) if variant == "native" else None,
+                         interpreted=variant == "triton" and device.type == "cpu", timing=timing,
+                         bytes_moved=byte_count(mode, n, channels, height, width, run.dtype.itemsize))
 
 
 def main(argv=None) -> list[dict]:
@@ -145,17 +117,12 @@ def main(argv=None) -> list[dict]:
     run = common.kernel_run("dsa", args)
     # The interpreter needs seconds per call: a few repetitions are enough for a smoke test.
     timing = dict(warmup=1, reps=2) if args.quick else {}
-    rows = run.rows
     for case in run.chosen(QUICK_CASES if args.quick else FULL_CASES):
         for strategy in args.strategies:
             for mode in MODES:
                 for impl, variant in IMPLS:
-                    rows.append(measure(case, strategy, mode, impl, variant, run.device, run.dtype,
-                                        run.peaks, run.compile_note, timing))
-                    print(f"{rows[-1]['case']} {impl} ({variant}): {rows[-1]['ms']} ms",
-                          flush=True)
-    common.finish(run.name, rows, run.device, args.out)
-    return rows
+                    run.record(measure(case, strategy, mode, impl, variant, run, timing), f"{impl} ({variant})")
+    return run.finish()
 
 
 if __name__ == "__main__":

@@ -84,91 +84,76 @@ def embedding_function(impl: str, bank: ConvNetBank, nets):
     return loop if impl == "eager" else common.compiled(loop)
 
 
-def measure_network(case, impl: str, device, dtype, peaks, compile_note, ablation=False):
+def measure_network(case, impl: str, run: common.KernelRun, ablation: bool = False) -> dict:
     """One row for a network case: the time, TFLOP/s and peak memory of one DM step."""
     name, k, width, depth, side, n_real, n_syn = case
-    flops = k * conv_flops_per_image(3, width, depth, side) * (n_real + 2 * n_syn)
-    counts = dict(flops=flops, peaks=peaks, dtype=dtype)
-    note = "ablation: ConvNetBank with the torch epilogue" if ablation else None
-    if impl == "compile" and compile_note:
-        return common.row("embed", name, impl, None, note=f"skipped: {compile_note}", **counts)
-    generator = torch.Generator(device=device).manual_seed(0)
-    bank = ConvNetBank(k, 3, width=width, depth=depth, im_size=(side, side),
-                       generator=torch.Generator().manual_seed(0), device=device, dtype=dtype,
-                       epilogue_backend="torch" if ablation else None)
-    bank.requires_grad_(False)
-    nets = [bank.net(i).requires_grad_(False) for i in range(k)] if impl != "ours" else None
-    real = torch.randn(n_real, 3, side, side, device=device, generator=generator).to(dtype)
-    syn = torch.randn(n_syn, 3, side, side, device=device, generator=generator).to(dtype)
-    syn.requires_grad_(True)
-    embed = embedding_function(impl, bank, nets)
+    device = run.device
 
-    def step():
-        with torch.no_grad():
-            real_features = embed(real)
-        return torch.autograd.grad(dm_loss(real_features, embed(syn)), (syn,))
+    def build_step():
+        generator = torch.Generator(device=device).manual_seed(0)
+        bank = ConvNetBank(k, 3, width=width, depth=depth, im_size=(side, side),
+                           generator=torch.Generator().manual_seed(0), device=device, dtype=run.dtype,
+                           epilogue_backend="torch" if ablation else None)
+        bank.requires_grad_(False)
+        nets = [bank.net(i).requires_grad_(False) for i in range(k)] if impl != "ours" else None
+        real = torch.randn(n_real, 3, side, side, device=device, generator=generator).to(run.dtype)
+        syn = torch.randn(n_syn, 3, side, side, device=device, generator=generator).to(run.dtype)
+        syn.requires_grad_(True)
+        embed = embedding_function(impl, bank, nets)
 
-    ms, memory, measured_note = common.measure(step, device)
-    note = measured_note or note
-    return common.row("embed", name, impl, ms, peak_mem_mb=memory, note=note, **counts)
+        def step():
+            with torch.no_grad():
+                real_features = embed(real)
+            return torch.autograd.grad(dm_loss(real_features, embed(syn)), (syn,))
+        return step
+
+    return run.timed_row(name, impl, build_step,
+                         note="ablation: ConvNetBank with the torch epilogue" if ablation else None,
+                         flops=k * conv_flops_per_image(3, width, depth, side) * (n_real + 2 * n_syn))
 
 
-def measure_epilogue(case, mode: str, impl: str, device, dtype, peaks, compile_note):
+def measure_epilogue(case, mode: str, impl: str, run: common.KernelRun) -> dict:
     """One row for an epilogue case: ops.embed_epilogue (instance norm, ReLU, average pool)."""
     name, n, channels, height, width = case
     elements = n * channels * height * width
-    counts = dict(bytes_moved=(1.25 if mode == "fwd" else 3.5) * elements * dtype.itemsize,
-                  peaks=peaks, dtype=dtype)
-    label = f"{name}/{mode}"
-    if impl == "compile" and compile_note:
-        return common.row("embed", label, impl, None, note=f"skipped: {compile_note}", **counts)
-    generator = torch.Generator(device=device).manual_seed(0)
-    x = torch.randn(n, channels, height, width, device=device, generator=generator).to(dtype)
-    weight = (1.0 + 0.1 * torch.randn(channels, device=device, generator=generator)).to(dtype)
-    bias = (0.1 * torch.randn(channels, device=device, generator=generator)).to(dtype)
-    x.requires_grad_(mode == "fwd+bwd")
-    if impl == "ours":
-        def epilogue(t):
-            return ops.embed_epilogue(t, weight, bias, groups=channels)
-    else:
-        def epilogue(t):
-            return reference.embed_epilogue(t, weight, bias, groups=channels)
-        if impl == "compile":
-            epilogue = torch.compile(epilogue)
+    device = run.device
 
-    def step():
-        if mode == "fwd":
-            with torch.no_grad():
-                return epilogue(x)
-        out = epilogue(x)
-        return torch.autograd.grad(out, (x,), torch.ones_like(out))
+    def build_step():
+        generator = torch.Generator(device=device).manual_seed(0)
+        x = torch.randn(n, channels, height, width, device=device, generator=generator).to(run.dtype)
+        weight = (1.0 + 0.1 * torch.randn(channels, device=device, generator=generator)).to(run.dtype)
+        bias = (0.1 * torch.randn(channels, device=device, generator=generator)).to(run.dtype)
+        upstream = torch.ones_like(reference.embed_epilogue(x, weight, bias, groups=channels))
+        x.requires_grad_(mode == "fwd+bwd")
+        if impl == "ours":
+            def epilogue(t):
+                return ops.embed_epilogue(t, weight, bias, groups=channels)
+        else:
+            def epilogue(t):
+                return reference.embed_epilogue(t, weight, bias, groups=channels)
+            if impl == "compile":
+                epilogue = common.compiled(epilogue)
+        return common.grad_step(epilogue, mode, (x,), (x,), upstream)
 
-    ms, memory, note = common.measure(step, device)
-    return common.row("embed", label, impl, ms, peak_mem_mb=memory, note=note, **counts)
+    return run.timed_row(f"{name}/{mode}", impl, build_step,
+                         bytes_moved=(1.25 if mode == "fwd" else 3.5) * elements * run.dtype.itemsize)
 
 
 def main(argv=None) -> list[dict]:
     args = common.kernel_parser("embed", __doc__).parse_args(argv)
     run = common.kernel_run("embed", args)
-    rows = run.rows
     on_cpu = run.device.type == "cpu"
     network_cases = QUICK_NETWORK_CASES if args.quick else CPU_NETWORK_CASES if on_cpu else FULL_NETWORK_CASES
     epilogue_cases = QUICK_EPILOGUE_CASES if args.quick else CPU_EPILOGUE_CASES if on_cpu else FULL_EPILOGUE_CASES
     for case in run.chosen(network_cases):
         for impl in ("ours", "eager", "compile"):
-            rows.append(measure_network(case, impl, run.device, run.dtype, run.peaks, run.compile_note))
-            print(f"{rows[-1]['case']} {impl}: {rows[-1]['ms']} ms", flush=True)
-        rows.append(measure_network(case, "ours", run.device, run.dtype, run.peaks, run.compile_note,
-                                    ablation=True))
-        print(f"{rows[-1]['case']} ours (ablation): {rows[-1]['ms']} ms", flush=True)
+            run.record(measure_network(case, impl, run))
+        run.record(measure_network(case, "ours", run, ablation=True), "ours (ablation)")
     for case in run.chosen(epilogue_cases):
         for mode in MODES:
             for impl in ("ours", "eager", "compile"):
-                rows.append(measure_epilogue(case, mode, impl, run.device, run.dtype, run.peaks,
-                                             run.compile_note))
-                print(f"{rows[-1]['case']} {impl}: {rows[-1]['ms']} ms", flush=True)
-    common.finish(run.name, rows, run.device, args.out)
-    return rows
+                run.record(measure_epilogue(case, mode, impl, run))
+    return run.finish()
 
 
 if __name__ == "__main__":

@@ -62,52 +62,34 @@ def distance_function(impl: str):
     return eager if impl == "eager" else common.compiled(eager)
 
 
-def step_function(distance, mode: str, real: list, syn: list):
-    """A no-argument callable running one timed step: the distance, plus dL/dsyn for fwd+bwd
-    (for the synthetic gradients that require grad)."""
-    if mode == "fwd":
-        def forward():
-            with torch.no_grad():
-                return distance(real, syn)
-        return forward
-
-    def forward_backward():
-        return torch.autograd.grad(distance(real, syn), [s for s in syn if s.requires_grad])
-    return forward_backward
-
-
-def measure(case, mode: str, impl: str, device: torch.device, dtype: torch.dtype, peaks: dict | None,
-            compile_note: str | None) -> dict:
+def measure(case, mode: str, impl: str, run: common.KernelRun) -> dict:
     """One result row (failures such as out-of-memory become a row with a note)."""
     name, classes, channels, side, depth, width = case
     shapes = parameter_shapes(channels, side, depth, width, classes)
     elements = classes * matched_elements(shapes)
-    counts = dict(flops=(6.0 if mode == "fwd" else 12.0) * elements,
-                  bytes_moved=(2.0 if mode == "fwd" else 5.0) * elements * dtype.itemsize,
-                  peaks=peaks, dtype=dtype)
-    label = f"{name}/{mode}"
-    if impl == "compile" and compile_note:
-        return common.row("match_dist", label, impl, None, note=f"skipped: {compile_note}", **counts)
-    generator = torch.Generator(device=device).manual_seed(0)
-    real = [torch.randn(classes, *shape, device=device, generator=generator).to(dtype) for shape in shapes]
-    syn = [(0.6 * r + 0.8 * torch.randn(r.shape, device=device, generator=generator).to(dtype))
-           .requires_grad_(mode == "fwd+bwd" and r.dim() > 2) for r in real]  # 1-D ones do not enter the distance
-    step = step_function(distance_function(impl), mode, real, syn)
-    ms, memory, note = common.measure(step, device, interpreted=impl == "ours" and device.type == "cpu")
-    return common.row("match_dist", label, impl, ms, peak_mem_mb=memory, note=note, **counts)
+
+    def build_step():
+        generator = torch.Generator(device=run.device).manual_seed(0)
+        real = [torch.randn(classes, *shape, device=run.device, generator=generator).to(run.dtype)
+                for shape in shapes]
+        syn = [(0.6 * r + 0.8 * torch.randn(r.shape, device=run.device, generator=generator).to(run.dtype))
+               .requires_grad_(mode == "fwd+bwd" and r.dim() > 2) for r in real]  # 1-D ones do not enter the distance
+        return common.grad_step(distance_function(impl), mode, (real, syn), [s for s in syn if s.requires_grad])
+
+    return run.timed_row(f"{name}/{mode}", impl, build_step,
+                         interpreted=impl == "ours" and run.device.type == "cpu",
+                         flops=(6.0 if mode == "fwd" else 12.0) * elements,
+                         bytes_moved=(2.0 if mode == "fwd" else 5.0) * elements * run.dtype.itemsize)
 
 
 def main(argv=None) -> list[dict]:
     args = common.kernel_parser("match_dist", __doc__).parse_args(argv)
     run = common.kernel_run("match_dist", args)
-    rows = run.rows
     for case in run.chosen(QUICK_CASES if args.quick else FULL_CASES):
         for mode in MODES:
             for impl in ("ours", "eager", "compile"):
-                rows.append(measure(case, mode, impl, run.device, run.dtype, run.peaks, run.compile_note))
-                print(f"{rows[-1]['case']} {impl}: {rows[-1]['ms']} ms", flush=True)
-    common.finish(run.name, rows, run.device, args.out)
-    return rows
+                run.record(measure(case, mode, impl, run))
+    return run.finish()
 
 
 if __name__ == "__main__":

@@ -69,36 +69,21 @@ def loss_function(impl: str, kernel: str, mode: str):
     return eager if impl == "eager" else common.compiled(eager)
 
 
-def step_function(loss_fn, mode: str, x: torch.Tensor, y: torch.Tensor):
-    """A no-argument callable running one timed step: the loss, plus dL/dy for fwd+bwd."""
-    if mode == "fwd":
-        def forward():
-            with torch.no_grad():
-                return loss_fn(x, y)
-        return forward
-
-    def forward_backward():
-        return torch.autograd.grad(loss_fn(x, y), (y,))
-    return forward_backward
-
-
-def measure(case, kernel: str, mode: str, impl: str, device: torch.device, dtype: torch.dtype,
-            peaks: dict | None, compile_note: str | None) -> dict:
+def measure(case, kernel: str, mode: str, impl: str, run: common.KernelRun) -> dict:
     """One result row (failures such as out-of-memory become a row with a note)."""
     name, classes, n, m, dim = case
-    label = f"{name}/{kernel}/{mode}"
-    counts = dict(flops=flop_count(mode, classes, n, m, dim),
-                  bytes_moved=byte_count(mode, classes, n, m, dim, dtype.itemsize),
-                  peaks=peaks, dtype=dtype)
-    if impl == "compile" and compile_note:
-        return common.row("mmd", label, impl, None, note=f"skipped: {compile_note}", **counts)
-    generator = torch.Generator(device=device).manual_seed(0)
-    x = torch.randn(classes, n, dim, device=device, generator=generator).to(dtype)
-    y = (0.9 * torch.randn(classes, m, dim, device=device, generator=generator) + 0.1).to(dtype)
-    y.requires_grad_(mode == "fwd+bwd")
-    step = step_function(loss_function(impl, kernel, mode), mode, x, y)
-    ms, memory, note = common.measure(step, device, interpreted=impl == "ours" and device.type == "cpu")
-    return common.row("mmd", label, impl, ms, peak_mem_mb=memory, note=note, **counts)
+
+    def build_step():
+        generator = torch.Generator(device=run.device).manual_seed(0)
+        x = torch.randn(classes, n, dim, device=run.device, generator=generator).to(run.dtype)
+        y = (0.9 * torch.randn(classes, m, dim, device=run.device, generator=generator) + 0.1).to(run.dtype)
+        y.requires_grad_(mode == "fwd+bwd")
+        return common.grad_step(loss_function(impl, kernel, mode), mode, (x, y), (y,))
+
+    return run.timed_row(f"{name}/{kernel}/{mode}", impl, build_step,
+                         interpreted=impl == "ours" and run.device.type == "cpu",
+                         flops=flop_count(mode, classes, n, m, dim),
+                         bytes_moved=byte_count(mode, classes, n, m, dim, run.dtype.itemsize))
 
 
 def main(argv=None) -> list[dict]:
@@ -110,16 +95,12 @@ def main(argv=None) -> list[dict]:
     if args.tf32:
         torch.set_float32_matmul_precision("high")
     run = common.kernel_run("mmd", args)
-    rows = run.rows
     for case in run.chosen(QUICK_CASES if args.quick else FULL_CASES):
         for kernel in args.kernels:
             for mode in MODES:
                 for impl in ("ours", "eager", "compile"):
-                    rows.append(measure(case, kernel, mode, impl, run.device, run.dtype, run.peaks,
-                                        run.compile_note))
-                    print(f"{rows[-1]['case']} {impl}: {rows[-1]['ms']} ms", flush=True)
-    common.finish(run.name, rows, run.device, args.out)
-    return rows
+                    run.record(measure(case, kernel, mode, impl, run))
+    return run.finish()
 
 
 if __name__ == "__main__":

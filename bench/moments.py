@@ -52,37 +52,22 @@ def moments_function(impl: str, order: int):
     return eager if impl == "eager" else common.compiled(eager)
 
 
-def step_function(moments_fn, mode: str, x: torch.Tensor, upstream: torch.Tensor):
-    """A no-argument callable running one timed step: the moments, plus dL/dx for fwd+bwd."""
-    if mode == "fwd":
-        def forward():
-            with torch.no_grad():
-                return moments_fn(x)
-        return forward
-
-    def forward_backward():
-        return torch.autograd.grad(moments_fn(x), (x,), upstream)
-    return forward_backward
-
-
-def measure(case, mode: str, impl: str, order: int, device: torch.device, dtype: torch.dtype,
-            peaks: dict | None, compile_note: str | None) -> dict:
+def measure(case, mode: str, impl: str, order: int, run: common.KernelRun) -> dict:
     """One result row (failures such as out-of-memory become a row with a note)."""
     name, classes, rows, dim = case
     elements = classes * rows * dim
-    counts = dict(flops=(2.0 if mode == "fwd" else 4.0) * order * elements,
-                  bytes_moved=(1.0 if mode == "fwd" else 3.0) * elements * dtype.itemsize,
-                  peaks=peaks, dtype=dtype)
-    label = f"{name}/p{order}/{mode}"
-    if impl == "compile" and compile_note:
-        return common.row("moments", label, impl, None, note=f"skipped: {compile_note}", **counts)
-    generator = torch.Generator(device=device).manual_seed(0)
-    x = torch.randn(classes, rows, dim, device=device, generator=generator).relu().to(dtype)
-    x.requires_grad_(mode == "fwd+bwd")
-    upstream = torch.randn(classes, order, dim, device=device, generator=generator)
-    step = step_function(moments_function(impl, order), mode, x, upstream)
-    ms, memory, note = common.measure(step, device, interpreted=impl == "ours" and device.type == "cpu")
-    return common.row("moments", label, impl, ms, peak_mem_mb=memory, note=note, **counts)
+
+    def build_step():
+        generator = torch.Generator(device=run.device).manual_seed(0)
+        x = torch.randn(classes, rows, dim, device=run.device, generator=generator).relu().to(run.dtype)
+        x.requires_grad_(mode == "fwd+bwd")
+        upstream = torch.randn(classes, order, dim, device=run.device, generator=generator)
+        return common.grad_step(moments_function(impl, order), mode, (x,), (x,), upstream)
+
+    return run.timed_row(f"{name}/p{order}/{mode}", impl, build_step,
+                         interpreted=impl == "ours" and run.device.type == "cpu",
+                         flops=(2.0 if mode == "fwd" else 4.0) * order * elements,
+                         bytes_moved=(1.0 if mode == "fwd" else 3.0) * elements * run.dtype.itemsize)
 
 
 def main(argv=None) -> list[dict]:
@@ -90,15 +75,11 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--order", type=int, default=4, help="highest moment (default 4)")
     args = parser.parse_args(argv)
     run = common.kernel_run("moments", args)
-    rows = run.rows
     for case in run.chosen(QUICK_CASES if args.quick else FULL_CASES):
         for mode in MODES:
             for impl in ("ours", "eager", "compile"):
-                rows.append(measure(case, mode, impl, args.order, run.device, run.dtype, run.peaks,
-                                    run.compile_note))
-                print(f"{rows[-1]['case']} {impl}: {rows[-1]['ms']} ms", flush=True)
-    common.finish(run.name, rows, run.device, args.out)
-    return rows
+                run.record(measure(case, mode, impl, args.order, run))
+    return run.finish()
 
 
 if __name__ == "__main__":

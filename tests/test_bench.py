@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from bench import accuracy, condense_time, report, run_all
+from bench import accuracy, common, condense_time, report, run_all
 from bench.baselines.dm_per_class import class_loss
 import condense_engine as ce
 from condense_engine import bench_cli
@@ -106,6 +106,39 @@ def _results_file(folder, name: str, device: str, rows: list[dict]) -> None:
 def _row(case: str, impl: str, ms: float | None, **extra) -> dict:
     return dict(bench="mmd", case=case, impl=impl, ms=ms, tflops=extra.get("tflops"), gbps=extra.get("gbps"),
                 peak_mem_mb=None, pct_of_peak=extra.get("pct_of_peak"))
+
+
+def _toy_kernel_run(compile_note=None) -> common.KernelRun:
+    return common.KernelRun(bench="toy", device=torch.device("cpu"), dtype=torch.float32, compile_note=compile_note,
+                            peaks=None, name="toy", out=None, rows=[], only=None)
+
+
+def test_kernel_row_is_skipped_without_building_its_inputs_or_fails_into_its_note():
+    run = _toy_kernel_run(compile_note="--no-compile")
+
+    def never_built():
+        raise AssertionError("a skipped row built its inputs")
+
+    skipped = run.timed_row("case", "compile", never_built, note="variant")
+    assert skipped["ms"] is None and skipped["note"] == "variant; skipped: --no-compile"
+    assert run.timed_row("case", "ours", never_built, skip="no kernel")["note"] == "skipped: no kernel"
+
+    def out_of_memory():
+        raise RuntimeError("out of memory")
+
+    failed = run.timed_row("case", "eager", lambda: out_of_memory, note="variant")
+    assert failed["ms"] is None and failed["note"] == "variant; failed: RuntimeError: out of memory"
+    timed = run.timed_row("case", "ours", lambda: (lambda: torch.ones(4).sum()), interpreted=True,
+                          timing=dict(warmup=0, reps=1), bytes_moved=16.0)
+    assert timed["ms"] > 0 and timed["gbps"] == 16.0 / (timed["ms"] * 1e6)
+    assert timed["note"] == common.INTERPRETER_NOTE
+
+
+def test_grad_step_runs_the_forward_without_autograd_or_adds_the_gradient():
+    x = torch.tensor([1.0, 2.0], requires_grad=True)
+    assert not common.grad_step(torch.square, "fwd", (x,), (x,))().requires_grad
+    (grad,) = common.grad_step(torch.square, "fwd+bwd", (x,), (x,), torch.tensor([1.0, 3.0]))()
+    assert torch.equal(grad, torch.tensor([2.0, 12.0]))
 
 
 def test_report_shows_an_ablation_row_beside_ours_not_over_it(tmp_path):
