@@ -79,6 +79,12 @@ def test_defaults_documented_and_overridable():
     assert M3D("mnist", 10, kernel="poly", degree=2).kernel_options == dict(kernel="poly", include_xx=False, degree=2)
 
 
+def test_explicit_moments_default_to_mean_and_variance_and_poly_keeps_degree_3():
+    assert M3D("mnist", 10, kernel="moments").options["degree"] == M3D.MOMENTS_DEGREE == 2
+    assert M3D("mnist", 10, kernel="moments", degree=4).options["degree"] == 4
+    assert M3D("mnist", 10, kernel="poly").options["degree"] == 3
+
+
 def _syn_gradient(method, real, syn):
     syn = syn.clone().requires_grad_(True)
     method.feature_loss(real, syn).backward()
