@@ -18,7 +18,10 @@ bandwidths σ₀·(0.5, 1, 2), no real–real term, normalised) against the same
 the Gaussian-kernel MMD² from explicit Gram matrices per class (σ₀ from that class's real
 features; the published loop has no normalisation, one scalar division in ours). Its rows carry
 bench "m3d_iteration". --method both (the default, what `python -m bench` runs) writes both
-methods' rows to dm_iteration.json; --method m3d alone writes m3d_iteration.json.
+methods' rows to dm_iteration.json; --method m3d alone writes m3d_iteration.json. M3D's explicit
+moment-matching variant (`kernel="moments"`, mean and variance through ops.moments, no Gram
+matrix) is timed once more per case as "<case>-moments" (ours only: the published loop has no
+such loss), beside the Gaussian kernel's row.
 """
 import argparse
 import functools
@@ -46,6 +49,8 @@ FULL_TIMING, QUICK_TIMING = dict(warmup=1, reps=5), dict(warmup=0, reps=2)
 STAND_IN = "random uint8 stand-in data of the real shape"
 #: --method → (engine method, bench name of its rows, kernel of the per-class baseline loss).
 METHODS = {"dm": (DM, "dm_iteration", "linear"), "m3d": (M3D, "m3d_iteration", "gaussian")}
+#: --method → (case suffix, options) of variants timed as ours only, beside the default's rows.
+VARIANTS = {"m3d": [("moments", dict(kernel="moments"))]}
 
 
 def _setup(classes, channels, size, ipc, batch_real, device, images_on="device"):
@@ -59,12 +64,14 @@ def _setup(classes, channels, size, ipc, batch_real, device, images_on="device")
     return data, sampler, generator, init, init_labels
 
 
-def measure_ours(case, method_name, device, peaks, timing: dict, images_on="device"):
+def measure_ours(case, method_name, device, peaks, timing: dict, images_on="device", variant=None):
+    """The row of one engine step; `variant` is a (case suffix, options) of VARIANTS."""
     name, classes, channels, size, ipc, batch_real = case
+    suffix, options = variant or (None, {})
     method_class, bench, _ = METHODS[method_name]
     data, sampler, generator, init, init_labels = _setup(classes, channels, size, ipc, batch_real, device, images_on)
     synset = SyntheticSet.from_tensors(init.clone(), init_labels, num_classes=classes, mean=data.mean, std=data.std)
-    method = method_class("standin", ipc, batch_real=batch_real)
+    method = method_class("standin", ipc, batch_real=batch_real, **options)
     method.init(synset, data, sampler, generator, device)
     counter = iter(range(10**9))
     step = lambda: method.step(synset, next(counter))  # noqa: E731
@@ -72,6 +79,9 @@ def measure_ours(case, method_name, device, peaks, timing: dict, images_on="devi
     note = STAND_IN
     if images_on == "host":
         name, note = f"{name}-streamed", f"{STAND_IN}, streamed from the host"
+    if suffix:
+        settings = ", ".join(f"{key}={value}" for key, value in options.items())
+        name, note = f"{name}-{suffix}", f"{STAND_IN}; {method_name} with {settings}"
     return common.row(bench, name, "ours", ms, peak_mem_mb=memory, peaks=peaks, note=failure or note)
 
 
@@ -135,6 +145,9 @@ def main(argv=None) -> list:
             else:
                 rows.append(measure_eager(case, method_name, device, peaks, timing, compiled=True))
             print(rows[-3:], flush=True)
+            for variant in VARIANTS.get(method_name, ()):
+                rows.append(measure_ours(case, method_name, device, peaks, timing, variant=variant))
+                print(rows[-1], flush=True)
             if method_name == "dm" and case[0] in STREAMED_CASES:
                 rows.append(measure_ours(case, method_name, device, peaks, timing, images_on="host"))
                 print(rows[-1], flush=True)

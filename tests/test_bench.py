@@ -29,8 +29,10 @@ QUICK_ROWS = {
     "condense_time": {("condense_time", "ours")},
     "evaluate": {("evaluate", "ours"), ("evaluate", "eager")},
 }
-#: Cases a quick run must also have, with their own pairs: DM with the real images streamed from the host.
-QUICK_CASE_ROWS = {"dm_iteration": {"quick-ipc2-streamed": {("dm_iteration", "ours")}}}
+#: Cases a quick run must also have, with their own pairs: DM with the real images streamed from the host,
+#: M3D's explicit moment matching.
+QUICK_CASE_ROWS = {"dm_iteration": {"quick-ipc2-streamed": {("dm_iteration", "ours")},
+                                    "quick-ipc2-moments": {("m3d_iteration", "ours")}}}
 #: Keys a benchmark's rows carry beyond ROW_KEYS and "note".
 EXTRA_ROW_KEYS = {"condense_time": {"iterations_run", "iterations_target", "seconds_measured",
                                     "seconds_extrapolated", "setup_seconds", "target_seconds"}}
