@@ -142,6 +142,18 @@ def _tap_gradient(grad_out_ptr, out_plane_start, position, mask, width, out_heig
 
 
 @triton.jit
+def _normalized_and_dz(x_ptr, plane_start, grad_out_ptr, out_plane_start, position, mask, mean, rstd,
+                       w, b, width, out_height, out_width, slope, ACT: tl.constexpr, POOL: tl.constexpr):
+    """For one block of a channel's plane: x̂ (the normalised input) and dz, the gradient at the
+    activation's input z = x̂·w + b. Both backward passes recompute them instead of storing them."""
+    values = tl.load(x_ptr + plane_start + position[None, :], mask=mask, other=0.0)
+    xhat = (values.to(tl.float32) - mean) * rstd
+    z = xhat * w[:, None] + b[:, None]
+    g = _tap_gradient(grad_out_ptr, out_plane_start, position, mask, width, out_height, out_width, POOL)
+    return xhat, g * _activation_derivative(z, slope, ACT)
+
+
+@triton.jit
 def _epilogue_backward_kernel(x_ptr, weight_ptr, bias_ptr, grad_out_ptr, mean_ptr, rstd_ptr,
                               grad_x_ptr, channel_dz_ptr, channel_dz_xhat_ptr, row_count, groups,
                               channels_per_group, height, width, out_height, out_width, slope,
@@ -172,12 +184,8 @@ def _epilogue_backward_kernel(x_ptr, weight_ptr, bias_ptr, grad_out_ptr, mean_pt
         for start in range(0, plane, BLOCK_IN):
             position = start + offsets
             mask = row_valid[:, None] & (position[None, :] < plane)
-            values = tl.load(x_ptr + plane_start + position[None, :], mask=mask, other=0.0)
-            xhat = (values.to(tl.float32) - mean) * rstd
-            z = xhat * w[:, None] + b[:, None]
-            g = _tap_gradient(grad_out_ptr, out_plane_start, position, mask, width, out_height,
-                              out_width, POOL)
-            dz = g * _activation_derivative(z, slope, ACT)
+            xhat, dz = _normalized_and_dz(x_ptr, plane_start, grad_out_ptr, out_plane_start, position, mask,
+                                          mean, rstd, w, b, width, out_height, out_width, slope, ACT, POOL)
             sum_dz += tl.sum(dz, axis=1)
             sum_dz_xhat += tl.sum(dz * xhat, axis=1)
         tl.store(channel_dz_ptr + rows * channels_per_group + c, sum_dz, mask=row_valid)
@@ -196,12 +204,9 @@ def _epilogue_backward_kernel(x_ptr, weight_ptr, bias_ptr, grad_out_ptr, mean_pt
         for start in range(0, plane, BLOCK_IN):
             position = start + offsets
             mask = row_valid[:, None] & (position[None, :] < plane)
-            values = tl.load(x_ptr + plane_start + position[None, :], mask=mask, other=0.0)
-            xhat = (values.to(tl.float32) - mean) * rstd
-            z = xhat * w[:, None] + b[:, None]
-            g = _tap_gradient(grad_out_ptr, out_plane_start, position, mask, width, out_height,
-                              out_width, POOL)
-            dxhat = g * _activation_derivative(z, slope, ACT) * w[:, None]
+            xhat, dz = _normalized_and_dz(x_ptr, plane_start, grad_out_ptr, out_plane_start, position, mask,
+                                          mean, rstd, w, b, width, out_height, out_width, slope, ACT, POOL)
+            dxhat = dz * w[:, None]
             grad_x = rstd * (dxhat - mean_dxhat - xhat * mean_dxhat_xhat)
             tl.store(grad_x_ptr + plane_start + position[None, :],
                      grad_x.to(grad_x_ptr.dtype.element_ty), mask=mask)
