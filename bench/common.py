@@ -202,8 +202,7 @@ class KernelRun:
     compile_note: str | None  # why the compile rows are skipped, or None
     peaks: dict | None
     name: str  # the results file's name
-    out: str | None  # --out
-    rows: Rows
+    rows: Rows  # written to --out (rows.out) as they come
     only: list | None  # --cases
 
     def chosen(self, cases: list) -> list:
@@ -231,7 +230,7 @@ class KernelRun:
 
     def finish(self) -> list[dict]:
         """Write the results file and print the table (see finish); the rows."""
-        finish(self.name, self.rows, self.device, self.out)
+        finish(self.name, self.rows, self.device, self.rows.out)
         return self.rows
 
 
@@ -246,7 +245,7 @@ def kernel_run(bench: str, args: argparse.Namespace) -> KernelRun:
     name = f"{bench}_quick" if args.quick else (bench if args.dtype == "fp32" else f"{bench}_bf16")
     return KernelRun(bench=bench, device=device, dtype=torch.bfloat16 if args.dtype == "bf16" else torch.float32,
                      compile_note=compile_skip_reason(args.no_compile, device, args.quick), peaks=device_peaks(device),
-                     name=name, out=args.out, rows=Rows(name, device, args.out), only=args.cases)
+                     name=name, rows=Rows(name, device, args.out), only=args.cases)
 
 
 def grad_step(fn, mode: str, inputs: tuple, wrt, upstream: torch.Tensor | None = None):

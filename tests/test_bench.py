@@ -112,7 +112,7 @@ def _row(case: str, impl: str, ms: float | None, **extra) -> dict:
 
 def _toy_kernel_run(compile_note=None) -> common.KernelRun:
     return common.KernelRun(bench="toy", device=torch.device("cpu"), dtype=torch.float32, compile_note=compile_note,
-                            peaks=None, name="toy", out=None, rows=[], only=None)
+                            peaks=None, name="toy", rows=[], only=None)
 
 
 def test_kernel_row_is_skipped_without_building_its_inputs_or_fails_into_its_note():

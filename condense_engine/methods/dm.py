@@ -205,9 +205,8 @@ class M3D(DM):
     reduced CPU schedules (bench/RESULTS.md), degree 2 is ahead of the Gaussian kernel or tied:
     IPC 1 MNIST 95.84 vs 95.43, Fashion-MNIST 78.29 vs 77.58; IPC 10 MNIST 97.37 vs 97.03
     (98.23 vs 98.08 at 2000 iterations), Fashion-MNIST 83.98 vs 83.90; IPC 50 MNIST 97.96 vs
-    97.83, Fashion-MNIST 86.00 vs 85.26.
-    Degree 3 collapses at IPC 1 (90.26, 61.92): the third moment of a few images per class is
-    too noisy a target.
+    97.83, Fashion-MNIST 86.00 vs 85.26. Degree 3 collapses at IPC 1 (90.26, 61.92): the third
+    moment of a few images per class is too noisy a target.
     """
 
     defaults = dict(DM.defaults, kernel="gaussian", degree=3, sigmas=None, factor=2, normalize=True)
