@@ -222,9 +222,10 @@ def check_compatible(meta: dict, dataset, model, zca: bool) -> None:
         raise ValueError(f"{source} was trained with model {meta['model']!r}, not {model!r}")
 
 
-def train_expert(real: RealImages, student: FunctionalConvNet, meta: dict, number: int, device) -> tuple:
+def train_expert(real: RealImages, student: FunctionalConvNet, meta: dict, number: int, device,
+                 on_epoch=None) -> tuple:
     """Train expert `number` on the `real` images; returns (trajectory (epochs + 1, P) on the CPU,
-    mean loss per epoch)."""
+    mean loss per epoch). `on_epoch(epoch, [loss])` is called after each epoch (1-based)."""
     generator = _expert_generator(meta["seed"], number)
     init_seed = int(torch.randint(0, 2**62, (), generator=generator))
     net = student.to_module(student.init_params(init_seed)).to(device)
@@ -253,12 +254,15 @@ def train_expert(real: RealImages, student: FunctionalConvNet, meta: dict, numbe
             total += loss.detach() * len(batch)
         epoch_losses.append(float(total) / count)
         snapshots.append(student.flatten(net).cpu())
+        if on_epoch:
+            on_epoch(len(epoch_losses), epoch_losses[-1:])
     return torch.stack(snapshots), epoch_losses
 
 
-def train_expert_group(real: RealImages, student: FunctionalConvNet, meta: dict, numbers: list, device) -> list:
+def train_expert_group(real: RealImages, student: FunctionalConvNet, meta: dict, numbers: list, device,
+                       on_epoch=None) -> list:
     """train_expert for each of `numbers` at once, as one vmapped model: one batched forward and
-    backward per step instead of len(numbers). Each expert keeps its own initialisation, batch
+    backward per step instead of len(numbers); `on_epoch(epoch, losses)` gets every expert's loss. Each expert keeps its own initialisation, batch
     order and DSA draws (from its own generator, in the loop's order), and SGD is elementwise, so
     the trajectories are train_expert's up to float rounding. SGD experts without buffers only."""
     generators = [_expert_generator(meta["seed"], number) for number in numbers]
@@ -290,6 +294,8 @@ def train_expert_group(real: RealImages, student: FunctionalConvNet, meta: dict,
             total += losses.detach() * index.shape[1]
         epoch_losses.append((total / count).tolist())
         snapshots.append(flat())
+        if on_epoch:
+            on_epoch(len(epoch_losses), epoch_losses[-1])
     trajectories = torch.stack(snapshots, dim=1)
     return [(trajectories[e], [losses[e] for losses in epoch_losses]) for e in range(experts)]
 
@@ -358,13 +364,15 @@ def train_experts(dataset, num_experts: int, epochs: int, *, model: str = "ConvN
         reason = unbatchable_reason(model, probe, real.normalized(torch.arange(1)))
         if reason:
             raise ValueError(f"parallel experts need a model torch.func can batch: {reason}")
+    where = f"rank {rank}: " if world > 1 else ""
     for group_start in range(0, len(numbers), parallel):
         group = numbers[group_start:group_start + parallel]
         began = time.perf_counter()
+        on_epoch = _epoch_printer(where, group, num_experts, epochs, began) if progress else None
         if len(group) > 1:
-            results = train_expert_group(real, student, meta, group, device)
+            results = train_expert_group(real, student, meta, group, device, on_epoch)
         else:
-            results = [train_expert(real, student, meta, group[0], device)]
+            results = [train_expert(real, student, meta, group[0], device, on_epoch)]
         for number, (trajectory, losses) in zip(group, results):
             if out is None:
                 trajectories.append(trajectory)
@@ -375,7 +383,6 @@ def train_experts(dataset, num_experts: int, epochs: int, *, model: str = "ConvN
                 if rank == 0:
                     _write_index(out, meta)
             if progress:
-                where = f"rank {rank}: " if world > 1 else ""
                 print(f"{where}expert {number + 1}/{num_experts}: final train loss {losses[-1]:.4f} "
                       f"({time.perf_counter() - began:.1f} s for {len(group)})", flush=True)
     if out is None:
@@ -392,6 +399,18 @@ def train_experts(dataset, num_experts: int, epochs: int, *, model: str = "ConvN
         raise ValueError(f"{out} lacks experts {missing} after every rank finished: the ranks must write to a "
                          "folder on a file system they all see")
     return load_experts(out)
+
+
+def _epoch_printer(where: str, group: list, num_experts: int, epochs: int, began: float):
+    """on_epoch callback printing a group's epoch, train losses and time so far: an expert can
+    take hours on a CPU, and its file is written only when it is done."""
+    names = ", ".join(str(number + 1) for number in group)
+
+    def report(epoch: int, losses: list) -> None:
+        print(f"{where}expert{'s' if len(group) > 1 else ''} {names} of {num_experts}, epoch {epoch}/{epochs}: "
+              f"train loss {' '.join(f'{loss:.4f}' for loss in losses)} ({time.perf_counter() - began:.1f} s)",
+              flush=True)
+    return report
 
 
 def _write_index(folder, meta: dict) -> None:

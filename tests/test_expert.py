@@ -177,6 +177,23 @@ def test_parallel_experts_follow_the_one_at_a_time_trajectories(tmp_path, moment
 
 
 @pytest.mark.parametrize("parallel", [1, 2])
+def test_progress_reports_every_epoch_with_the_losses_the_files_record(tmp_path, capsys, parallel):
+    """An expert's file appears only when it is done (hours on a CPU): progress says each epoch."""
+    train_experts(_toy(), 2, 3, seed=4, out=tmp_path, progress=True, parallel=parallel, **SETTINGS)
+    lines = capsys.readouterr().out.splitlines()
+    epoch_lines = [line for line in lines if ", epoch " in line]
+    assert len(epoch_lines) == 3 * (2 // parallel)
+    saved = [torch.load(tmp_path / expert_file_name(n), weights_only=True)["epoch_losses"] for n in range(2)]
+    if parallel == 1:
+        expected = [f"expert {n + 1} of 2, epoch {e + 1}/3: train loss {saved[n][e]:.4f} (" for n in range(2)
+                    for e in range(3)]
+    else:
+        expected = [f"experts 1, 2 of 2, epoch {e + 1}/3: train loss {saved[0][e]:.4f} {saved[1][e]:.4f} ("
+                    for e in range(3)]
+    assert [line[:len(start)] for line, start in zip(epoch_lines, expected)] == expected
+
+
+@pytest.mark.parametrize("parallel", [1, 2])
 @pytest.mark.parametrize("storage", [torch.uint8, torch.float32])
 def test_experts_on_streamed_images_are_the_resident_ones(parallel, storage):
     data = _toy(per_class=9)
