@@ -262,9 +262,10 @@ def train_expert(real: RealImages, student: FunctionalConvNet, meta: dict, numbe
 def train_expert_group(real: RealImages, student: FunctionalConvNet, meta: dict, numbers: list, device,
                        on_epoch=None) -> list:
     """train_expert for each of `numbers` at once, as one vmapped model: one batched forward and
-    backward per step instead of len(numbers); `on_epoch(epoch, losses)` gets every expert's loss. Each expert keeps its own initialisation, batch
+    backward per step instead of len(numbers). Each expert keeps its own initialisation, batch
     order and DSA draws (from its own generator, in the loop's order), and SGD is elementwise, so
-    the trajectories are train_expert's up to float rounding. SGD experts without buffers only."""
+    the trajectories are train_expert's up to float rounding. SGD experts without buffers only.
+    `on_epoch(epoch, losses)` gets every expert's loss of each epoch."""
     generators = [_expert_generator(meta["seed"], number) for number in numbers]
     nets = [student.to_module(student.init_params(int(torch.randint(0, 2**62, (), generator=g)))).to(device)
             for g in generators]
