@@ -8,9 +8,11 @@ experts use GSAM over that SGD instead (`optimizer="gsam"`: ρ 0.01, α 0.3, ada
 A buffer is a folder: one file per expert (`expert_0000.pt`, ...) plus `index.pt` listing the
 finished experts and the buffer's metadata (data set, ZCA or not, model and its architecture,
 augmentation, image size, classes, optimiser settings, seed, library version). Each file is
-written atomically and the index is rewritten after every expert, so a crash loses at most the
-expert being trained, and running the same command again continues where it stopped (every
-expert's randomness depends only on (seed, expert number), so the result is the same).
+written atomically and the index is rewritten after every expert; an expert still training saves
+its state (`expert_0000.partial.pt`: trajectory so far, generator, momentum) after an epoch every
+PARTIAL_EVERY_SECONDS. So a crash loses at most about that much training, and running the same
+command again continues every expert where it stopped, to the same result (every expert's
+randomness depends only on (seed, expert number)).
 `load_experts` reads the index only; trajectories are memory-mapped when first accessed.
 
 Under torchrun the ranks share out the experts still to train (rank r takes every world-th),
@@ -18,8 +20,10 @@ each on its own device, and write their files into the same folder; rank 0 keeps
 current and completes it once every rank is done. The buffer equals the one-process buffer.
 """
 import argparse
+import contextlib
 import os
 import time
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -39,7 +43,11 @@ from condense_engine.ops.dsa import DSAParams, default_strategy, dsa
 FORMAT_VERSION = 1
 EXPERT_KIND = "condense-engine/expert"
 INDEX_KIND = "condense-engine/expert-index"
+PARTIAL_KIND = "condense-engine/expert-partial"
 INDEX_FILE = "index.pt"
+#: An unfinished expert's state is saved after an epoch once this many seconds have passed since
+#: the last save (or its start), so a crash loses at most about this much training.
+PARTIAL_EVERY_SECONDS = 120.0
 # Metadata that describes the library, not the experts: ignored when deciding whether an
 # existing buffer folder may be continued.
 _PROVENANCE_KEYS = ("library_version",)
@@ -50,6 +58,20 @@ DATM_GSAM = dict(rho=0.01, alpha=0.3, adaptive=True)
 
 def expert_file_name(number: int) -> str:
     return f"expert_{number:04d}.pt"
+
+
+def partial_file_name(number: int) -> str:
+    """The file of an unfinished expert's state (not an expert file: expert_number gives None)."""
+    return f"expert_{number:04d}.partial.pt"
+
+
+@dataclass
+class ExpertState:
+    """An unfinished expert after some epochs: what continues it exactly where it stopped."""
+    trajectory: torch.Tensor        # (epochs done + 1, P) on the CPU; the last row is the current parameters
+    epoch_losses: list
+    generator: torch.Tensor         # the state of the expert's generator (batch order, DSA draws)
+    momentum: torch.Tensor | None   # flat SGD momentum buffer (P,); None without momentum
 
 
 def expert_number(name: str) -> int | None:
@@ -223,18 +245,29 @@ def check_compatible(meta: dict, dataset, model, zca: bool) -> None:
 
 
 def train_expert(real: RealImages, student: FunctionalConvNet, meta: dict, number: int, device,
-                 on_epoch=None) -> tuple:
-    """Train expert `number` on the `real` images; returns (trajectory (epochs + 1, P) on the CPU,
-    mean loss per epoch). `on_epoch(epoch, [loss])` is called after each epoch (1-based)."""
+                 on_epoch=None, resume: ExpertState | None = None) -> tuple:
+    """Train expert `number` on the `real` images, or continue it from `resume`; returns
+    (trajectory (epochs + 1, P) on the CPU, mean loss per epoch). After each epoch
+    `on_epoch(epoch, [loss], states)` is called (epoch 1-based; `states()` gives [ExpertState])."""
     generator = _expert_generator(meta["seed"], number)
     init_seed = int(torch.randint(0, 2**62, (), generator=generator))
-    net = student.to_module(student.init_params(init_seed)).to(device)
+    if resume:
+        generator.set_state(resume.generator)
+    net = student.to_module(resume.trajectory[-1] if resume else student.init_params(init_seed)).to(device)
     optimizer = _expert_optimizer(net, meta)
+    if resume:
+        _restore_momentum(optimizer, student, dict(net.named_parameters()), [resume.momentum], stacked=False)
     strategy, size = meta["augmentation"], tuple(meta["image_size"])
     count = len(real)
-    snapshots = [student.flatten(net).cpu()]
-    epoch_losses = []
-    for _ in range(meta["epochs"]):
+    snapshots = list(resume.trajectory) if resume else [student.flatten(net).cpu()]
+    epoch_losses = list(resume.epoch_losses) if resume else []
+
+    def states() -> list:
+        momentum = _momentum_rows(optimizer, list(net.parameters()), 1)
+        return [ExpertState(torch.stack(snapshots), list(epoch_losses), generator.get_state(),
+                            None if momentum is None else momentum[0])]
+
+    for _ in range(len(epoch_losses), meta["epochs"]):
         total = torch.zeros((), device=device)
         for batch in torch.randperm(count, generator=generator).split(meta["batch_size"]):
             images = real.normalized(batch)
@@ -255,32 +288,51 @@ def train_expert(real: RealImages, student: FunctionalConvNet, meta: dict, numbe
         epoch_losses.append(float(total) / count)
         snapshots.append(student.flatten(net).cpu())
         if on_epoch:
-            on_epoch(len(epoch_losses), epoch_losses[-1:])
+            on_epoch(len(epoch_losses), epoch_losses[-1:], states)
     return torch.stack(snapshots), epoch_losses
 
 
 def train_expert_group(real: RealImages, student: FunctionalConvNet, meta: dict, numbers: list, device,
-                       on_epoch=None) -> list:
+                       on_epoch=None, resume: list | None = None) -> list:
     """train_expert for each of `numbers` at once, as one vmapped model: one batched forward and
     backward per step instead of len(numbers). Each expert keeps its own initialisation, batch
     order and DSA draws (from its own generator, in the loop's order), and SGD is elementwise, so
     the trajectories are train_expert's up to float rounding. SGD experts without buffers only.
-    `on_epoch(epoch, losses)` gets every expert's loss of each epoch."""
+    `on_epoch(epoch, losses, states)` gets every expert's loss of each epoch; `resume` continues
+    the experts from their ExpertStates, which must all have stopped at the same epoch."""
     generators = [_expert_generator(meta["seed"], number) for number in numbers]
-    nets = [student.to_module(student.init_params(int(torch.randint(0, 2**62, (), generator=g)))).to(device)
-            for g in generators]
+    starts = [student.init_params(int(torch.randint(0, 2**62, (), generator=g))) for g in generators]
+    if resume:
+        if len({len(state.epoch_losses) for state in resume}) != 1:
+            raise ValueError("experts continued together must have stopped at the same epoch")
+        starts = [state.trajectory[-1] for state in resume]
+        for generator, state in zip(generators, resume):
+            generator.set_state(state.generator)
+    nets = [student.to_module(start).to(device) for start in starts]
     template = stacked_template(nets[0])
     params, _ = stack_module_state(nets)
     batched_loss = torch.vmap(cross_entropy_of(template))
     optimizer = torch.optim.SGD(params.values(), lr=meta["lr"], momentum=meta["momentum"],
                                 weight_decay=meta["weight_decay"])
+    if resume:
+        _restore_momentum(optimizer, student, params, [state.momentum for state in resume], stacked=True)
     strategy, count, experts = meta["augmentation"], len(real), len(numbers)
 
     def flat() -> torch.Tensor:  # (experts, P) in the student's parameter order
         return torch.cat([params[name].detach().reshape(experts, -1) for name in student.names], dim=1).cpu()
 
     snapshots, epoch_losses = [flat()], []
-    for _ in range(meta["epochs"]):
+    if resume:
+        snapshots = list(torch.stack([state.trajectory for state in resume]).unbind(1))
+        epoch_losses = [list(losses) for losses in zip(*(state.epoch_losses for state in resume))]
+
+    def states() -> list:
+        trajectories = torch.stack(snapshots, dim=1)
+        momenta = _momentum_rows(optimizer, [params[name] for name in student.names], experts)
+        return [ExpertState(trajectories[e], [losses[e] for losses in epoch_losses], generator.get_state(),
+                            None if momenta is None else momenta[e]) for e, generator in enumerate(generators)]
+
+    for _ in range(len(epoch_losses), meta["epochs"]):
         orders = torch.stack([torch.randperm(count, generator=g) for g in generators])
         total = torch.zeros(experts, device=device)
         for start in range(0, count, meta["batch_size"]):
@@ -296,9 +348,30 @@ def train_expert_group(real: RealImages, student: FunctionalConvNet, meta: dict,
         epoch_losses.append((total / count).tolist())
         snapshots.append(flat())
         if on_epoch:
-            on_epoch(len(epoch_losses), epoch_losses[-1])
+            on_epoch(len(epoch_losses), epoch_losses[-1], states)
     trajectories = torch.stack(snapshots, dim=1)
     return [(trajectories[e], [losses[e] for losses in epoch_losses]) for e in range(experts)]
+
+
+def _momentum_rows(optimizer: torch.optim.Optimizer, tensors: list, rows: int) -> torch.Tensor | None:
+    """The SGD momentum buffers of `tensors` (in the student's parameter order, each with `rows`
+    experts stacked in front) as (rows, P) on the CPU; None without momentum."""
+    buffers = [optimizer.state[tensor].get("momentum_buffer") for tensor in tensors]
+    if any(buffer is None for buffer in buffers):
+        return None
+    return torch.cat([buffer.reshape(rows, -1) for buffer in buffers], dim=1).cpu()
+
+
+def _restore_momentum(optimizer: torch.optim.Optimizer, student: FunctionalConvNet, tensors: dict, momenta: list,
+                      stacked: bool) -> None:
+    """Put the experts' flat momentum buffers back into the optimizer's state of `tensors` (by
+    parameter name; `stacked`: the experts' tensors are stacked in front, as vmapped)."""
+    if momenta[0] is None:
+        return
+    for name in student.names:
+        pieces = [student.unflatten(momentum)[name] for momentum in momenta]
+        buffer = torch.stack(pieces) if stacked else pieces[0]
+        optimizer.state[tensors[name]]["momentum_buffer"] = buffer.to(tensors[name].device).clone()
 
 
 def _expert_optimizer(net: torch.nn.Module, meta: dict) -> torch.optim.Optimizer:
@@ -366,14 +439,15 @@ def train_experts(dataset, num_experts: int, epochs: int, *, model: str = "ConvN
         if reason:
             raise ValueError(f"parallel experts need a model torch.func can batch: {reason}")
     where = f"rank {rank}: " if world > 1 else ""
-    for group_start in range(0, len(numbers), parallel):
-        group = numbers[group_start:group_start + parallel]
+    unfinished = {number: _load_partial(out, number, meta) for number in numbers} if out is not None else {}
+    for group in _groups(numbers, unfinished, parallel):
         began = time.perf_counter()
-        on_epoch = _epoch_printer(where, group, num_experts, epochs, began) if progress else None
+        on_epoch = _epoch_hook(where, group, num_experts, meta, out, progress, began)
+        resume = [unfinished[number] for number in group] if unfinished.get(group[0]) else None
         if len(group) > 1:
-            results = train_expert_group(real, student, meta, group, device, on_epoch)
+            results = train_expert_group(real, student, meta, group, device, on_epoch, resume)
         else:
-            results = [train_expert(real, student, meta, group[0], device, on_epoch)]
+            results = [train_expert(real, student, meta, group[0], device, on_epoch, resume and resume[0])]
         for number, (trajectory, losses) in zip(group, results):
             if out is None:
                 trajectories.append(trajectory)
@@ -381,6 +455,8 @@ def train_experts(dataset, num_experts: int, epochs: int, *, model: str = "ConvN
                 atomic_save({"format": EXPERT_KIND, "format_version": FORMAT_VERSION, "meta": meta,
                              "number": number, "epoch_losses": losses, "trajectory": trajectory},
                             os.path.join(out, expert_file_name(number)))
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(os.path.join(out, partial_file_name(number)))
                 if rank == 0:
                     _write_index(out, meta)
             if progress:
@@ -402,16 +478,52 @@ def train_experts(dataset, num_experts: int, epochs: int, *, model: str = "ConvN
     return load_experts(out)
 
 
-def _epoch_printer(where: str, group: list, num_experts: int, epochs: int, began: float):
-    """on_epoch callback printing a group's epoch, train losses and time so far: an expert can
-    take hours on a CPU, and its file is written only when it is done."""
-    names = ", ".join(str(number + 1) for number in group)
+def _groups(numbers: list, unfinished: dict, parallel: int) -> list:
+    """`numbers` in groups of up to `parallel` that train together: experts that stopped at the
+    same epoch (none started: 0), so an interrupted run continues every expert where it stopped."""
+    by_epoch = {}
+    for number in numbers:
+        state = unfinished.get(number)
+        by_epoch.setdefault(len(state.epoch_losses) if state else 0, []).append(number)
+    return [bucket[i:i + parallel] for bucket in by_epoch.values() for i in range(0, len(bucket), parallel)]
 
-    def report(epoch: int, losses: list) -> None:
-        print(f"{where}expert{'s' if len(group) > 1 else ''} {names} of {num_experts}, epoch {epoch}/{epochs}: "
-              f"train loss {' '.join(f'{loss:.4f}' for loss in losses)} ({time.perf_counter() - began:.1f} s)",
-              flush=True)
-    return report
+
+def _epoch_hook(where: str, group: list, num_experts: int, meta: dict, out, progress: bool, began: float):
+    """on_epoch callback of a group: with `progress` it prints the epoch, train losses and time so
+    far (an expert can take hours on a CPU); with `out` it saves each unfinished expert's state
+    once PARTIAL_EVERY_SECONDS have passed since the last save, as the expert file is written only
+    when the expert is done."""
+    names = ", ".join(str(number + 1) for number in group)
+    saved = [began]
+
+    def on_epoch(epoch: int, losses: list, states) -> None:
+        if progress:
+            print(f"{where}expert{'s' if len(group) > 1 else ''} {names} of {num_experts}, epoch {epoch}/"
+                  f"{meta['epochs']}: train loss {' '.join(f'{loss:.4f}' for loss in losses)} "
+                  f"({time.perf_counter() - began:.1f} s)", flush=True)
+        if out is not None and epoch < meta["epochs"] and time.perf_counter() - saved[0] >= PARTIAL_EVERY_SECONDS:
+            for number, state in zip(group, states()):
+                atomic_save({"format": PARTIAL_KIND, "format_version": FORMAT_VERSION, "meta": meta, "number": number,
+                             "trajectory": state.trajectory, "epoch_losses": state.epoch_losses,
+                             "generator": state.generator, "momentum": state.momentum},
+                            os.path.join(out, partial_file_name(number)))
+            saved[0] = time.perf_counter()
+    return on_epoch
+
+
+def _load_partial(folder, number: int, meta: dict) -> ExpertState | None:
+    """Expert `number`'s saved unfinished state in `folder`, None when there is none. ValueError
+    when the file is damaged or was written with other settings."""
+    path = os.path.join(folder, partial_file_name(number))
+    if not os.path.exists(path):
+        return None
+    try:
+        content = check_format(read_torch_file(path, "cpu"), PARTIAL_KIND, FORMAT_VERSION, path)
+    except ValueError as err:
+        raise ValueError(f"{err}; delete {path} to train expert {number} from its start") from err
+    _check_same_settings(os.fspath(folder), content["meta"], meta)
+    return ExpertState(content["trajectory"], list(content["epoch_losses"]), content["generator"],
+                       content["momentum"])
 
 
 def _write_index(folder, meta: dict) -> None:

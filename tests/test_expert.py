@@ -88,6 +88,82 @@ def test_interrupted_training_continues_to_the_same_buffer(tmp_path):
         train_experts(data, 3, 2, out=tmp_path, lr=0.1, **SETTINGS)
 
 
+class _Crash(Exception):
+    pass
+
+
+def _crash_after_saving(monkeypatch, number: int, epoch: int) -> None:
+    """Save every unfinished expert after each epoch; crash right after saving expert `number`
+    at `epoch`."""
+    monkeypatch.setattr(expert, "PARTIAL_EVERY_SECONDS", 0.0)
+    save = expert.atomic_save
+
+    def save_then_crash(content, path):
+        save(content, path)
+        if content["format"] == expert.PARTIAL_KIND and (content["number"], len(content["epoch_losses"])) == (
+                number, epoch):
+            raise _Crash
+    monkeypatch.setattr(expert, "atomic_save", save_then_crash)
+
+
+def _epochs_trained(out: str) -> list:
+    """("expert(s)", "epoch/epochs") of each epoch line progress printed."""
+    return [(line.split(" of ")[0], line.split(", epoch ")[1].split(":")[0]) for line in out.splitlines()
+            if ", epoch " in line]
+
+
+@pytest.mark.parametrize("parallel", [1, 2])
+def test_an_expert_stopped_mid_training_continues_from_its_last_epoch(tmp_path, monkeypatch, capsys, parallel):
+    """With momentum (whose buffer must come back too) and DSA, a run crashing after epoch 2 of
+    4 continues from there, training only epochs 3 and 4, to the uninterrupted buffer."""
+    data, settings = _toy(per_class=9), dict(SETTINGS, momentum=0.9)
+    uninterrupted = train_experts(data, 2, 4, seed=5, parallel=parallel, **settings)
+    with monkeypatch.context() as patched:
+        _crash_after_saving(patched, parallel - 1, 2)
+        with pytest.raises(_Crash):
+            train_experts(data, 2, 4, seed=5, out=tmp_path, parallel=parallel, **settings)
+    assert sorted(os.listdir(tmp_path)) == [expert.partial_file_name(n) for n in range(parallel)]
+    capsys.readouterr()
+    continued = train_experts(data, 2, 4, seed=5, out=tmp_path, parallel=parallel, progress=True, **settings)
+    if parallel == 1:  # expert 2 had not started
+        expected = [("expert 1", "3/4"), ("expert 1", "4/4")] + [("expert 2", f"{e}/4") for e in range(1, 5)]
+    else:
+        expected = [("experts 1, 2", "3/4"), ("experts 1, 2", "4/4")]
+    assert _epochs_trained(capsys.readouterr().out) == expected
+    for number in range(2):
+        assert torch.equal(continued[number], uninterrupted[number])
+    assert sorted(os.listdir(tmp_path)) == [expert_file_name(0), expert_file_name(1), INDEX_FILE]
+
+
+def test_stopped_experts_continue_with_another_parallel_setting(tmp_path, monkeypatch, capsys):
+    """Experts stopped at different epochs train in groups of the same epoch, each continuing."""
+    data = _toy(per_class=9)
+    uninterrupted = train_experts(data, 3, 3, seed=6, **SETTINGS)
+    with monkeypatch.context() as patched:
+        _crash_after_saving(patched, 0, 1)
+        with pytest.raises(_Crash):  # expert 1 stops after epoch 1, experts 2 and 3 are not started
+            train_experts(data, 3, 3, seed=6, out=tmp_path, **SETTINGS)
+    continued = train_experts(data, 3, 3, seed=6, out=tmp_path, parallel=3, progress=True, **SETTINGS)
+    assert _epochs_trained(capsys.readouterr().out) == [("expert 1", "2/3"), ("expert 1", "3/3")] + [
+        ("experts 2, 3", f"{e}/3") for e in range(1, 4)]
+    for number in range(3):
+        torch.testing.assert_close(continued[number], uninterrupted[number], rtol=1e-4, atol=1e-5)
+
+
+def test_a_damaged_or_foreign_unfinished_expert_is_reported(tmp_path, monkeypatch):
+    data = _toy()
+    with monkeypatch.context() as patched:
+        _crash_after_saving(patched, 0, 1)
+        with pytest.raises(_Crash):
+            train_experts(data, 1, 2, out=tmp_path, **SETTINGS)
+    partial = tmp_path / expert.partial_file_name(0)
+    with pytest.raises(ValueError, match="other settings.*lr"):
+        train_experts(data, 1, 2, out=tmp_path, lr=0.1, **SETTINGS)
+    partial.write_bytes(partial.read_bytes()[:100])
+    with pytest.raises(ValueError, match=f"delete {partial} to train expert 0 from its start"):
+        train_experts(data, 1, 2, out=tmp_path, **SETTINGS)
+
+
 def test_an_expert_file_the_index_does_not_list_yet_is_kept(tmp_path):
     """A crash between writing an expert and rewriting the index (or another rank's expert)
     loses nothing: the next run lists that file instead of training the expert again; a listed
