@@ -32,6 +32,7 @@ from bench import common
 from condense_engine.checkpoint import load_checkpoint, require_writable_folder
 from condense_engine.cli import parse_option
 from condense_engine.driver import run_config, run_differences
+from condense_engine.expert import load_experts
 from condense_engine.methods import get_method
 from condense_engine.methods.augment import dc_eval_strategy
 
@@ -126,6 +127,8 @@ PUBLISHED_RECIPES = {
 }
 # The evaluation each method's published numbers used, where it is not the standard one.
 EVAL_RECIPES = {"idc": "idc"}
+# The published expert buffers, (experts, epochs each): MTT's and TESLA's (methods.md §6.1), DATM's (§8.1).
+PUBLISHED_BUFFERS = {"mtt": (100, 50), "tesla": (100, 50), "datm": (100, 100)}
 
 
 def published_augmentation(method: str, dataset: str) -> dict:
@@ -199,6 +202,24 @@ def format_published(value: tuple[float, float | None] | None) -> str:
         return "–"
     mean, std = value
     return f"{mean:.1f}" if std is None else f"{mean:.1f}±{std:.1f}"
+
+
+def buffer_change(method: str, buffer) -> tuple[str, str] | None:
+    """(ours, published) of an expert buffer smaller than the published one, None otherwise:
+    a trajectory-matching number depends on how many experts it matched and how long they trained."""
+    experts, epochs = len(buffer), buffer.num_epochs
+    published_experts, published_epochs = PUBLISHED_BUFFERS[method]
+    if experts >= published_experts and epochs >= published_epochs:
+        return None
+    return (f"{experts} expert{'s' if experts != 1 else ''} × {epochs} epoch{'s' if epochs != 1 else ''}",
+            f"{published_experts} × {published_epochs}")
+
+
+def buffer_summary(buffer) -> dict:
+    """What an accuracy row records about the expert buffer a run matched."""
+    meta = buffer.meta
+    return dict(experts=len(buffer), epochs=buffer.num_epochs, model=meta["model"], optimizer=meta["optimizer"],
+                lr=meta["lr"], augmentation=meta["augmentation"], zca=meta["zca"], seed=meta["seed"])
 
 
 def schedule_label(iterations: int, default_iterations: int, epochs: int, changed: dict | None = None,
@@ -376,7 +397,11 @@ def measure(method: str, dataset: str, train, test, ipc: int, *, iterations: int
     full_epochs = published_epochs(augmentation)
     epochs = full_epochs if epochs is None else epochs
     published = get_method(method)(train.name, ipc).options
-    changed = {key: (value, published[key]) for key, value in options.items() if published.get(key) != value}
+    changed = {key: (value, published[key]) for key, value in options.items()
+               if published.get(key) != value and key != "buffer"}
+    buffer = load_experts(options["buffer"]) if options.get("buffer") else None
+    if buffer is not None and buffer_change(method, buffer):
+        changed["expert buffer"] = buffer_change(method, buffer)
     default_iterations = published["iterations"]
     iterations = default_iterations if iterations is None else iterations
     folder = cell_folder(save_dir, method, dataset, ipc, iterations, seed) if save_dir else None
@@ -403,6 +428,7 @@ def measure(method: str, dataset: str, train, test, ipc: int, *, iterations: int
                 recipe=report.recipe, test_images=len(test), method_options=method_options,
                 schedule=schedule_label(iterations, default_iterations, epochs, changed, full_epochs),
                 default_iterations=default_iterations, options=options,
+                **({"expert_buffer": buffer_summary(buffer)} if buffer is not None else {}),
                 eval_seconds=time.perf_counter() - start, **({"fair": scores} if scores else {}))
 
 

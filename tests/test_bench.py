@@ -15,8 +15,9 @@ from PIL import Image
 from bench import accuracy, common, condense_time, report, run_all
 from bench.baselines.dm_per_class import class_loss
 import condense_engine as ce
-from condense_engine import bench_cli
+from condense_engine import bench_cli, datasets
 from condense_engine.checkpoint import load_checkpoint
+from condense_engine.expert import train_experts
 from condense_engine.methods.dm import DM, M3D
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -410,6 +411,30 @@ def test_accuracy_rows_report_the_degree_of_the_kernels_it_changes(kernel, repor
     meta = dict(method="m3d", options=dict(M3D("mnist", 1, kernel=kernel, degree=4).options))
     options = accuracy.reported_options(meta)
     assert options["kernel"] == kernel and options.get("degree") == (4 if reported else None)
+
+
+def test_accuracy_trajectory_rows_describe_the_expert_buffer_they_matched(tmp_path):
+    """The buffer's size, not its local path, labels the run: MTT's number depends on it."""
+    folder = tmp_path / "experts"
+    train_experts(datasets.load("default", split="train"), 1, 1, model="ConvNetD1", out=folder, device="cpu")
+    row, = accuracy.main(["--quick", "--methods", "mtt", "--no-baseline", "--set", f"buffer={folder}",
+                          "--set", "model=ConvNetD1", "--set", "expert_epochs=1", "--set", "max_start_epoch=1",
+                          "--set", "syn_steps=2", "--out", str(tmp_path / "accuracy-cpu-mtt_quick.json"),
+                          "--no-report"])
+    assert row["expert_buffer"] == dict(experts=1, epochs=1, model="ConvNetD1", optimizer="sgd", lr=0.01,
+                                        augmentation="color_crop_cutout_scale_rotate", zca=False, seed=0)
+    assert "expert buffer 1 expert × 1 epoch instead of 100 × 50; syn_steps 2 instead of 20" in row["schedule"]
+    assert str(folder) not in row["schedule"]
+
+
+def test_a_buffer_as_large_as_published_is_not_a_reduction():
+    class Buffer:
+        num_epochs = 50
+
+        def __len__(self):
+            return 100
+    assert accuracy.buffer_change("mtt", Buffer()) is None
+    assert accuracy.buffer_change("datm", Buffer()) == ("100 experts × 50 epochs", "100 × 100")
 
 
 def test_accuracy_save_dir_resumes_a_stopped_cell_and_reuses_a_finished_one(tmp_path):
