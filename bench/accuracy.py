@@ -397,11 +397,11 @@ def measure(method: str, dataset: str, train, test, ipc: int, *, iterations: int
     full_epochs = published_epochs(augmentation)
     epochs = full_epochs if epochs is None else epochs
     published = get_method(method)(train.name, ipc).options
-    changed = {key: (value, published[key]) for key, value in options.items()
-               if published.get(key) != value and key != "buffer"}
     buffer = load_experts(options["buffer"]) if options.get("buffer") else None
-    if buffer is not None and buffer_change(method, buffer):
-        changed["expert buffer"] = buffer_change(method, buffer)
+    smaller_buffer = buffer_change(method, buffer) if buffer is not None else None
+    changed = {"expert buffer": smaller_buffer} if smaller_buffer else {}
+    changed.update((key, (value, published[key])) for key, value in options.items()  # the path tells nothing
+                   if published.get(key) != value and key != "buffer")
     default_iterations = published["iterations"]
     iterations = default_iterations if iterations is None else iterations
     folder = cell_folder(save_dir, method, dataset, ipc, iterations, seed) if save_dir else None
