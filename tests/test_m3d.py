@@ -83,6 +83,8 @@ def test_explicit_moments_default_to_mean_and_variance_and_poly_keeps_degree_3()
     assert M3D("mnist", 10, kernel="moments").options["degree"] == M3D.MOMENTS_DEGREE == 2
     assert M3D("mnist", 10, kernel="moments", degree=4).options["degree"] == 4
     assert M3D("mnist", 10, kernel="poly").options["degree"] == 3
+    with pytest.raises(ValueError, match=r"degree must be an int \(default 2\), got 'two'"):
+        M3D("mnist", 10, kernel="moments", degree="two")
 
 
 def _syn_gradient(method, real, syn):

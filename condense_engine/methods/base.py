@@ -133,7 +133,8 @@ class Method:
     shard = None
 
     def __init__(self, dataset_name: str, ipc: int, **options):
-        resolved = dict(self.defaults)
+        defaults = self.option_defaults(options)
+        resolved = dict(defaults)
         key = _dataset_key(dataset_name)
         for names, ipcs, values in self.overrides:
             if (names is None or key in {_dataset_key(n) for n in names}) and (ipcs is None or ipc in ipcs):
@@ -143,12 +144,16 @@ class Method:
             raise ValueError(f"method {self.name!r} has no option(s) {sorted(unknown)}; "
                              f"its options are {sorted(resolved)}")
         for key, value in options.items():  # against the base default's kind, so no IPC changes what is accepted
-            check_option(self.name, key, value, self.defaults[key] if self.defaults.get(key) is not None
-                         else resolved[key])
+            check_option(self.name, key, value, defaults[key] if defaults.get(key) is not None else resolved[key])
         resolved.update(options)
         self.options = resolved
         self.ipc = ipc
         self.dataset_name = dataset_name
+
+    def option_defaults(self, options: dict) -> dict:
+        """The defaults given the options passed (before data-set/IPC overrides): `defaults`,
+        unless a method's default depends on another option (M3D's degree on its kernel)."""
+        return dict(self.defaults)
 
     @property
     def iterations(self) -> int:

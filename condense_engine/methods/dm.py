@@ -214,10 +214,12 @@ class M3D(DM):
     overrides = DM.overrides + [(None, range(50, 100_001), dict(factor=1))]  # measured at IPC 50
     MOMENTS_DEGREE = 2
 
-    def __init__(self, dataset_name: str, ipc: int, **options):
-        if options.get("kernel") == "moments":  # degree's default (3) is the polynomial kernel's
-            options.setdefault("degree", self.MOMENTS_DEGREE)
-        super().__init__(dataset_name, ipc, **options)
+    def option_defaults(self, options: dict) -> dict:
+        """degree's class default (3) is the polynomial kernel's; moments default to MOMENTS_DEGREE."""
+        defaults = super().option_defaults(options)
+        if options.get("kernel") == "moments":
+            defaults["degree"] = self.MOMENTS_DEGREE
+        return defaults
 
     @property
     def kernel_options(self):
