@@ -208,7 +208,7 @@ def buffer_change(method: str, buffer) -> tuple[str, str] | None:
     """(ours, published) of an expert buffer smaller than the published one, None otherwise:
     a trajectory-matching number depends on how many experts it matched and how long they trained."""
     experts, epochs = len(buffer), buffer.num_epochs
-    published_experts, published_epochs = PUBLISHED_BUFFERS[method]
+    published_experts, published_epochs = PUBLISHED_BUFFERS.get(method, (0, 0))
     if experts >= published_experts and epochs >= published_epochs:
         return None
     return (f"{experts} expert{'s' if experts != 1 else ''} × {epochs} epoch{'s' if epochs != 1 else ''}",

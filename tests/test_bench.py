@@ -435,6 +435,7 @@ def test_a_buffer_as_large_as_published_is_not_a_reduction():
             return 100
     assert accuracy.buffer_change("mtt", Buffer()) is None
     assert accuracy.buffer_change("datm", Buffer()) == ("100 experts × 50 epochs", "100 × 100")
+    assert accuracy.buffer_change("a-method-without-a-published-buffer", Buffer()) is None
 
 
 def test_accuracy_save_dir_resumes_a_stopped_cell_and_reuses_a_finished_one(tmp_path):
