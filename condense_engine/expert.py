@@ -23,7 +23,7 @@ import argparse
 import contextlib
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import numpy as np
 import torch
@@ -301,13 +301,13 @@ def train_expert_group(real: RealImages, student: FunctionalConvNet, meta: dict,
     `on_epoch(epoch, losses, states)` gets every expert's loss of each epoch; `resume` continues
     the experts from their ExpertStates, which must all have stopped at the same epoch."""
     generators = [_expert_generator(meta["seed"], number) for number in numbers]
-    starts = [student.init_params(int(torch.randint(0, 2**62, (), generator=g))) for g in generators]
+    init_seeds = [int(torch.randint(0, 2**62, (), generator=g)) for g in generators]
     if resume:
         if len({len(state.epoch_losses) for state in resume}) != 1:
             raise ValueError("experts continued together must have stopped at the same epoch")
-        starts = [state.trajectory[-1] for state in resume]
         for generator, state in zip(generators, resume):
             generator.set_state(state.generator)
+    starts = [state.trajectory[-1] for state in resume] if resume else [student.init_params(s) for s in init_seeds]
     nets = [student.to_module(start).to(device) for start in starts]
     template = stacked_template(nets[0])
     params, _ = stack_module_state(nets)
@@ -319,7 +319,7 @@ def train_expert_group(real: RealImages, student: FunctionalConvNet, meta: dict,
     strategy, count, experts = meta["augmentation"], len(real), len(numbers)
 
     def flat() -> torch.Tensor:  # (experts, P) in the student's parameter order
-        return torch.cat([params[name].detach().reshape(experts, -1) for name in student.names], dim=1).cpu()
+        return _flat_rows([params[name] for name in student.names], experts)
 
     snapshots, epoch_losses = [flat()], []
     if resume:
@@ -353,13 +353,16 @@ def train_expert_group(real: RealImages, student: FunctionalConvNet, meta: dict,
     return [(trajectories[e], [losses[e] for losses in epoch_losses]) for e in range(experts)]
 
 
+def _flat_rows(tensors: list, rows: int) -> torch.Tensor:
+    """Tensors with `rows` experts stacked in front (in the student's parameter order) joined into
+    (rows, P) on the CPU: each expert's flat vector."""
+    return torch.cat([tensor.detach().reshape(rows, -1) for tensor in tensors], dim=1).cpu()
+
+
 def _momentum_rows(optimizer: torch.optim.Optimizer, tensors: list, rows: int) -> torch.Tensor | None:
-    """The SGD momentum buffers of `tensors` (in the student's parameter order, each with `rows`
-    experts stacked in front) as (rows, P) on the CPU; None without momentum."""
+    """The SGD momentum buffers of `tensors` as _flat_rows; None without momentum."""
     buffers = [optimizer.state[tensor].get("momentum_buffer") for tensor in tensors]
-    if any(buffer is None for buffer in buffers):
-        return None
-    return torch.cat([buffer.reshape(rows, -1) for buffer in buffers], dim=1).cpu()
+    return None if any(buffer is None for buffer in buffers) else _flat_rows(buffers, rows)
 
 
 def _restore_momentum(optimizer: torch.optim.Optimizer, student: FunctionalConvNet, tensors: dict, momenta: list,
@@ -368,8 +371,9 @@ def _restore_momentum(optimizer: torch.optim.Optimizer, student: FunctionalConvN
     parameter name; `stacked`: the experts' tensors are stacked in front, as vmapped)."""
     if momenta[0] is None:
         return
+    unflattened = [student.unflatten(momentum) for momentum in momenta]
     for name in student.names:
-        pieces = [student.unflatten(momentum)[name] for momentum in momenta]
+        pieces = [buffers[name] for buffers in unflattened]
         buffer = torch.stack(pieces) if stacked else pieces[0]
         optimizer.state[tensors[name]]["momentum_buffer"] = buffer.to(tensors[name].device).clone()
 
@@ -504,9 +508,7 @@ def _epoch_hook(where: str, group: list, num_experts: int, meta: dict, out, prog
         if out is not None and epoch < meta["epochs"] and time.perf_counter() - saved[0] >= PARTIAL_EVERY_SECONDS:
             for number, state in zip(group, states()):
                 atomic_save({"format": PARTIAL_KIND, "format_version": FORMAT_VERSION, "meta": meta, "number": number,
-                             "trajectory": state.trajectory, "epoch_losses": state.epoch_losses,
-                             "generator": state.generator, "momentum": state.momentum},
-                            os.path.join(out, partial_file_name(number)))
+                             **vars(state)}, os.path.join(out, partial_file_name(number)))
             saved[0] = time.perf_counter()
     return on_epoch
 
@@ -522,8 +524,7 @@ def _load_partial(folder, number: int, meta: dict) -> ExpertState | None:
     except ValueError as err:
         raise ValueError(f"{err}; delete {path} to train expert {number} from its start") from err
     _check_same_settings(os.fspath(folder), content["meta"], meta)
-    return ExpertState(content["trajectory"], list(content["epoch_losses"]), content["generator"],
-                       content["momentum"])
+    return ExpertState(**{field.name: content[field.name] for field in fields(ExpertState)})
 
 
 def _write_index(folder, meta: dict) -> None:
