@@ -247,7 +247,18 @@ COMMANDS = {"distill": cmd_distill, "evaluate": cmd_evaluate, "show": cmd_show, 
 
 
 def main(argv=None) -> int:
+    """Run one command; its exit status. A rank of a torchrun launch exits here instead of
+    returning (see distributed.exit_rank)."""
+    from condense_engine import distributed
+
     args = build_parser().parse_args(argv)
+    code = _run(args)
+    if distributed.launched_by_torchrun():
+        distributed.exit_rank(code)
+    return code
+
+
+def _run(args) -> int:
     try:
         return COMMANDS[args.command](args)
     except (FileNotFoundError, ValueError) as err:

@@ -112,6 +112,28 @@ def test_experts_command_trains_a_buffer(tmp_path):
     assert len(buffer) == 1
 
 
+def test_a_torchrun_rank_ends_through_exit_rank_with_the_command_status(monkeypatch, tmp_path):
+    from condense_engine import distributed
+
+    codes = []
+    monkeypatch.setattr(distributed, "exit_rank", codes.append)
+    assert main(["datasets", "list"]) == 0
+    assert codes == []  # a plain process returns
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    main(["datasets", "list"])
+    main(["evaluate", str(tmp_path / "missing.pt")])
+    assert codes == [0, 2]
+
+
+def test_exit_rank_flushes_the_output_and_skips_finalisation():
+    script = ("import atexit, sys\nfrom condense_engine.distributed import exit_rank\n"
+              "atexit.register(lambda: print('finalised'))\nprint('written', end='')\n"
+              "print('warned', end='', file=sys.stderr)\nexit_rank(3)\n")
+    buffered = {key: value for key, value in os.environ.items() if key != "PYTHONUNBUFFERED"}
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=buffered)
+    assert (result.returncode, result.stdout, result.stderr) == (3, "written", "warned")
+
+
 def test_distill_under_torchrun_shards_classes_and_rank_0_writes_the_set(tmp_path):
     from condense_engine.synset import SyntheticSet
 
