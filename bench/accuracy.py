@@ -447,9 +447,9 @@ def accuracy_section(files: list[tuple[str, dict]]) -> str:
                   "against the published full-data accuracy.", ""]
         parts += at_a_glance(rows)
         parts += ["### Every run", "",
-                  "| method | data set | IPC | ours | random real (ours) | LRS / ARS | schedule | distill s "
+                  "| method | data set | IPC | seed | ours | random real (ours) | LRS / ARS | schedule | distill s "
                   "| our recipe | published | published random | published recipe [source] | file |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for stem, row in rows:
             method, dataset, ipc = row["method"], row["dataset"], row["ipc"]
             base = row.get("baseline_random") or {}
@@ -461,7 +461,7 @@ def accuracy_section(files: list[tuple[str, dict]]) -> str:
                 published_recipe = UNPUBLISHED.get(method, "not in methods.md")
             fair = row.get("fair")
             fair_text = f"{fair['lrs']:.1f} / {fair['ars']:.1f}" if fair else "–"
-            cells = [method, dataset, str(ipc), f"{row['acc_mean']:.1f}±{row['acc_std']:.1f}", base_text, fair_text,
+            cells = [method, dataset, str(ipc), str(row["recipe"].get("seed", "–")), f"{row['acc_mean']:.1f}±{row['acc_std']:.1f}", base_text, fair_text,
                      schedule_text(row), f"{row['seconds']:.0f}", recipe_text(row["recipe"]), format_published(reference),
                      format_published(published("random", dataset, ipc)), published_recipe,
                      f"`{stem}.json`"]
