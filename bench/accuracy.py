@@ -468,6 +468,7 @@ def accuracy_section(files: list[tuple[str, dict]]) -> str:
             parts.append("| " + " | ".join(cells) + " |")
         parts.append("")
         parts += method_comparison(rows, "dm", "m3d")
+        parts += iteration_curves(rows)
     parts += published_reference_table()
     return "\n".join(parts)
 
@@ -568,6 +569,47 @@ def method_comparison(rows: list[tuple[str, dict]], baseline: str, method: str) 
         lines.append(f"| {row['dataset']} | {row['ipc']} | {base['acc_mean']:.2f}±{base['acc_std']:.2f} | "
                      f"{row['acc_mean']:.2f}±{row['acc_std']:.2f} | {difference:+.2f} | {verdict} | {own} | "
                      f"{base.get('schedule', '–')} | {files} |")
+    return lines + [""]
+
+
+#: Recipe fields that differ between runs of one cell: the seed is part of the cell, and the
+#: evaluation lr of a learned-lr method (MTT, TESLA, DATM) is the set's own.
+_RUN_FIELDS = _EXECUTION_FIELDS + ("lr", "seed")
+
+
+def iteration_curves(rows: list[tuple[str, dict]]) -> list[str]:
+    """One line per cell (method, data set, IPC, seed, options, evaluation recipe) evaluated for
+    the published epochs after two or more distillation lengths (superseded rows left out): the
+    accuracy at each length and the best of them. Trajectory matching publishes that best, which
+    picks a length on the test set; the at-a-glance table shows the longest."""
+    curves = {}
+    for stem, row in sorted(rows, key=lambda item: item[0]):
+        full_epochs = published_epochs(published_augmentation(row["method"], row["dataset"]))
+        if row["recipe"]["epochs"] < full_epochs or "superseded" in (row.get("note") or ""):
+            continue
+        recipe = {key: value for key, value in row["recipe"].items() if key not in _RUN_FIELDS}
+        key = (row["method"], row["dataset"], row["ipc"], row["recipe"].get("seed"),
+               json.dumps(row.get("options") or {}, sort_keys=True), json.dumps(recipe, sort_keys=True))
+        curves.setdefault(key, {})[row["iterations"]] = (stem, row)  # the newest file of each length
+    curves = {key: runs for key, runs in curves.items() if len(runs) > 1}
+    if not curves:
+        return []
+    order = {name: index for index, name in enumerate(TABLE_DATASETS)}
+    lines = ["### One cell after several distillation lengths", "",
+             "The same method, data set, IPC, seed, options and evaluation recipe, evaluated after each "
+             "length that was run. The best picks the length on the test set, as MTT, TESLA and DATM "
+             "report (their published numbers are the best evaluation during distillation).", "",
+             "| data set | IPC | method | seed | accuracy after N iterations | best | files |",
+             "|---|---|---|---|---|---|---|"]
+    for (method, dataset, ipc, seed, _, _), runs in sorted(
+            curves.items(), key=lambda item: (order.get(item[0][1], len(order)), item[0][1], item[0][2],
+                                              item[0][0], str(item[0][3]))):
+        lengths = sorted(runs)
+        curve = ", ".join(f"{n}: {runs[n][1]['acc_mean']:.2f}±{runs[n][1]['acc_std']:.2f}" for n in lengths)
+        best = max(lengths, key=lambda n: runs[n][1]["acc_mean"])
+        files = ", ".join(f"`{runs[n][0]}.json`" for n in lengths)
+        lines.append(f"| {dataset} | {ipc} | {method} | {seed} | {curve} | {runs[best][1]['acc_mean']:.2f} "
+                     f"(after {best}) | {files} |")
     return lines + [""]
 
 

@@ -279,6 +279,22 @@ def test_at_a_glance_keeps_the_longest_full_evaluation_of_each_cell_beside_the_p
     assert accuracy.at_a_glance([("c", rows[2][1])]) == []
 
 
+def test_iteration_curves_put_one_cells_lengths_on_one_line_with_the_best():
+    def row(iterations, mean, seed=0, epochs=1000, lr=0.01, **extra):
+        return dict(dict(method="mtt", dataset="mnist", ipc=1, acc_mean=mean, acc_std=0.5, iterations=iterations,
+                         options=dict(syn_steps=50), recipe=dict(epochs=epochs, lr=lr, seed=seed, path="loop")),
+                    **extra)
+    rows = [("a", row(300, 91.3, lr=0.0107)), ("b", row(1000, 90.0, lr=0.0122)),  # the learned lr differs
+            ("c", row(2000, 95.0, note="superseded: bug")), ("d", row(3000, 96.0, epochs=300)),
+            ("e", row(300, 91.0, seed=1)),                                        # one length: no curve
+            ("f", row(1000, 89.0, options=dict(syn_steps=20))),                   # another cell
+            ("g", dict(row(1000, 90.5), recipe=dict(epochs=1000, lr=0.0125, seed=0, path="batched")))]
+    body = [line.split(" | ") for line in accuracy.iteration_curves(rows) if line.startswith("| mnist")]
+    assert body == [["| mnist", "1", "mtt", "0", "300: 91.30±0.50, 1000: 90.50±0.50", "91.30 (after 300)",
+                     "`a.json`, `g.json` |"]]  # the newest file of a length, however it was executed
+    assert accuracy.iteration_curves(rows[4:6]) == []
+
+
 def test_at_a_glance_shows_a_method_as_its_defaults_run_it_when_it_can():
     def m3d_row(mean, iterations, kernel):
         return dict(method="m3d", dataset="mnist", ipc=1, acc_mean=mean, acc_std=0.1, iterations=iterations,
