@@ -32,6 +32,7 @@ import dataclasses
 import datetime
 import os
 import sys
+from typing import NoReturn
 
 import torch
 import torch.distributed as dist
@@ -266,7 +267,7 @@ def _collective_device() -> torch.device:
     return torch.device("cpu")
 
 
-def exit_rank(code: int):
+def exit_rank(code: int) -> NoReturn:
     """End this torchrun rank with exit status `code`, skipping Python's finalisation (stdout and
     stderr are flushed first; every file the commands write is closed by then).
 
