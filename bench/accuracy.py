@@ -461,16 +461,23 @@ def accuracy_section(files: list[tuple[str, dict]]) -> str:
                 published_recipe = UNPUBLISHED.get(method, "not in methods.md")
             fair = row.get("fair")
             fair_text = f"{fair['lrs']:.1f} / {fair['ars']:.1f}" if fair else "–"
-            cells = [method, dataset, str(ipc), str(row["recipe"].get("seed", "–")), f"{row['acc_mean']:.1f}±{row['acc_std']:.1f}", base_text, fair_text,
-                     schedule_text(row), f"{row['seconds']:.0f}", recipe_text(row["recipe"]), format_published(reference),
-                     format_published(published("random", dataset, ipc)), published_recipe,
-                     f"`{stem}.json`"]
+            cells = [method, dataset, str(ipc), str(row["recipe"].get("seed", "–")),
+                     f"{row['acc_mean']:.1f}±{row['acc_std']:.1f}", base_text, fair_text, schedule_text(row),
+                     f"{row['seconds']:.0f}", recipe_text(row["recipe"]), format_published(reference),
+                     format_published(published("random", dataset, ipc)), published_recipe, f"`{stem}.json`"]
             parts.append("| " + " | ".join(cells) + " |")
         parts.append("")
         parts += method_comparison(rows, "dm", "m3d")
         parts += iteration_curves(rows)
     parts += published_reference_table()
     return "\n".join(parts)
+
+
+def current_full_evaluation(row: dict) -> bool:
+    """Whether a row was evaluated for its published epochs (published_epochs) and is not
+    superseded: the rows the summary tables are built from."""
+    full_epochs = published_epochs(published_augmentation(row["method"], row["dataset"]))
+    return row["recipe"]["epochs"] >= full_epochs and "superseded" not in (row.get("note") or "")
 
 
 def at_a_glance(rows: list[tuple[str, dict]]) -> list[str]:
@@ -481,8 +488,7 @@ def at_a_glance(rows: list[tuple[str, dict]]) -> list[str]:
     published number and how far it is from it."""
     chosen = {}
     for stem, row in sorted(rows, key=lambda item: item[0]):
-        full_epochs = published_epochs(published_augmentation(row["method"], row["dataset"]))
-        if row["recipe"]["epochs"] < full_epochs or "superseded" in (row.get("note") or ""):
+        if not current_full_evaluation(row):
             continue
         key = (row["method"], row["dataset"], row["ipc"])
         rank = (like_published(row), default_variant(row), row["iterations"])
@@ -584,8 +590,7 @@ def iteration_curves(rows: list[tuple[str, dict]]) -> list[str]:
     picks a length on the test set; the at-a-glance table shows the longest."""
     curves = {}
     for stem, row in sorted(rows, key=lambda item: item[0]):
-        full_epochs = published_epochs(published_augmentation(row["method"], row["dataset"]))
-        if row["recipe"]["epochs"] < full_epochs or "superseded" in (row.get("note") or ""):
+        if not current_full_evaluation(row):
             continue
         recipe = {key: value for key, value in row["recipe"].items() if key not in _RUN_FIELDS}
         key = (row["method"], row["dataset"], row["ipc"], row["recipe"].get("seed"),
