@@ -321,10 +321,8 @@ def train_expert_group(real: RealImages, student: FunctionalConvNet, meta: dict,
     def flat() -> torch.Tensor:  # (experts, P) in the student's parameter order
         return _flat_rows([params[name] for name in student.names], experts)
 
-    snapshots, epoch_losses = [flat()], []
-    if resume:
-        snapshots = list(torch.stack([state.trajectory for state in resume]).unbind(1))
-        epoch_losses = [list(losses) for losses in zip(*(state.epoch_losses for state in resume))]
+    snapshots = list(torch.stack([state.trajectory for state in resume]).unbind(1)) if resume else [flat()]
+    epoch_losses = [list(losses) for losses in zip(*(state.epoch_losses for state in resume))] if resume else []
 
     def states() -> list:
         trajectories = torch.stack(snapshots, dim=1)
