@@ -12,6 +12,7 @@ import json
 import os
 import sys
 import time
+import traceback
 
 from condense_engine.bench_cli import add_bench_command, run_bench_command
 from condense_engine.datasets.rows import PLACEMENTS
@@ -199,7 +200,7 @@ def cmd_evaluate(args) -> int:
     synset = SyntheticSet.load(args.synset)
     name = args.dataset or synset.meta.get("dataset")
     if not name:
-        raise SystemExit("condense evaluate: the set does not name its data set; pass --dataset")
+        raise ValueError("the set does not name its data set; pass --dataset")
     test = _load(name, args.root, "test")
     args.baseline = args.baseline or args.fair  # the fair scores need it: evaluated once, then reused
     train = _load(name, args.root, "train") if args.baseline else None
@@ -248,14 +249,19 @@ COMMANDS = {"distill": cmd_distill, "evaluate": cmd_evaluate, "show": cmd_show, 
 
 def main(argv=None) -> int:
     """Run one command; its exit status. A rank of a torchrun launch exits here instead of
-    returning (see distributed.exit_rank)."""
+    returning (see distributed.exit_rank), also after an unexpected error, whose traceback it
+    prints first (status 1, as Python's own exit would give)."""
     from condense_engine import distributed
 
     args = build_parser().parse_args(argv)
-    code = _run(args)
-    if distributed.launched_by_torchrun():
-        distributed.exit_rank(code)
-    return code
+    if not distributed.launched_by_torchrun():
+        return _run(args)
+    try:
+        code = _run(args)
+    except Exception:
+        traceback.print_exc()
+        code = 1
+    distributed.exit_rank(code)
 
 
 def _run(args) -> int:

@@ -125,6 +125,32 @@ def test_a_torchrun_rank_ends_through_exit_rank_with_the_command_status(monkeypa
     assert codes == [0, 2]
 
 
+def test_a_torchrun_rank_prints_an_unexpected_error_and_ends_through_exit_rank(monkeypatch, capsys):
+    from condense_engine import cli, distributed
+
+    def broken(args):
+        raise RuntimeError("a worker fell over")
+
+    codes = []
+    monkeypatch.setattr(distributed, "exit_rank", codes.append)
+    monkeypatch.setitem(cli.COMMANDS, "show", broken)
+    with pytest.raises(RuntimeError, match="fell over"):
+        main(["show", "set.pt"])  # a plain process raises as usual
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    main(["show", "set.pt"])
+    assert codes == [1]
+    assert "RuntimeError: a worker fell over" in capsys.readouterr().err
+
+
+def test_evaluate_asks_for_the_data_set_when_the_set_does_not_name_it(tmp_path, capsys):
+    from condense_engine.synset import SyntheticSet
+
+    path = tmp_path / "anonymous.pt"
+    SyntheticSet(torch.zeros(2, 1, 28, 28), torch.tensor([0, 1]), mean=(0.5,), std=(0.5,), num_classes=2).save(path)
+    assert main(["evaluate", str(path)]) == 2
+    assert "pass --dataset" in capsys.readouterr().err
+
+
 def test_exit_rank_flushes_the_output_and_skips_finalisation():
     script = ("import atexit, sys\nfrom condense_engine.distributed import exit_rank\n"
               "atexit.register(lambda: print('finalised'))\nprint('written', end='')\n"
