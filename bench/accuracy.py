@@ -358,7 +358,8 @@ def earlier_seconds(log: str, resumed_from: int) -> float:
     spent on the iterations kept. Each process logs seconds since its own start, so a record
     whose iteration or seconds go back starts the next process's segment; a segment counts up
     to the iteration before the next one starts (the last one up to `resumed_from`), not the
-    iterations after its last checkpoint that were done again."""
+    iterations after its last checkpoint that were done again (logs written before the driver
+    dropped those records on a resume still hold them)."""
     segments, previous = [], None
     with open(log) as lines:
         for line in lines:

@@ -54,11 +54,18 @@ def initial_synset(dataset: ImageDataset, sampler: ClassSampler, ipc: int, gener
 
 
 class _JsonLog:
-    def __init__(self, path: str | None, append: bool):
+    """The JSON-lines log: one record per iteration. A run resumed from the checkpoint of
+    iteration `start` continues the file after dropping what the stopped run wrote beyond that
+    checkpoint (the iterations this run does again) and a torn last line, so every iteration
+    keeps exactly one record."""
+
+    def __init__(self, path: str | None, start: int):
         self.file = None
         if path:
             os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-            self.file = open(path, "a" if append else "w", encoding="utf-8")
+            if start and os.path.exists(path):
+                _keep_records_through(path, start)
+            self.file = open(path, "a" if start else "w", encoding="utf-8")
 
     def write(self, record: dict) -> None:
         if self.file:
@@ -68,6 +75,23 @@ class _JsonLog:
     def close(self) -> None:
         if self.file:
             self.file.close()
+
+
+def _keep_records_through(path: str, last: int) -> None:
+    """Rewrite the log at `path` (atomically) with only its whole records of iterations ≤ `last`."""
+    kept = []
+    with open(path, encoding="utf-8") as lines:
+        for line in lines:
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:  # the stopped run was killed while writing this line
+                continue
+            if isinstance(record, dict) and isinstance(record.get("iteration"), int) and record["iteration"] <= last:
+                kept.append(line if line.endswith("\n") else line + "\n")
+    partial = path + ".part"
+    with open(partial, "w", encoding="utf-8") as out:
+        out.writelines(kept)
+    os.replace(partial, path)
 
 
 class _PendingIterations:
@@ -225,7 +249,7 @@ def distill(dataset, method: str = "dm", ipc: int = 10, iterations: int | None =
                              "method": algorithm.state_dict(), "rng": capture_rng_state(generators=[generator])},
                             checkpoint)
 
-    logger = _JsonLog(log if lead else None, append=start > 0)
+    logger = _JsonLog(log if lead else None, start)
     bar = _progress(progress and lead, start, total, algorithm.name)
     last_saved = start if (resume and start) else None
     timed = bool(checkpoint and checkpoint_minutes)  # the same on every rank: they agree only when it is on

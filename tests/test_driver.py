@@ -242,6 +242,28 @@ def test_stop_signal_reads_back_and_resume_is_bit_identical(tmp_path):
     assert _without_seconds(_records(log)) == _without_seconds(_records(full_log))
 
 
+def test_resume_after_a_crash_keeps_one_log_record_per_iteration(tmp_path):
+    """A run that dies between checkpoints has logged iterations that the resumed run does
+    again, and may have been killed in the middle of a line: neither may stay in the log."""
+    data = toy_dataset()
+    full_log, log, ckpt = tmp_path / "full.jsonl", tmp_path / "log.jsonl", str(tmp_path / "ckpt.pt")
+    full = ce.distill(data, iterations=7, log=str(full_log), **RUN)
+
+    def crash_at_5(synset, iteration, stats):
+        if iteration == 4:
+            raise RuntimeError("out of memory")
+        return stats
+
+    with _patched_step(log, [], crash_at_5), pytest.raises(RuntimeError, match="out of memory"):
+        ce.distill(data, iterations=7, checkpoint=ckpt, checkpoint_every=3, log=str(log), **RUN)
+    assert [r["iteration"] for r in _records(log)] == [1, 2, 3, 4]
+    with open(log, "a", encoding="utf-8") as torn:
+        torn.write('{"iteration": 5, "seco')
+    resumed = ce.distill(data, iterations=7, checkpoint=ckpt, resume=True, log=str(log), **RUN)
+    assert torch.equal(resumed.images, full.images)
+    assert _without_seconds(_records(log)) == _without_seconds(_records(full_log))
+
+
 @pytest.mark.parametrize("method,options", [
     ("dm", FAST), ("m3d", FAST), ("dsa", dict(outer_loop=2, inner_loop=1, batch_real=8, model="ConvNetW32")),
     ("dd", dict(batch_real=24, model="ConvNetW32", distill_steps=2, distill_epochs=2, decay_every=3)),
