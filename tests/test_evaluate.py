@@ -4,7 +4,6 @@ stopped evaluation resumes from its finished runs."""
 import importlib
 import types
 import warnings
-from dataclasses import replace
 
 import pytest
 import torch
