@@ -16,6 +16,7 @@ import traceback
 
 from condense_engine.bench_cli import add_bench_command, run_bench_command
 from condense_engine.datasets.rows import PLACEMENTS
+from condense_engine.errors import MissingPackageError
 from condense_engine.expert import add_experts_command, run_experts_command
 
 
@@ -81,6 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--evaluate", action="store_true",
                    help="evaluate the result and write report.json (finished runs are kept in "
                         "evaluation-runs.pt, so a stopped evaluation continues with --resume)")
+    p.add_argument("--tensorboard", action="store_true",
+                   help="also log to <out>/tensorboard for TensorBoard (needs the tensorboard package)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     _add_eval_args(p, epochs=1000, repeats=5)
 
@@ -170,7 +173,9 @@ def _distill(args, device, lead: bool) -> int:
                         checkpoint=os.path.join(args.out, "checkpoint.pt"), checkpoint_every=args.checkpoint_every,
                         checkpoint_minutes=args.checkpoint_minutes or None,
                         sync_every=args.sync_every, real_images_on=args.real_images_on,
-                        resume=args.resume, log=os.path.join(args.out, "log.jsonl"), progress=not args.quiet,
+                        resume=args.resume, log=os.path.join(args.out, "log.jsonl"),
+                        tensorboard=os.path.join(args.out, "tensorboard") if args.tensorboard else None,
+                        progress=not args.quiet,
                         **dict(args.options))
     distill_seconds = time.perf_counter() - began
     if not lead:
@@ -267,7 +272,7 @@ def main(argv=None) -> int:
 def _run(args) -> int:
     try:
         return COMMANDS[args.command](args)
-    except (FileNotFoundError, ValueError) as err:
+    except (FileNotFoundError, MissingPackageError, ValueError) as err:
         print(f"condense {args.command}: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as err:

@@ -1,7 +1,7 @@
 """`ce.distill`: the loop every method runs in (SPEC §5).
 
 The driver owns everything that is not the method's own algorithm: resolving the input data,
-initialising the synthetic set from real images, the progress bar, JSON-lines logging,
+initialising the synthetic set from real images, the progress bar, JSON-lines (and TensorBoard) logging,
 periodic evaluation, atomic checkpoints (every N iterations, every M minutes and on
 SIGTERM/SIGINT), exact resume, and the guard that stops on a non-finite loss while keeping the
 last good checkpoint.
@@ -32,7 +32,7 @@ from condense_engine.checkpoint import (capture_rng_state, load_checkpoint, requ
 from condense_engine.datasets import ClassSampler, ImageDataset, as_dataset
 from condense_engine.device import resolve_device
 from condense_engine.distributed import check_on_every_rank, class_shard
-from condense_engine.errors import NonFiniteError, NonFiniteLossError
+from condense_engine.errors import MissingPackageError, NonFiniteError, NonFiniteLossError
 from condense_engine.methods import get_method
 from condense_engine.synset import SyntheticSet
 
@@ -75,6 +75,46 @@ class _JsonLog:
     def close(self) -> None:
         if self.file:
             self.file.close()
+
+
+class _TensorBoardLog:
+    """The log's numbers as TensorBoard scalars in `folder`, at the iteration as the step: each
+    stat under its name, an evaluation as eval/accuracy and eval/std. A resumed run first
+    purges the steps after its checkpoint, as the JSON-lines log drops their records."""
+
+    def __init__(self, folder: str | None, start: int):
+        self.writer = None
+        if folder:
+            self.writer = tensorboard_writer()(folder, purge_step=start + 1 if start else None)
+
+    def write(self, record: dict) -> None:
+        if self.writer is None:
+            return
+        step = record["iteration"]
+        for name, value in record.items():
+            if name not in _DRIVER_KEYS and isinstance(value, numbers.Real):
+                self.writer.add_scalar(name, value, step)
+        if "eval" in record:
+            self.writer.add_scalar("eval/accuracy", record["eval"]["mean"], step)
+            self.writer.add_scalar("eval/std", record["eval"]["std"], step)
+
+    def flush(self) -> None:
+        if self.writer is not None:
+            self.writer.flush()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def tensorboard_writer():
+    """torch's SummaryWriter class; a clear error when the tensorboard package is missing."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError as err:
+        raise MissingPackageError("TensorBoard logging needs the tensorboard package: pip install tensorboard "
+                                  "(or condense-engine's [tensorboard] extra)") from err
+    return SummaryWriter
 
 
 def _keep_records_through(path: str, last: int) -> None:
@@ -157,7 +197,7 @@ def distill(dataset, method: str = "dm", ipc: int = 10, iterations: int | None =
             seed: int = 0, *, test_set=None, eval_every: int = 0,
             eval_options: dict | None = None, checkpoint: str | None = None, checkpoint_every: int = 500,
             checkpoint_minutes: float | None = 10.0, resume: bool = False, log: str | None = None,
-            progress: bool = True, sync_every: int | None = None, real_images_on: str = "device",
+            tensorboard: str | None = None, progress: bool = True, sync_every: int | None = None, real_images_on: str = "device",
             **options) -> SyntheticSet:
     """Condense `dataset` into `ipc` images per class with `method`; returns a SyntheticSet.
 
@@ -180,6 +220,10 @@ def distill(dataset, method: str = "dm", ipc: int = 10, iterations: int | None =
     the first bad iteration and never checkpoints after it), only when they are written: if the
     run dies of another error, up to sync_every − 1 finished iterations may be missing from the log.
 
+    `log` is a JSON-lines file with one record per iteration (the method's stats, `seconds`
+    since this process started, and `eval` where one ran); `tensorboard` a folder that gets the
+    same numbers as TensorBoard scalars (it needs the tensorboard package).
+
     `real_images_on` "host" keeps the real images off the device and moves each batch there (a
     set larger than the device's memory; see `ClassSampler`); the draws are the same.
     """
@@ -199,6 +243,8 @@ def distill(dataset, method: str = "dm", ipc: int = 10, iterations: int | None =
                          f"which has only {int(counts.min())} images")
     if resume and not checkpoint:
         raise ValueError("resume=True needs checkpoint=<path>")
+    if tensorboard:
+        tensorboard_writer()  # before the data and the method are set up: a missing package should cost nothing
     if isinstance(checkpoint_every, bool) or not isinstance(checkpoint_every, int) or checkpoint_every < 1:
         raise ValueError(f"checkpoint_every must be a positive integer, got {checkpoint_every!r}")
     if checkpoint_minutes is not None and (isinstance(checkpoint_minutes, bool)
@@ -250,6 +296,7 @@ def distill(dataset, method: str = "dm", ipc: int = 10, iterations: int | None =
                             checkpoint)
 
     logger = _JsonLog(log if lead else None, start)
+    board = _TensorBoardLog(tensorboard if lead else None, start)
     bar = _progress(progress and lead, start, total, algorithm.name)
     last_saved = start if (resume and start) else None
     timed = bool(checkpoint and checkpoint_minutes)  # the same on every rank: they agree only when it is on
@@ -266,6 +313,7 @@ def distill(dataset, method: str = "dm", ipc: int = 10, iterations: int | None =
     def publish(records: list) -> None:
         for record in records:
             logger.write(record)
+            board.write(record)
         if bar is not None and records:
             bar.update(len(records))
             bar.set_postfix({k: f"{v:.4g}" for k, v in records[-1].items() if k not in _DRIVER_KEYS})
@@ -317,6 +365,7 @@ def distill(dataset, method: str = "dm", ipc: int = 10, iterations: int | None =
                     records[-1]["eval"] = dict(mean=report.mean, std=report.std, accuracies=report.accuracies)
                 publish(records)
                 if checkpoint_due:
+                    board.flush()
                     write_checkpoint(done)
                     last_saved, written_at = done, time.monotonic()
                 if stopping:
@@ -324,6 +373,7 @@ def distill(dataset, method: str = "dm", ipc: int = 10, iterations: int | None =
                                             + (f"; resume from {checkpoint}" if checkpoint else ""))
     finally:
         logger.close()
+        board.close()
         if bar is not None:
             bar.close()
     if shard.sharded:

@@ -7,3 +7,7 @@ class NonFiniteError(FloatingPointError, ValueError):
 
 class NonFiniteLossError(NonFiniteError):
     """A distillation produced a non-finite loss or non-finite synthetic pixels and was stopped."""
+
+
+class MissingPackageError(ImportError):
+    """An optional package that the requested feature needs is not installed."""

@@ -112,6 +112,16 @@ def test_experts_command_trains_a_buffer(tmp_path):
     assert len(buffer) == 1
 
 
+def test_distill_tensorboard_writes_events_into_the_output_folder(tmp_path, monkeypatch, capsys):
+    arguments = ["distill", "--dataset", "default", "--ipc", "1", "--iterations", "2", "--set", "batch_real=4",
+                 "--set", "model='ConvNetW32'", "--quiet", "--device", "cpu", "--tensorboard"]
+    assert main([*arguments, "--out", str(tmp_path / "run")]) == 0
+    assert any(name.startswith("events.out.tfevents") for name in os.listdir(tmp_path / "run" / "tensorboard"))
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # as if the package were missing
+    assert main([*arguments, "--out", str(tmp_path / "without")]) == 2
+    assert "error: TensorBoard logging needs the tensorboard package" in capsys.readouterr().err
+
+
 def test_a_torchrun_rank_ends_through_exit_rank_with_the_command_status(monkeypatch, tmp_path):
     from condense_engine import distributed
 

@@ -2,6 +2,7 @@
 reach the host, never the results, the log, the guard's report or the checkpoints it keeps."""
 import json
 import os
+import sys
 import types
 from unittest import mock
 
@@ -11,7 +12,7 @@ import torch
 import condense_engine as ce
 from condense_engine import driver
 from condense_engine.checkpoint import load_checkpoint
-from condense_engine.errors import NonFiniteLossError
+from condense_engine.errors import MissingPackageError, NonFiniteLossError
 from condense_engine.methods.dm import DM
 from tests.toy_data import FAST, distill_interrupted, toy_dataset
 
@@ -262,6 +263,52 @@ def test_resume_after_a_crash_keeps_one_log_record_per_iteration(tmp_path):
     resumed = ce.distill(data, iterations=7, checkpoint=ckpt, resume=True, log=str(log), **RUN)
     assert torch.equal(resumed.images, full.images)
     assert _without_seconds(_records(log)) == _without_seconds(_records(full_log))
+
+
+def _board_scalars(folder) -> dict:
+    """{tag: [(step, value), ...]} of the TensorBoard events in `folder`, as TensorBoard reads them
+    (events of purged steps dropped)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(folder), size_guidance={"scalars": 0}).Reload()
+    return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+
+
+def test_tensorboard_gets_the_logged_numbers_per_iteration(tmp_path, monkeypatch):
+    log, board = tmp_path / "log.jsonl", tmp_path / "board"
+    monkeypatch.setattr(driver, "evaluate_now",
+                        lambda synset, test_set, eval_options: types.SimpleNamespace(mean=0.25, std=0.5, accuracies=[]))
+    ce.distill(toy_dataset(), iterations=4, test_set=toy_dataset(), eval_every=2, log=str(log),
+               tensorboard=str(board), **RUN)
+    scalars = _board_scalars(board)
+    assert sorted(scalars) == ["eval/accuracy", "eval/std", "loss"]
+    assert scalars["loss"] == [(r["iteration"], pytest.approx(r["loss"])) for r in _records(log)]
+    assert scalars["eval/accuracy"] == [(2, 0.25), (4, 0.25)] and scalars["eval/std"] == [(2, 0.5), (4, 0.5)]
+
+
+def test_tensorboard_after_a_crash_and_resume_holds_each_iteration_once(tmp_path):
+    data = toy_dataset()
+    board, ckpt = tmp_path / "board", str(tmp_path / "ckpt.pt")
+    full_log = tmp_path / "full.jsonl"
+    ce.distill(data, iterations=6, log=str(full_log), **RUN)
+
+    def crash_at_5(synset, iteration, stats):
+        if iteration == 4:
+            raise RuntimeError("killed")
+        return stats
+
+    with _patched_step(str(tmp_path / "seen.jsonl"), [], crash_at_5), pytest.raises(RuntimeError, match="killed"):
+        ce.distill(data, iterations=6, checkpoint=ckpt, checkpoint_every=3, tensorboard=str(board), **RUN)
+    assert [step for step, _ in _board_scalars(board)["loss"]] == [1, 2, 3, 4]
+    ce.distill(data, iterations=6, checkpoint=ckpt, resume=True, tensorboard=str(board), **RUN)
+    assert _board_scalars(board)["loss"] == [(r["iteration"], pytest.approx(r["loss"])) for r in _records(full_log)]
+
+
+def test_tensorboard_without_the_package_fails_before_any_work(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # import fails as if not installed
+    with mock.patch.object(DM, "init", side_effect=AssertionError("set up despite the missing package")), \
+            pytest.raises(MissingPackageError, match="pip install tensorboard"):
+        ce.distill(toy_dataset(), iterations=2, tensorboard=str(tmp_path / "board"), **RUN)
 
 
 @pytest.mark.parametrize("method,options", [
