@@ -197,8 +197,8 @@ def distill(dataset, method: str = "dm", ipc: int = 10, iterations: int | None =
             seed: int = 0, *, test_set=None, eval_every: int = 0,
             eval_options: dict | None = None, checkpoint: str | None = None, checkpoint_every: int = 500,
             checkpoint_minutes: float | None = 10.0, resume: bool = False, log: str | None = None,
-            tensorboard: str | None = None, progress: bool = True, sync_every: int | None = None, real_images_on: str = "device",
-            **options) -> SyntheticSet:
+            tensorboard: str | None = None, progress: bool = True, sync_every: int | None = None,
+            real_images_on: str = "device", **options) -> SyntheticSet:
     """Condense `dataset` into `ipc` images per class with `method`; returns a SyntheticSet.
 
     Method options (e.g. lr_img, batch_real) pass through `**options`; defaults come from the
