@@ -221,7 +221,7 @@ def distill(dataset, method: str = "dm", ipc: int = 10, iterations: int | None =
     run dies of another error, up to sync_every − 1 finished iterations may be missing from the log.
 
     `log` is a JSON-lines file with one record per iteration (the method's stats, `seconds`
-    since this process started, and `eval` where one ran); `tensorboard` a folder that gets the
+    since the run began, and `eval` where one ran); `tensorboard` a folder that gets the
     same numbers as TensorBoard scalars (it needs the tensorboard package).
 
     `real_images_on` "host" keeps the real images off the device and moves each batch there (a
@@ -283,15 +283,16 @@ def distill(dataset, method: str = "dm", ipc: int = 10, iterations: int | None =
     synset.labels = synset.labels.to(device)
     algorithm.init(synset, dataset, sampler, generator, device)
 
-    start = 0
+    start, earlier_seconds = 0, 0.0
     if resume and os.path.exists(checkpoint):
-        start = _restore(checkpoint, config, synset, algorithm, generator)
+        start, earlier_seconds = _restore(checkpoint, config, synset, algorithm, generator)
     elif resume and progress and lead:  # a preemptible job's first start, or a mistyped path: say which
         print(f"distill: no checkpoint at {checkpoint} yet; starting from iteration 0", file=sys.stderr, flush=True)
 
     def write_checkpoint(iteration: int) -> None:
         if checkpoint and lead:
-            save_checkpoint({"iteration": iteration, "config": config, "images": synset.images.detach().cpu(),
+            save_checkpoint({"iteration": iteration, "seconds": time.perf_counter() - began, "config": config,
+                             "images": synset.images.detach().cpu(),
                              "method": algorithm.state_dict(), "rng": capture_rng_state(generators=[generator])},
                             checkpoint)
 
@@ -302,7 +303,7 @@ def distill(dataset, method: str = "dm", ipc: int = 10, iterations: int | None =
     timed = bool(checkpoint and checkpoint_minutes)  # the same on every rank: they agree only when it is on
     written_at = time.monotonic()
     pending = _PendingIterations()
-    began = time.perf_counter()
+    began = time.perf_counter() - earlier_seconds  # a resumed run's clock goes on from its checkpoint's
 
     def fail(iteration: int, what: str):
         where = (f"the last good checkpoint (iteration {last_saved}) is kept at {checkpoint}"
@@ -392,9 +393,10 @@ def evaluate_now(synset: SyntheticSet, test_set: ImageDataset, eval_options: dic
     return evaluate(snapshot, test_set, **(eval_options or {}))
 
 
-def _restore(path: str, config: dict, synset: SyntheticSet, algorithm, generator) -> int:
+def _restore(path: str, config: dict, synset: SyntheticSet, algorithm, generator) -> tuple[int, float]:
     """Load a checkpoint of this run, or of the same run with fewer iterations: no method's step
-    reads the total, so continuing a shorter run's last state is the longer run exactly."""
+    reads the total, so continuing a shorter run's last state is the longer run exactly. Returns
+    its iteration and the run's seconds until then (0 for checkpoints that predate the record)."""
     state = load_checkpoint(path, map_location="cpu")
     differences = run_differences(state["config"], config)
     if differences:
@@ -407,7 +409,7 @@ def _restore(path: str, config: dict, synset: SyntheticSet, algorithm, generator
         synset.images.copy_(state["images"].to(synset.images.device))
     algorithm.load_state_dict(state["method"])
     restore_rng_state(state["rng"], generators=[generator])
-    return int(state["iteration"])
+    return int(state["iteration"]), float(state.get("seconds", 0.0))
 
 
 def run_config(algorithm, dataset: ImageDataset, ipc: int, seed: int) -> dict:

@@ -265,6 +265,28 @@ def test_resume_after_a_crash_keeps_one_log_record_per_iteration(tmp_path):
     assert _without_seconds(_records(log)) == _without_seconds(_records(full_log))
 
 
+def test_a_resumed_run_counts_its_seconds_on_from_the_checkpoint(tmp_path, monkeypatch):
+    """Each process's clock starts at 0 here, as a new process's would; the log's seconds and
+    the set's meta["seconds"] must still count the whole run's time."""
+    data = toy_dataset()
+    log, ckpt = tmp_path / "log.jsonl", str(tmp_path / "ckpt.pt")
+
+    def fresh_clock():
+        ticks = iter(range(0, 10 ** 6, 10))
+        monkeypatch.setattr(driver, "time", types.SimpleNamespace(perf_counter=lambda: float(next(ticks)),
+                                                                  monotonic=lambda: 0.0))
+
+    fresh_clock()
+    distill_interrupted(DM, 2, dataset=data, iterations=5, checkpoint=ckpt, log=str(log), **RUN)
+    saved_seconds = load_checkpoint(ckpt)["seconds"]
+    assert saved_seconds >= _records(log)[-1]["seconds"] > 0
+    fresh_clock()
+    resumed = ce.distill(data, iterations=5, checkpoint=ckpt, resume=True, log=str(log), **RUN)
+    seconds = [r["seconds"] for r in _records(log)]
+    assert seconds[2] > saved_seconds and seconds == sorted(seconds)
+    assert resumed.meta["seconds"] > seconds[-1]
+
+
 def _board_scalars(folder) -> dict:
     """{tag: [(step, value), ...]} of the TensorBoard events in `folder`, as TensorBoard reads them
     (events of purged steps dropped)."""
