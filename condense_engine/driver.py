@@ -281,7 +281,9 @@ def distill(dataset, method: str = "dm", ipc: int = 10, iterations: int | None =
     synset = initial_synset(dataset, sampler, ipc, generator, meta, shard)
     synset.images = synset.images.to(device)
     synset.labels = synset.labels.to(device)
+    made_for = synset.labels.clone()  # each image's class: soft labels (TESLA, DATM) may peak elsewhere
     algorithm.init(synset, dataset, sampler, generator, device)
+    synset.image_classes = made_for if synset.is_soft else synset.labels.clone()
 
     start, earlier_seconds = 0, 0.0
     if resume and os.path.exists(checkpoint):

@@ -24,6 +24,17 @@ MTT_IMAGES, MTT_LABELS, MTT_LR = "images_best.pt", "labels_best.pt", "lr_best.pt
 GRID_PADDING = 2
 
 
+def _distilled_image_classes(content: dict) -> torch.Tensor | None:
+    """The image classes of a soft-labelled set that `distill` saved before sets recorded them:
+    it stores meta["ipc"] images per class, class by class. None for anything else."""
+    labels, meta = content.get("labels"), content.get("meta") or {}
+    ipc, num_classes = meta.get("ipc"), content.get("num_classes")
+    if (not isinstance(labels, torch.Tensor) or labels.dim() != 2 or "method" not in meta
+            or not isinstance(ipc, int) or not isinstance(num_classes, int) or len(labels) != ipc * num_classes):
+        return None
+    return torch.arange(num_classes).repeat_interleave(ipc)
+
+
 @dataclass(repr=False)
 class SyntheticSet:
     """Synthetic images with their labels, the learned student lr and how they were made.
@@ -32,6 +43,9 @@ class SyntheticSet:
       `factor` > 1, IDC's parameterisation: each stored image packs factor×factor sub-images that
       `materialize()` decodes into the images the evaluation trains on.
     - `labels`: hard int64 class indices (M,) or soft float labels (M, num_classes).
+    - `image_classes`: optional int64 (M,), the class each image was made for, which soft labels
+      do not name reliably (a teacher's soft label can peak at another class). `distill` sets it;
+      None means the hard labels, or the argmax of soft labels for a set made elsewhere.
     - `lr`: the learned student learning rate (float or 0-dim tensor), or None.
     - `mean`/`std`: the per-channel normalisation, to map back to pixels for display.
     - `zca_state`: optional {"mean": (D,), "inverse_matrix": (D, D)} undoing ZCA whitening for
@@ -52,6 +66,7 @@ class SyntheticSet:
     factor: int = 1
     zca_state: dict | None = None
     meta: dict = field(default_factory=dict)
+    image_classes: torch.Tensor | None = None
     zca: object = field(default=None, compare=False)
 
     def __post_init__(self):
@@ -61,6 +76,7 @@ class SyntheticSet:
                              f"got {_describe_tensor(self.images)}")
         count, channels = self.images.shape[:2]
         self._check_labels(count)
+        self._check_image_classes(count)
         self.mean = tuple(float(value) for value in self.mean)
         self.std = tuple(float(value) for value in self.std)
         if len(self.mean) != channels or len(self.std) != channels:
@@ -75,6 +91,19 @@ class SyntheticSet:
             raise TypeError(f"meta must be a dict, got {type(self.meta).__name__}")
         self.meta.setdefault("library_version", __version__)
         self.meta.setdefault("created", datetime.now(timezone.utc).isoformat(timespec="seconds"))
+
+    def _check_image_classes(self, count: int) -> None:
+        classes = self.image_classes
+        if classes is None:
+            return
+        if (not isinstance(classes, torch.Tensor) or classes.shape != (count,) or classes.is_floating_point()
+                or classes.is_complex() or classes.dtype == torch.bool):
+            raise ValueError(f"image_classes must be class indices ({count},) of an integer dtype, "
+                             f"got {_describe_tensor(classes)}")
+        if count and (int(classes.min()) < 0 or int(classes.max()) >= self.num_classes):
+            raise ValueError(f"image_classes must lie in [0, {self.num_classes}), "
+                             f"got values from {int(classes.min())} to {int(classes.max())}")
+        self.image_classes = classes.long()
 
     def _check_labels(self, count: int) -> None:
         """Validate the labels and fill in `num_classes` and `classes` when not given."""
@@ -118,7 +147,7 @@ class SyntheticSet:
 
     @classmethod
     def from_tensors(cls, images, labels, *, mean, std, num_classes=None, classes=None, lr=None,
-                     factor=1, zca_state=None, zca=None, meta=None) -> "SyntheticSet":
+                     factor=1, zca_state=None, zca=None, meta=None, image_classes=None) -> "SyntheticSet":
         """Build a set from float images already in network space and hard or soft labels.
 
         Images of another float dtype are cast to float32 (a float32 tensor is kept as is, so a
@@ -131,7 +160,8 @@ class SyntheticSet:
         if images.dtype != torch.float32:
             images = images.float()
         return cls(images, torch.as_tensor(labels), mean, std, lr=lr, num_classes=num_classes,
-                   classes=classes, factor=factor, zca_state=zca_state, meta=dict(meta or {}), zca=zca)
+                   classes=classes, factor=factor, zca_state=zca_state, meta=dict(meta or {}), zca=zca,
+                   image_classes=None if image_classes is None else torch.as_tensor(image_classes))
 
     def __len__(self) -> int:
         return self.images.shape[0]
@@ -149,7 +179,10 @@ class SyntheticSet:
 
     @property
     def hard_labels(self) -> torch.Tensor:
-        """Class indices (M,): the labels themselves, or the argmax of soft labels."""
+        """Class indices (M,): `image_classes` when known, else the labels themselves, or the
+        argmax of soft labels."""
+        if self.image_classes is not None:
+            return self.image_classes
         return self.labels.argmax(dim=1) if self.is_soft else self.labels
 
     def class_counts(self) -> torch.Tensor:
@@ -163,7 +196,9 @@ class SyntheticSet:
 
     def to(self, device) -> "SyntheticSet":
         lr = self.lr.to(device) if isinstance(self.lr, torch.Tensor) else self.lr
-        return replace(self, images=self.images.to(device), labels=self.labels.to(device), lr=lr)
+        image_classes = None if self.image_classes is None else self.image_classes.to(device)
+        return replace(self, images=self.images.to(device), labels=self.labels.to(device), lr=lr,
+                       image_classes=image_classes)
 
     def detach(self) -> "SyntheticSet":
         """The same set cut from the autograd graph (tensors shared, no copy)."""
@@ -174,8 +209,9 @@ class SyntheticSet:
         """An independent, detached copy: a snapshot that later optimisation steps do not touch."""
         detached = self.detach()
         lr = detached.lr.clone() if isinstance(detached.lr, torch.Tensor) else detached.lr
+        image_classes = None if self.image_classes is None else self.image_classes.clone()
         return replace(detached, images=detached.images.clone(), labels=detached.labels.clone(),
-                       lr=lr, classes=list(self.classes), zca_state=copy.deepcopy(self.zca_state),
+                       image_classes=image_classes, lr=lr, classes=list(self.classes), zca_state=copy.deepcopy(self.zca_state),
                        meta=copy.deepcopy(self.meta))
 
     def materialize(self, classes: tuple | None = None) -> tuple:
@@ -232,6 +268,7 @@ class SyntheticSet:
             "factor": self.factor,
             "zca_state": _plain_copy(self.zca_state, "zca_state"),
             "meta": _plain_copy(self.meta, "meta"),
+            "image_classes": None if self.image_classes is None else self.image_classes.detach().cpu().clone(),
         }
 
     @classmethod
@@ -245,7 +282,8 @@ class SyntheticSet:
             return cls(content["images"], content["labels"], content["mean"], content["std"],
                        lr=content.get("lr"), num_classes=content.get("num_classes"),
                        classes=content.get("classes"), factor=content.get("factor", 1),
-                       zca_state=content.get("zca_state"), meta=dict(content.get("meta") or {}))
+                       zca_state=content.get("zca_state"), meta=dict(content.get("meta") or {}),
+                       image_classes=content.get("image_classes", _distilled_image_classes(content)))
         except (TypeError, ValueError) as error:
             raise ValueError(f"{source} holds an invalid synthetic set: {error}") from error
 

@@ -287,6 +287,19 @@ def test_a_resumed_run_counts_its_seconds_on_from_the_checkpoint(tmp_path, monke
     assert resumed.meta["seconds"] > seconds[-1]
 
 
+def test_a_set_whose_soft_labels_all_peak_at_one_class_keeps_its_images_classes(tmp_path):
+    """As a young teacher's soft labels (TESLA) can: the set must still count ipc images per class."""
+    def one_peak(synset, iteration, stats):
+        synset.labels = torch.zeros(len(synset.images), synset.num_classes)
+        synset.labels[:, 0] = 1.0
+        return stats
+
+    with _patched_step(str(tmp_path / "log.jsonl"), [], one_peak):
+        synset = ce.distill(toy_dataset(), iterations=1, **RUN)
+    assert synset.is_soft and synset.ipc == 2
+    assert synset.hard_labels.tolist() == [0, 0, 1, 1, 2, 2]
+
+
 def _board_scalars(folder) -> dict:
     """{tag: [(step, value), ...]} of the TensorBoard events in `folder`, as TensorBoard reads them
     (events of purged steps dropped)."""

@@ -35,6 +35,9 @@ def test_from_tensors_infers_classes_ipc_and_fills_meta():
     (dict(mean=(0.1, 0.2)), "mean/std need 1"),
     (dict(factor=0), "factor"),
     (dict(lr=torch.tensor([0.1, 0.2])), "lr must be"),
+    (dict(image_classes=torch.tensor([0.0, 1.0])), "image_classes must be class indices"),
+    (dict(image_classes=torch.tensor([0, 1, 2])), "image_classes must be class indices"),
+    (dict(image_classes=torch.tensor([0, 3])), r"image_classes must lie in \[0, 3\)"),
 ])
 def test_from_tensors_rejects_bad_input(kwargs, match):
     arguments = dict(images=torch.zeros(2, 1, 3, 3), labels=torch.tensor([0, 1]), mean=MEAN, std=STD,
@@ -75,6 +78,28 @@ def test_save_load_round_trip_soft_labels_tensor_lr_factor_and_zca(tmp_path):
     assert loaded.is_soft and not loaded.images.requires_grad
     assert isinstance(loaded.lr, torch.Tensor) and torch.equal(loaded.lr, syn.lr.detach())
     assert torch.equal(loaded.zca_state["inverse_matrix"], torch.eye(48))
+
+
+def test_soft_labels_peaking_at_another_class_keep_each_images_class(tmp_path):
+    """A teacher's soft label can peak at another class (TESLA's ankle boot read as a sandal):
+    the set's images per class, its grid rows and its hard labels must follow the class each
+    image was made for, which `image_classes` records and a save keeps."""
+    soft = torch.tensor([[5.0, 0.0, 0.0], [0.0, 5.0, 0.0], [0.0, 5.0, 1.0]])  # image 2 peaks at class 1
+    syn = SyntheticSet.from_tensors(torch.randn(3, 1, 2, 2), soft, mean=MEAN, std=STD, image_classes=[0, 1, 2])
+    assert syn.ipc == 1 and syn.class_counts().tolist() == [1, 1, 1] and syn.hard_labels.tolist() == [0, 1, 2]
+    loaded = SyntheticSet.load(syn.save(tmp_path / "syn.pt"))
+    assert loaded.hard_labels.tolist() == [0, 1, 2] and loaded.ipc == 1
+    assert SyntheticSet.from_tensors(syn.images, soft, mean=MEAN, std=STD).ipc == 2  # argmax alone: 1, 1, 0
+
+
+def test_a_distilled_soft_set_saved_before_image_classes_gets_them_from_its_ipc(tmp_path):
+    soft = torch.tensor([[0.0, 5.0], [0.0, 5.0], [5.0, 0.0], [0.0, 5.0]])  # argmax 1, 1, 0, 1
+    content = SyntheticSet.from_tensors(torch.randn(4, 1, 2, 2), soft, mean=MEAN, std=STD,
+                                        meta={"method": "tesla", "ipc": 2}).to_dict()
+    del content["image_classes"]
+    assert SyntheticSet.from_dict(content).hard_labels.tolist() == [0, 0, 1, 1]
+    content["meta"] = {"ipc": 2}  # not from distill: no layout to rely on
+    assert SyntheticSet.from_dict(content).hard_labels.tolist() == [1, 1, 0, 1]
 
 
 def test_save_refuses_metadata_that_weights_only_cannot_read(tmp_path):
