@@ -6,8 +6,8 @@ augmentation) as much as what the images hold, and a random real subset evaluate
 often scores close. Both scores compare the set with a random real subset of the same IPC under the
 same evaluation, accuracies as fractions:
 
-- LRS: HLR = Acc(full real data) − Acc(set, hard labels: each image's class, `image_classes`); IOR = Acc(set, its own labels) −
-  Acc(random subset); α = w·IOR − (1 − w)·HLR (w = `label_weight`, 0.5).
+- LRS: HLR = Acc(full real data) − Acc(set, hard labels: each image's class, `image_classes`);
+  IOR = Acc(set, its own labels) − Acc(random subset); α = w·IOR − (1 − w)·HLR (w = `label_weight`, 0.5).
 - ARS: β = γ·(Acc(set) − Acc(random)) with augmentation + (1 − γ)·(the same gap without it)
   (γ = `aug_weight`, 0.5: DD-Ranking's `ars_lambda`, formula checked against its
   AugmentationRobustScore).

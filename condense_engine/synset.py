@@ -211,8 +211,8 @@ class SyntheticSet:
         lr = detached.lr.clone() if isinstance(detached.lr, torch.Tensor) else detached.lr
         image_classes = None if self.image_classes is None else self.image_classes.clone()
         return replace(detached, images=detached.images.clone(), labels=detached.labels.clone(),
-                       image_classes=image_classes, lr=lr, classes=list(self.classes), zca_state=copy.deepcopy(self.zca_state),
-                       meta=copy.deepcopy(self.meta))
+                       image_classes=image_classes, lr=lr, classes=list(self.classes),
+                       zca_state=copy.deepcopy(self.zca_state), meta=copy.deepcopy(self.meta))
 
     def materialize(self, classes: tuple | None = None) -> tuple:
         """(images, labels) the evaluation trains on, differentiable w.r.t. `images`.
