@@ -24,6 +24,13 @@ MTT_IMAGES, MTT_LABELS, MTT_LR = "images_best.pt", "labels_best.pt", "lr_best.pt
 GRID_PADDING = 2
 
 
+def _check_class_range(what: str, indices: torch.Tensor, num_classes: int) -> None:
+    """ValueError naming `what` unless every class index lies in [0, num_classes)."""
+    if len(indices) and (int(indices.min()) < 0 or int(indices.max()) >= num_classes):
+        raise ValueError(f"{what} must lie in [0, {num_classes}), "
+                         f"got values from {int(indices.min())} to {int(indices.max())}")
+
+
 def _distilled_image_classes(content: dict) -> torch.Tensor | None:
     """The image classes of a soft-labelled set that `distill` saved before sets recorded them:
     it stores meta["ipc"] images per class, class by class. None for anything else."""
@@ -100,9 +107,7 @@ class SyntheticSet:
                 or classes.is_complex() or classes.dtype == torch.bool):
             raise ValueError(f"image_classes must be class indices ({count},) of an integer dtype, "
                              f"got {_describe_tensor(classes)}")
-        if count and (int(classes.min()) < 0 or int(classes.max()) >= self.num_classes):
-            raise ValueError(f"image_classes must lie in [0, {self.num_classes}), "
-                             f"got values from {int(classes.min())} to {int(classes.max())}")
+        _check_class_range("image_classes", classes, self.num_classes)
         self.image_classes = classes.long()
 
     def _check_labels(self, count: int) -> None:
@@ -126,9 +131,7 @@ class SyntheticSet:
             if self.num_classes is None:
                 self.num_classes = len(self.classes) if self.classes is not None else (
                     int(labels.max()) + 1 if count else 0)
-            if count and (int(labels.min()) < 0 or int(labels.max()) >= self.num_classes):
-                raise ValueError(f"hard labels must lie in [0, {self.num_classes}), "
-                                 f"got values from {int(labels.min())} to {int(labels.max())}")
+            _check_class_range("hard labels", labels, self.num_classes)
         if self.classes is None:
             self.classes = [str(index) for index in range(self.num_classes)]
         self.classes = list(self.classes)
