@@ -126,7 +126,7 @@ PUBLISHED_RECIPES = {
     "dance": "IDC-style evaluation, multi-formation factor 2: not like-for-like with DC/DSA/DM",
 }
 # The evaluation each method's published numbers used, where it is not the standard one.
-EVAL_RECIPES = {"idc": "idc"}
+EVAL_RECIPES = {"idc": "idc", "dd": "dd"}
 # The published expert buffers, (experts, epochs each): MTT's and TESLA's (methods.md §6.1), DATM's (§8.1).
 PUBLISHED_BUFFERS = {"mtt": (100, 50), "tesla": (100, 50), "datm": (100, 100)}
 
@@ -153,11 +153,13 @@ def augmentation_text(recipe: dict) -> str:
 
 
 def like_published(row: dict) -> bool:
-    """Whether `row` was evaluated with the augmentation its method's published numbers used
-    (published_augmentation). Rows written before DC's own augmentation existed have no
-    dc_augment key: they count as evaluated with DSA or with none."""
+    """Whether `row` was evaluated with the recipe and augmentation its method's published
+    numbers used (EVAL_RECIPES, published_augmentation). Rows written before DC's own
+    augmentation existed have no dc_augment key: they count as evaluated with DSA or with none."""
     wanted = published_augmentation(row["method"], row["dataset"])
     recipe = row["recipe"]
+    if EVAL_RECIPES.get(row["method"]) == "dd":  # DD's replay of its learned steps never augments
+        return recipe.get("recipe") == "dd"
     if "dsa" not in wanted:
         return bool(recipe.get("dsa_strategy"))
     return not recipe.get("dsa_strategy") and recipe.get("dc_augment") == wanted["dc_augment"]
@@ -238,6 +240,9 @@ def schedule_label(iterations: int, default_iterations: int, epochs: int, change
 
 def recipe_text(recipe: dict) -> str:
     """One line describing how our number was evaluated."""
+    if recipe.get("recipe") == "dd":
+        return (f"{recipe['model']}, DD's replay: {recipe['schedule']}, mean step size {recipe['lr']:.3g}, "
+                f"no augmentation, 1 set × {recipe['repeats']} model{'s' if recipe['repeats'] != 1 else ''}")
     return (f"{recipe['model']}, SGD lr {recipe['lr']:g}, {recipe['epochs']} epochs, "
             f"batch {recipe['batch_size']}, {augmentation_text(recipe)}, 1 set × {recipe['repeats']} "
             f"model{'s' if recipe['repeats'] != 1 else ''}")
@@ -387,16 +392,19 @@ def measure(method: str, dataset: str, train, test, ipc: int, *, iterations: int
     With `save_dir`, the cell can be stopped and resumed and its set is kept (see distill_cell).
     `fair` adds DD-Ranking's LRS and ARS (`ce.fair_scores`, full-data accuracy from FULL_DATA, or
     measured for `epochs` where the data set has none), which needs the baseline.
-    The evaluation augments as the method's published numbers did (published_augmentation), or
-    with DSA for every method when `dsa_eval`; `epochs` None is that protocol's (published_epochs)."""
+    The evaluation is the method's published one (EVAL_RECIPES, published_augmentation), or the
+    standard recipe with DSA for every method when `dsa_eval`; `epochs` None is that protocol's
+    (published_epochs), and the dd recipe (DD's replay of its learned steps) has none."""
     if fair and not baseline:
         raise ValueError("fair scores compare with the random-real baseline: drop --no-baseline")
     augmentation = {} if dsa_eval else published_augmentation(method, train.name)
-    if fair and augmentation:
+    recipe = "dc" if dsa_eval else EVAL_RECIPES.get(method, "dc")
+    if fair and (augmentation or recipe == "dd"):
+        evaluated = "DD's replay of its learned steps" if recipe == "dd" else augmentation_text(augmentation)
         raise ValueError(f"fair scores start from the DSA evaluation, but {method} is evaluated with "
-                         f"{augmentation_text(augmentation)} as published: add --dsa-eval")
+                         f"{evaluated} as published: add --dsa-eval")
     full_epochs = published_epochs(augmentation)
-    epochs = full_epochs if epochs is None else epochs
+    epochs = full_epochs if epochs is None or recipe == "dd" else epochs
     published = get_method(method)(train.name, ipc).options
     buffer = load_experts(options["buffer"]) if options.get("buffer") else None
     smaller_buffer = buffer_change(method, buffer) if buffer is not None else None
@@ -410,7 +418,7 @@ def measure(method: str, dataset: str, train, test, ipc: int, *, iterations: int
     method_options = reported_options(synset.meta)
     start = time.perf_counter()
     evaluation = dict(model="ConvNet", repeats=repeats, epochs=epochs, seed=seed, device=device,
-                      recipe=EVAL_RECIPES.get(method, "dc"),
+                      recipe=recipe,
                       checkpoint=os.path.join(folder, "evaluation-runs.pt") if folder else None)
     report = ce.evaluate(synset, test, baseline=baseline, train_set=train, **evaluation, **augmentation)
     scores = None
@@ -478,7 +486,8 @@ def current_full_evaluation(row: dict) -> bool:
     """Whether a row was evaluated for its published epochs (published_epochs) and is not
     superseded: the rows the summary tables are built from."""
     full_epochs = published_epochs(published_augmentation(row["method"], row["dataset"]))
-    return row["recipe"]["epochs"] >= full_epochs and "superseded" not in (row.get("note") or "")
+    replayed = row["recipe"].get("recipe") == "dd"  # DD's evaluation is its learned steps, not epochs
+    return (replayed or row["recipe"]["epochs"] >= full_epochs) and "superseded" not in (row.get("note") or "")
 
 
 def at_a_glance(rows: list[tuple[str, dict]]) -> list[str]:
@@ -673,8 +682,9 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--no-baseline", action="store_true",
                         help="skip the random-real baseline (saves its evaluation when another run has it)")
     parser.add_argument("--dsa-eval", action="store_true",
-                        help="evaluate every method with DSA (default: the augmentation its published numbers used, "
-                             "which for DC is DC's own on MNIST and none elsewhere)")
+                        help="evaluate every method by the standard recipe with DSA (default: the evaluation its "
+                             "published numbers used: for DC its own augmentation on MNIST and none elsewhere, "
+                             "IDC's recipe for IDC, the replay of the learned steps for DD)")
     parser.add_argument("--fair", action="store_true",
                         help="also DD-Ranking's LRS and ARS per cell (two more evaluations: without DSA)")
     parser.add_argument("--quick", action="store_true",

@@ -39,8 +39,9 @@ def _add_eval_args(parser, *, epochs: int, repeats: int) -> None:
     group.add_argument("--epochs", type=int, default=epochs, help=f"training epochs per model ({epochs})")
     group.add_argument("--eval-lr", type=float, default=None, help="lr (default: the set's learned lr, else 0.01)")
     group.add_argument("--eval-batch", type=int, default=None, help="training batch size (the recipe's: 256, IDC 64)")
-    group.add_argument("--recipe", choices=("dc", "idc"), default="dc",
-                       help="dc: the standard protocol; idc: IDC's (batch 64, multistep lr, CutMix)")
+    group.add_argument("--recipe", choices=("dc", "idc", "dd"), default="dc",
+                       help="dc: the standard protocol; idc: IDC's (batch 64, multistep lr, CutMix); dd: replay "
+                            "a DD set's learned step sizes (--epochs and --no-dsa do not apply)")
     group.add_argument("--no-dsa", action="store_true", help="train without DSA augmentation")
     group.add_argument("--dc-augment", metavar="STRATEGY", default=None,
                        help="train with DC's own augmentation instead of DSA, e.g. crop_scale_rotate (how DC "

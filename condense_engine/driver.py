@@ -252,6 +252,9 @@ def distill(dataset, method: str = "dm", ipc: int = 10, iterations: int | None =
                                            or not checkpoint_minutes > 0):
         raise ValueError(f"checkpoint_minutes must be a positive number of minutes or None, got {checkpoint_minutes!r}")
     algorithm = get_method(method)(dataset.name, ipc, **options)
+    if eval_every and (eval_options or {}).get("recipe") == "dd" and algorithm.name != "dd":
+        raise ValueError(f"eval_options recipe 'dd' replays the step sizes a DD run learns; method "
+                         f"{method!r} learns none: evaluate with recipe 'dc' or 'idc'")
     if iterations is not None:
         if (isinstance(iterations, bool) or not isinstance(iterations, numbers.Real)
                 or not float(iterations).is_integer() or iterations < 0):

@@ -14,6 +14,12 @@ augmentation instead of DSA, as DC's published numbers were evaluated on MNIST (
 of the epochs (momentum kept), DSA colour/crop/flip/scale/rotate (no flip on MNIST and SVHN, no
 cutout since CutMix replaces it) and CutMix (β = 1) on half the batches. It runs the loop.
 
+`recipe="dd"` is DD's "random init" evaluation (methods.md §2) of a set made by `method="dd"`:
+each fresh network, drawn as DD draws its students (`methods.dd.xavier_params`), takes exactly
+the steps the run learned, step t plain SGD at the learned step size on its batch of the set, no
+augmentation; epochs, lr, batch size and DSA do not apply. The random-real baseline replays
+the same schedule on random real images. The runs take seconds and are not checkpointed.
+
 The repeats train together as one vmapped model (evaluate_batched.py) on an accelerator when the
 model allows it, else one after another; both give the same weights up to float rounding.
 
@@ -42,9 +48,10 @@ from condense_engine.datasets import ClassSampler, ImageDataset, RealImages, as_
 from condense_engine.device import resolve_device
 from condense_engine.evaluate_batched import train_and_test_batched, unbatchable_reason
 from condense_engine.methods.augment import cutmix, dc_augment, dc_augment_ops
+from condense_engine.methods.dd import learned_schedule, xavier_params
 from condense_engine.ops.dsa import DSAParams, default_strategy, dsa
 
-RECIPES = ("dc", "idc")
+RECIPES = ("dc", "idc", "dd")
 #: The revision of what an evaluation run computes (training loop, models, DSA, DC's augmentation,
 #: CutMix). It is part of a checkpoint's keys, so bumping it makes runs finished by earlier code be
 #: trained again instead of reused. Bump it with any change that changes a run's result:
@@ -233,6 +240,52 @@ def train_and_test(model: torch.nn.Module, images: torch.Tensor, labels: torch.T
     return accuracy(model, test_set), float(loss.detach())
 
 
+def replay_and_test(student: models.FunctionalConvNet, params: torch.Tensor, images: torch.Tensor,
+                    labels: torch.Tensor, lrs: torch.Tensor, batches: list,
+                    test_set: ImageDataset) -> tuple[float, float]:
+    """Train the flat `params` of `student` by a learned schedule (the dd recipe): step t is
+    plain SGD on rows batches[t] at lrs[t], the mean cross-entropy as in DD's unroll; return
+    (test acc, last loss)."""
+    loss = torch.tensor(float("nan"))
+    with torch.enable_grad():
+        for lr, rows in zip(lrs.tolist(), batches):
+            params = params.detach().requires_grad_(True)
+            loss = F.cross_entropy(student.forward(images[rows], params), labels[rows])
+            grad, = torch.autograd.grad(loss, params)
+            params = params - lr * grad
+    return accuracy(student.to_module(params), test_set), float(loss.detach())
+
+
+def _replay_repeats(images, labels, test_set, *, model, repeats, seed, channel, num_classes, im_size,
+                    lrs, batches, draw=None) -> tuple[list, list]:
+    """The dd recipe's `repeats` runs, repeat r drawn from a generator seeded seed·1000 + r (which
+    `draw(generator)`, the random-real baseline, also draws its images from)."""
+    student = models.FunctionalConvNet(channel, num_classes, im_size=im_size, **models.convnet_config(model))
+    device = images.device
+    batches = [rows.to(device) for rows in batches]
+    accs, losses = [], []
+    for repeat in range(repeats):
+        generator = torch.Generator().manual_seed(seed * 1000 + repeat)
+        pair = draw(generator) if draw is not None else (images, labels)
+        acc, loss = replay_and_test(student, xavier_params(student, generator, device), *pair, lrs, batches,
+                                    test_set)
+        accs.append(acc)
+        losses.append(loss)
+    return accs, losses
+
+
+def _check_dd_arguments(model: str, lr, batch_size, dsa_strategy, dc_augment, batched) -> None:
+    """ValueError for an argument the dd recipe cannot honour (its schedule is the set's)."""
+    given = {name: value for name, value in dict(lr=lr, batch_size=batch_size, dsa_strategy=dsa_strategy,
+                                                 dc_augment=dc_augment).items() if value is not None}
+    if given or batched:
+        raise ValueError(f"the dd recipe trains by the set's learned schedule, without augmentation, one run "
+                         f"after another; drop {', '.join(given) or 'batched=True'}")
+    if models.convnet_config(model)["norm"] == "batchnorm":
+        raise ValueError(f"the dd recipe trains {model} functionally, which leaves batch norm's running "
+                         f"statistics untrained: evaluate a ConvNet without batch norm")
+
+
 #: Test images per forward off the CPU (the CPU takes smaller batches: models.layers.forward_chunk).
 TEST_BATCH = 1024
 
@@ -376,9 +429,10 @@ def evaluate(synset, test_set, model: str = "ConvNet", repeats: int = 5,
 
     `test_set` and `train_set` take what `distill` takes: an ImageDataset, an (images, labels)
     tensor pair or a torch Dataset.
-    `recipe` "dc" is the standard protocol, "idc" IDC's (see the module docstring); batch_size
-    None is the recipe's (256 or 64). `dc_augment`: a strategy of DC's own augmentation (such as
-    "crop_scale_rotate") to train with instead of DSA; it needs dsa=False.
+    `recipe` "dc" is the standard protocol, "idc" IDC's, "dd" DD's replay of a DD set's learned
+    steps (see the module docstring); batch_size None is the recipe's (256 or 64). `dc_augment`:
+    a strategy of DC's own augmentation (such as "crop_scale_rotate") to train with instead of
+    DSA; it needs dsa=False.
     `lr=None` takes the set's learned lr when it has one, else 0.01. `baseline=True` needs
     `train_set` and adds the random-real baseline of the same images per class. `batched=True`
     trains the repeats together as one vmapped model (ValueError if the model does not allow
@@ -390,6 +444,8 @@ def evaluate(synset, test_set, model: str = "ConvNet", repeats: int = 5,
     """
     if recipe not in RECIPES:
         raise ValueError(f"recipe must be one of {RECIPES}, got {recipe!r}")
+    if recipe == "dd":
+        _check_dd_arguments(model, lr, batch_size, dsa_strategy, dc_augment, batched)
     if dc_augment is not None:
         dc_augment_ops(dc_augment)
         if dsa:
@@ -419,6 +475,9 @@ def evaluate(synset, test_set, model: str = "ConvNet", repeats: int = 5,
     if len(test_set) and int(test_set.labels.max()) >= synset.num_classes:
         raise ValueError(f"the test set has labels up to {int(test_set.labels.max())} but the synthetic set has "
                          f"{synset.num_classes} classes: its models could never predict those labels")
+    if recipe == "dd":
+        return _evaluate_replay(synset, images, labels, test_set, model=model, repeats=repeats, seed=seed,
+                                baseline=baseline, train_set=train_set, device=device)
     if lr is None:
         lr = float(synset.lr) if synset.lr is not None else 0.01
         if not lr > 0:
@@ -452,4 +511,26 @@ def evaluate(synset, test_set, model: str = "ConvNet", repeats: int = 5,
         accs, losses, path = _train_repeats(images, labels, test_set, **dict(run, lr=0.01),
                                             draw=lambda g: sampler.random_real(ipc, g), finished=finished, key=key)
         report.baseline = EvalReport(model, accs, dict(base_recipe, **path), losses=losses)
+    return report
+
+
+def _evaluate_replay(synset, images, labels, test_set, *, model, repeats, seed, baseline, train_set,
+                     device) -> EvalReport:
+    """evaluate() with the dd recipe (see the module docstring)."""
+    lrs, batches = learned_schedule(synset)
+    steps = synset.meta["distill_steps"]
+    shape = dict(channel=test_set.channels, num_classes=synset.num_classes, im_size=test_set.image_size)
+    run = dict(model=model, repeats=repeats, seed=seed, lrs=lrs, batches=batches, **shape)
+    described = dict(model=model, repeats=repeats, epochs=len(lrs) // steps, lr=float(lrs.mean()),
+                     batch_size=len(batches[0]), dsa_strategy=None, optimizer="SGD (no momentum, no weight decay)",
+                     schedule=f"the set's {len(lrs)} learned step sizes over its {steps} batches "
+                              f"(lr is their mean)",
+                     seed=seed, recipe="dd", dc_augment=None, path="loop")
+    accs, losses = _replay_repeats(images, labels, test_set, **run)
+    report = EvalReport(model, accs, described, losses=losses)
+    if baseline:
+        ipc = int(synset.ipc)
+        sampler = ClassSampler(train_set, device=device, images_on="host")
+        accs, losses = _replay_repeats(images, labels, test_set, **run, draw=lambda g: sampler.random_real(ipc, g))
+        report.baseline = EvalReport(model, accs, dict(described, images_per_class=ipc), losses=losses)
     return report

@@ -78,6 +78,9 @@ def fair_scores(synset: SyntheticSet, test_set, train_set, *, full_accuracy: flo
     if {"dsa", "dc_augment", "baseline"} & evaluate_options.keys():
         raise ValueError("fair_scores sets the augmentation (DSA or none) and baseline itself; leave dsa, "
                          "dc_augment and baseline out")
+    if evaluate_options.get("recipe") == "dd":
+        raise ValueError("fair scores compare training with DSA and without, which the dd recipe (the set's "
+                         "learned schedule, never augmented) does not do: use recipe 'dc'")
     if train_set is None:
         raise ValueError("fair_scores needs train_set: the random subsets (and the full-data run) come from it")
     test_set = as_dataset(test_set, "test_set", mean=synset.mean, std=synset.std)

@@ -409,6 +409,25 @@ def test_accuracy_evaluates_dc_with_its_own_augmentation_unless_told_dsa(tmp_pat
     assert row["recipe"]["dc_augment"] is None and row["recipe"]["dsa_strategy"] == "color_crop_cutout_scale_rotate"
 
 
+def test_accuracy_evaluates_dd_by_replaying_its_learned_steps_unless_told_dsa(tmp_path):
+    """DD's published numbers trained fresh networks by its learned steps; --dsa-eval puts DD under
+    the standard recipe, and fair scores (built on DSA) are refused before any distillation."""
+    out = tmp_path / "accuracy-cpu-dd_quick.json"
+    row, = accuracy.main(["--quick", "--methods", "dd", "--out", str(out), "--no-report"])
+    assert row["recipe"]["recipe"] == "dd" and row["recipe"]["dsa_strategy"] is None
+    assert row["baseline_random"] is not None and "evaluation epochs" not in row["schedule"]
+    assert accuracy.like_published(row) and accuracy.current_full_evaluation(row)
+    assert "DD's replay" in accuracy.recipe_text(row["recipe"])
+    (cells,) = [line.split(" | ") for line in accuracy.at_a_glance([("a", row)]) if line.startswith("| default")]
+    assert cells[2] == "dd"
+    row, = accuracy.main(["--quick", "--methods", "dd", "--no-baseline", "--dsa-eval", "--out", str(out),
+                          "--no-report"])
+    assert row["recipe"]["recipe"] == "dc" and row["recipe"]["dsa_strategy"] is not None
+    assert not accuracy.like_published(row)
+    with pytest.raises(ValueError, match="replay"):
+        accuracy.main(["--quick", "--methods", "dd", "--fair", "--out", str(out), "--no-report"])
+
+
 def test_accuracy_quick_runs_a_method_without_the_quick_options_it_lacks(tmp_path):
     out = tmp_path / "accuracy-cpu-dq_quick.json"
     row, = accuracy.main(["--quick", "--methods", "dq", "--no-baseline", "--out", str(out), "--no-report"])

@@ -51,6 +51,19 @@ def test_distill_evaluate_show_round_trip(tmp_path, capsys):
     assert recipe["dc_augment"] == "crop_scale_rotate" and recipe["dsa_strategy"] is None
 
 
+def test_distill_dd_then_evaluate_it_by_replaying_its_learned_steps(tmp_path):
+    out = tmp_path / "run"
+    assert main(["distill", "--dataset", "default", "--method", "dd", "--ipc", "1", "--iterations", "1",
+                 "--set", "batch_real=10", "--set", "model='ConvNetW32'", "--out", str(out), "--quiet",
+                 "--device", "cpu", "--evaluate", "--recipe", "dd", "--model", "ConvNetW32", "--repeats", "1"]) == 0
+    assert json.loads((out / "report.json").read_text())["evaluations"][0]["recipe"]["recipe"] == "dd"
+    assert main(["evaluate", str(out / "synset.pt"), "--model", "ConvNetW32", "--repeats", "2", "--baseline",
+                 "--recipe", "dd", "--out", str(tmp_path / "e.json"), "--device", "cpu"]) == 0
+    evaluated = json.loads((tmp_path / "e.json").read_text())
+    assert len(evaluated["evaluations"][0]["accuracies"]) == 2 and "random_baseline_mean" in evaluated
+    assert evaluated["evaluations"][0]["recipe"]["schedule"].startswith("the set's 3 learned step sizes")
+
+
 def test_evaluate_fair_writes_the_robust_scores(tmp_path, capsys):
     out = tmp_path / "run"
     assert main(["distill", "--dataset", "default", "--ipc", "1", "--iterations", "1", "--set", "batch_real=4",

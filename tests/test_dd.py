@@ -1,12 +1,17 @@
-"""DD (methods.md §2): batch layout, published initialisation, the learned step sizes, and a short
-run that makes freshly initialised networks trained on the set better on the real data."""
+"""DD (methods.md §2): batch layout, published initialisation, the learned step sizes, a short
+run that makes freshly initialised networks trained on the set better on the real data, and the
+dd evaluation recipe that replays the learned steps."""
+import json
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 import condense_engine as ce
 from condense_engine import ops
-from condense_engine.methods.dd import DD
+from condense_engine.evaluate import accuracy, normalized_like_the_set
+from condense_engine.methods.dd import DD, xavier_params
+from condense_engine.models import FunctionalConvNet, convnet_config
 from tests.toy_data import toy_dataset
 
 FAST = dict(batch_real=24, model="ConvNetW32", distill_steps=2, distill_epochs=2)
@@ -80,3 +85,100 @@ def test_exact_and_unrolled_memory_give_the_same_run():
     unrolled = ce.distill(data, iterations=2, **dict(RUN, **FAST, memory="unrolled"))
     torch.testing.assert_close(exact.images, unrolled.images, rtol=1e-4, atol=1e-5)
     assert exact.meta["step_lrs"] == pytest.approx(unrolled.meta["step_lrs"], rel=1e-4)
+
+
+# The dd evaluation recipe: fresh networks replay the set's learned steps (DD's "random init" numbers).
+
+def _replayed_by_hand(synset, test, seed: int, repeat: int) -> tuple[float, float]:
+    """A ConvNet module drawn as DD draws students, then plain SGD at each learned step size on
+    its batch of the set, written with torch.optim rather than the recipe's functional steps;
+    (test accuracy, loss of the last step)."""
+    student = FunctionalConvNet(1, 3, im_size=(12, 12), **convnet_config(FAST["model"]))
+    net = student.to_module(xavier_params(student, torch.Generator().manual_seed(seed * 1000 + repeat), "cpu"))
+    images, labels = synset.materialize()
+    steps = synset.meta["distill_steps"]
+    batches = DD.step_batches(3, 2, steps, "cpu") * (len(synset.meta["step_lrs"]) // steps)
+    for lr, rows in zip(synset.meta["step_lrs"], batches):
+        optimizer = torch.optim.SGD(net.parameters(), lr=lr)
+        optimizer.zero_grad()
+        loss = F.cross_entropy(net(images[rows]), labels[rows])
+        loss.backward()
+        optimizer.step()
+    return accuracy(net, normalized_like_the_set(synset, test)), float(loss.detach())
+
+
+def test_the_dd_recipe_replays_the_learned_steps_from_fresh_published_initialisations(tmp_path):
+    data = toy_dataset()
+    synset = ce.distill(data, iterations=3, **dict(RUN, **FAST))
+    synset.save(tmp_path / "dd.pt")
+    loaded = ce.SyntheticSet.load(tmp_path / "dd.pt")
+    report = ce.evaluate(loaded, data, model=FAST["model"], recipe="dd", repeats=2, seed=5, baseline=True,
+                         train_set=data)
+    for repeat, (acc, loss) in enumerate(zip(report.accuracies, report.losses)):
+        by_hand = _replayed_by_hand(loaded, data, 5, repeat)
+        assert acc == pytest.approx(by_hand[0], abs=1.5 / len(data)) and loss == pytest.approx(by_hand[1], rel=1e-4)
+    assert report.recipe["recipe"] == "dd" and report.recipe["dsa_strategy"] is None
+    assert report.recipe["epochs"] == FAST["distill_epochs"] and report.recipe["batch_size"] == 3  # 1 per class
+    assert report.recipe["lr"] == pytest.approx(sum(loaded.meta["step_lrs"]) / 4)
+    assert len(report.baseline.accuracies) == 2 and report.baseline.recipe["recipe"] == "dd"
+    again = ce.evaluate(loaded, data, model=FAST["model"], recipe="dd", repeats=2, seed=5)
+    assert again.accuracies == report.accuracies
+
+
+def test_the_dd_recipe_scores_a_distilled_set_above_its_noise_start():
+    data = toy_dataset()
+    before = ce.distill(data, iterations=0, **dict(RUN, **FAST))
+    after = ce.distill(data, iterations=40, **dict(RUN, **FAST, lr_img=0.05))
+    scores = [ce.evaluate(s, data, model=FAST["model"], recipe="dd", repeats=3).mean for s in (before, after)]
+    assert scores[1] > scores[0] + 0.3, scores
+
+
+def test_a_dd_run_evaluates_by_replay_while_it_runs(tmp_path):
+    data = toy_dataset()
+    log = tmp_path / "log.jsonl"
+    ce.distill(data, iterations=2, test_set=data, eval_every=1, log=str(log),
+               eval_options=dict(model=FAST["model"], recipe="dd", repeats=1), **dict(RUN, **FAST))
+    records = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [0 <= r["eval"]["mean"] <= 1 for r in records] == [True, True]
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(method="dm"), "holds no learned schedule"),
+    (dict(step_lrs=[0.02] * 3), "damaged"),
+    (dict(step_lrs=[0.02, -0.01, 0.02, 0.02]), "finite and positive"),
+    (dict(step_lrs=[0.02, float("nan"), 0.02, 0.02]), "finite and positive")])
+def test_the_dd_recipe_refuses_a_set_without_a_usable_schedule(change, message):
+    data = toy_dataset()
+    synset = ce.distill(data, iterations=0, **dict(RUN, **FAST))
+    synset.meta.update(change)
+    with pytest.raises(ValueError, match=message):
+        ce.evaluate(synset, data, model=FAST["model"], recipe="dd", repeats=1)
+
+
+def test_the_dd_recipe_refuses_a_set_out_of_class_order():
+    data = toy_dataset()
+    synset = ce.distill(data, iterations=0, **dict(RUN, **FAST))
+    synset.labels = synset.labels.flip(0)
+    with pytest.raises(ValueError, match="class order"):
+        ce.evaluate(synset, data, model=FAST["model"], recipe="dd", repeats=1)
+
+
+@pytest.mark.parametrize("options, message", [
+    (dict(lr=0.01), "drop lr"), (dict(batch_size=4), "drop batch_size"), (dict(batched=True), "batched"),
+    (dict(dsa=False, dc_augment="crop"), "drop dc_augment"), (dict(model="ConvNetBN"), "batch norm"),
+    (dict(model="LeNet"), "not a ConvNet")])
+def test_the_dd_recipe_refuses_what_it_cannot_honour(options, message):
+    data = toy_dataset()
+    synset = ce.distill(data, iterations=0, **dict(RUN, **FAST))
+    with pytest.raises(ValueError, match=message):
+        ce.evaluate(synset, data, **dict(dict(model=FAST["model"], recipe="dd", repeats=1), **options))
+
+
+def test_only_a_dd_run_can_be_evaluated_by_replay():
+    data = toy_dataset()
+    with pytest.raises(ValueError, match="learns none"):
+        ce.distill(data, method="dm", ipc=2, iterations=1, progress=False, test_set=data, eval_every=1,
+                   eval_options=dict(recipe="dd"))
+    synset = ce.distill(data, iterations=0, **dict(RUN, **FAST))
+    with pytest.raises(ValueError, match="fair scores"):
+        ce.fair_scores(synset, data, data, full_accuracy=0.9, model=FAST["model"], recipe="dd", repeats=1)

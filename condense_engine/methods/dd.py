@@ -11,7 +11,8 @@ code walks the steps back with Hessian-vector products; `ops.unroll` does exactl
 Deviations, all data: the student is a ConvNet of the engine's family (published: LeNet on
 MNIST, AlexCifarNet on CIFAR-10), the real batch is class-balanced (published: a shuffled
 loader batch), and "400 epochs over the loader, lr ×0.5 every 40" are written as iterations for
-each data set's size at batch 1024. The learned step sizes go into the set's meta ("step_lrs").
+each data set's size at batch 1024. The learned step sizes go into the set's meta ("step_lrs",
+with "distill_steps"), from which `ce.evaluate(..., recipe="dd")` replays them (`learned_schedule`).
 
 Under torchrun DD shards the classes (`condense_engine.distributed`) like trajectory matching:
 every rank unrolls the same student from the same initialisation on all S batches, each step's
@@ -33,6 +34,52 @@ from condense_engine.ops.trajectory import RowShare
 
 INITS = ("noise", "real")
 MEMORY = ("exact", "unrolled")
+
+
+def xavier_params(student: FunctionalConvNet, generator: torch.Generator, device) -> torch.Tensor:
+    """A freshly initialised student as published: Xavier-normal weights (gain 1), zero biases,
+    unit norm scales, flattened. The `dd` evaluation recipe replays the learned steps from
+    networks drawn the same way, as DD's "random init" numbers were measured."""
+    pieces = []
+    for name, shape in zip(student.names, student.shapes):
+        if len(shape) > 1:
+            fan_in = shape[1] * (torch.Size(shape[2:]).numel())
+            fan_out = shape[0] * (torch.Size(shape[2:]).numel())
+            std = (2.0 / (fan_in + fan_out)) ** 0.5
+            pieces.append(torch.randn(shape, generator=generator) * std)
+        elif name.endswith("bias"):
+            pieces.append(torch.zeros(shape))
+        else:
+            pieces.append(torch.ones(shape))
+    return torch.cat([p.reshape(-1) for p in pieces]).to(device)
+
+
+def learned_schedule(synset) -> tuple[torch.Tensor, list]:
+    """The step sizes a DD run learned and the rows each step trains on, from the set's meta:
+    (T step sizes, T index batches) with T = distill_steps · distill_epochs, as in distillation.
+    ValueError when the set holds no usable schedule (not made by DD, or damaged)."""
+    meta = synset.meta
+    if meta.get("method") != "dd" or "step_lrs" not in meta or "distill_steps" not in meta:
+        raise ValueError(f"the dd recipe replays the step sizes a DD run learned, but this set was made by "
+                         f"{meta.get('method', 'an unknown method')!r} and holds no learned schedule "
+                         f"(meta 'step_lrs' and 'distill_steps')")
+    lrs = torch.as_tensor(meta["step_lrs"], dtype=torch.float32).detach().cpu()
+    steps, ipc = meta["distill_steps"], meta.get("ipc")
+    if synset.factor != 1 or not isinstance(ipc, int) or len(synset.images) != ipc * synset.num_classes:
+        raise ValueError(f"the dd recipe needs the set as DD stores it: ipc images of every class in class "
+                         f"order, factor 1; this one holds {len(synset.images)} images of {synset.num_classes} "
+                         f"classes with factor {synset.factor} (meta ipc {ipc!r})")
+    in_class_order = torch.arange(synset.num_classes).repeat_interleave(ipc)
+    if synset.labels.dim() != 1 or not torch.equal(synset.labels.detach().cpu().long(), in_class_order):
+        raise ValueError("the dd recipe needs the set's hard labels in class order, as DD stores them")
+    if (lrs.dim() != 1 or not len(lrs) or not isinstance(steps, int) or steps < 1 or ipc % steps
+            or len(lrs) % steps):
+        raise ValueError(f"the set's learned schedule is damaged: {tuple(lrs.shape)} step sizes for "
+                         f"distill_steps={steps!r} at ipc={ipc}")
+    if not bool(torch.isfinite(lrs).all()) or not bool((lrs > 0).all()):
+        raise ValueError("the set's learned step sizes must be finite and positive")
+    batches = DD.step_batches(synset.num_classes, ipc, steps, torch.device("cpu")) * (len(lrs) // steps)
+    return lrs, batches
 
 
 def _passes(images: int, passes: int = 400, every: int = 40, batch: int = 1024) -> dict:
@@ -91,6 +138,7 @@ class DD(Method):
         if self.options["init"] == "noise":
             synset.images = torch.randn(synset.images.shape, generator=generator).to(device)
         synset.images.requires_grad_(True)
+        synset.meta["distill_steps"] = steps
         raw = math.log(math.expm1(float(self.options["distill_lr"])))  # softplus(raw) = distill_lr
         self.raw_lrs = torch.full((len(self.batches),), raw, device=device, requires_grad=True)
         self.optimizer = torch.optim.Adam([synset.images, self.raw_lrs], lr=self.options["lr_img"],
@@ -105,20 +153,8 @@ class DD(Method):
         return [rows[:, s].reshape(-1).to(device) for s in range(steps)]
 
     def fresh_params(self) -> torch.Tensor:
-        """A freshly initialised student as published: Xavier-normal weights (gain 1), zero
-        biases, unit norm scales; drawn from the method's generator."""
-        pieces = []
-        for name, shape in zip(self.student.names, self.student.shapes):
-            if len(shape) > 1:
-                fan_in = shape[1] * (torch.Size(shape[2:]).numel())
-                fan_out = shape[0] * (torch.Size(shape[2:]).numel())
-                std = (2.0 / (fan_in + fan_out)) ** 0.5
-                pieces.append(torch.randn(shape, generator=self.generator) * std)
-            elif name.endswith("bias"):
-                pieces.append(torch.zeros(shape))
-            else:
-                pieces.append(torch.ones(shape))
-        return torch.cat([p.reshape(-1) for p in pieces]).to(self.device)
+        """A freshly initialised student drawn from the method's generator (`xavier_params`)."""
+        return xavier_params(self.student, self.generator, self.device)
 
     def step(self, synset, iteration):
         for group in self.optimizer.param_groups:  # StepLR as a function of the iteration: resume-exact
@@ -150,6 +186,8 @@ class DD(Method):
         synset.images.grad = self.on_whole_set(synset, grad_images, synset.images)
         self.raw_lrs.grad = grad_lrs * torch.sigmoid(self.raw_lrs.detach())  # d softplus(raw) / d raw
         self.optimizer.step()
+        # The step sizes beside the images (a device tensor: no sync), for an evaluation mid-run.
+        synset.meta["step_lrs"] = F.softplus(self.raw_lrs.detach())
         return {"loss": loss, "lr_mean": lrs.mean()}
 
     def gather(self, synset) -> None:
