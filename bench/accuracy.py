@@ -158,8 +158,10 @@ def like_published(row: dict) -> bool:
     augmentation existed have no dc_augment key: they count as evaluated with DSA or with none."""
     wanted = published_augmentation(row["method"], row["dataset"])
     recipe = row["recipe"]
-    if EVAL_RECIPES.get(row["method"]) == "dd":  # DD's replay of its learned steps never augments
-        return recipe.get("recipe") == "dd"
+    if recipe.get("recipe", "dc") != EVAL_RECIPES.get(row["method"], "dc"):
+        return False  # e.g. IDC or DD put under the standard recipe by --dsa-eval
+    if recipe.get("recipe") == "dd":  # DD's replay of its learned steps never augments
+        return True
     if "dsa" not in wanted:
         return bool(recipe.get("dsa_strategy"))
     return not recipe.get("dsa_strategy") and recipe.get("dc_augment") == wanted["dc_augment"]

@@ -424,6 +424,8 @@ def test_accuracy_evaluates_dd_by_replaying_its_learned_steps_unless_told_dsa(tm
                           "--no-report"])
     assert row["recipe"]["recipe"] == "dc" and row["recipe"]["dsa_strategy"] is not None
     assert not accuracy.like_published(row)
+    assert not accuracy.like_published(dict(row, method="idc"))  # IDC's published evaluation is its own recipe
+    assert accuracy.like_published(dict(row, method="idc", recipe=dict(row["recipe"], recipe="idc")))
     with pytest.raises(ValueError, match="replay"):
         accuracy.main(["--quick", "--methods", "dd", "--fair", "--out", str(out), "--no-report"])
 
