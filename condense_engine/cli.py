@@ -34,7 +34,8 @@ def parse_option(text: str):
 def _add_eval_args(parser, *, epochs: int, repeats: int) -> None:
     group = parser.add_argument_group("evaluation (SPEC §6: fresh nets, SGD momentum 0.9, DSA)")
     group.add_argument("--model", action="append", default=None,
-                       help="evaluation architecture; repeat for cross-architecture (default ConvNet)")
+                       help="evaluation architecture; repeat for cross-architecture (default ConvNet; under "
+                            "--recipe dd, the student the set's steps were learned for)")
     group.add_argument("--repeats", type=int, default=repeats, help=f"fresh models per architecture ({repeats})")
     group.add_argument("--epochs", type=int, default=epochs, help=f"training epochs per model ({epochs})")
     group.add_argument("--eval-lr", type=float, default=None, help="lr (default: the set's learned lr, else 0.01)")
@@ -132,7 +133,7 @@ def _evaluate(args, synset, test_set, train_set, device=None, checkpoint=None):
     from condense_engine.evaluate import evaluate
 
     reports = []
-    for model in args.model or ["ConvNet"]:
+    for model in args.model or [None]:
         report = evaluate(synset, test_set, model=model, repeats=args.repeats, epochs=args.epochs,
                           lr=args.eval_lr, batch_size=args.eval_batch, dsa=not (args.no_dsa or args.dc_augment),
                           seed=args.seed, baseline=args.baseline, train_set=train_set, device=device or args.device,
@@ -167,7 +168,7 @@ def _distill(args, device, lead: bool) -> int:
     train = _load(args.dataset, args.root, "train")
     test = _load(args.dataset, args.root, "test") if (args.evaluate or args.eval_every) else None
     os.makedirs(args.out, exist_ok=True)
-    eval_options = dict(repeats=args.repeats, epochs=args.epochs, model=(args.model or ["ConvNet"])[0],
+    eval_options = dict(repeats=args.repeats, epochs=args.epochs, model=(args.model or [None])[0],
                         recipe=args.recipe)
     synset = ce.distill(train, method=args.method, ipc=args.ipc, iterations=args.iterations, device=device,
                         seed=args.seed, test_set=test, eval_every=args.eval_every, eval_options=eval_options,

@@ -44,11 +44,12 @@ import torch.nn.functional as F
 from condense_engine import models
 from condense_engine.checkpoint import atomic_save, load_versioned, require_writable_folder
 from condense_engine.models.layers import ACTIVATION_CHANNELS, forward_chunk
+from condense_engine.models.registry import CONVNET_VARIANTS
 from condense_engine.datasets import ClassSampler, ImageDataset, RealImages, as_dataset
 from condense_engine.device import resolve_device
 from condense_engine.evaluate_batched import train_and_test_batched, unbatchable_reason
 from condense_engine.methods.augment import cutmix, dc_augment, dc_augment_ops
-from condense_engine.methods.dd import learned_schedule, xavier_params
+from condense_engine.methods.dd import learned_for, learned_schedule, xavier_params
 from condense_engine.ops.dsa import DSAParams, default_strategy, dsa
 
 RECIPES = ("dc", "idc", "dd")
@@ -240,7 +241,7 @@ def train_and_test(model: torch.nn.Module, images: torch.Tensor, labels: torch.T
     return accuracy(model, test_set), float(loss.detach())
 
 
-def replay_and_test(student: models.FunctionalConvNet, params: torch.Tensor, images: torch.Tensor,
+def replay_and_test(student: models.FunctionalNet, params: torch.Tensor, images: torch.Tensor,
                     labels: torch.Tensor, lrs: torch.Tensor, batches: list,
                     test_set: ImageDataset) -> tuple[float, float]:
     """Train the flat `params` of `student` by a learned schedule (the dd recipe): step t is
@@ -260,7 +261,7 @@ def _replay_repeats(images, labels, test_set, *, model, repeats, seed, channel, 
                     lrs, batches, draw=None) -> tuple[list, list]:
     """The dd recipe's `repeats` runs, repeat r drawn from a generator seeded seed·1000 + r (which
     `draw(generator)`, the random-real baseline, also draws its images from)."""
-    student = models.FunctionalConvNet(channel, num_classes, im_size=im_size, **models.convnet_config(model))
+    student = models.functional_model(model, channel, num_classes, im_size)
     device = images.device
     batches = [rows.to(device) for rows in batches]
     accs, losses = [], []
@@ -274,14 +275,19 @@ def _replay_repeats(images, labels, test_set, *, model, repeats, seed, channel, 
     return accs, losses
 
 
-def _check_dd_arguments(model: str, lr, batch_size, dsa_strategy, dc_augment, batched) -> None:
-    """ValueError for an argument the dd recipe cannot honour (its schedule is the set's)."""
+def _check_dd_arguments(synset, model: str, lr, batch_size, dsa_strategy, dc_augment, batched) -> None:
+    """ValueError for an argument the dd recipe cannot honour (its schedule is the set's, learned
+    for the set's student architecture)."""
     given = {name: value for name, value in dict(lr=lr, batch_size=batch_size, dsa_strategy=dsa_strategy,
                                                  dc_augment=dc_augment).items() if value is not None}
     if given or batched:
         raise ValueError(f"the dd recipe trains by the set's learned schedule, without augmentation, one run "
                          f"after another; drop {', '.join(given) or 'batched=True'}")
-    if models.convnet_config(model)["norm"] == "batchnorm":
+    student = learned_for(synset)
+    if student is not None and student != model:
+        raise ValueError(f"the set's step sizes were learned for a {student} student; replay them on that "
+                         f"architecture: model={student!r}")
+    if model in CONVNET_VARIANTS and models.convnet_config(model)["norm"] == "batchnorm":
         raise ValueError(f"the dd recipe trains {model} functionally, which leaves batch norm's running "
                          f"statistics untrained: evaluate a ConvNet without batch norm")
 
@@ -420,7 +426,7 @@ def normalized_like_the_set(synset, test_set: ImageDataset) -> ImageDataset:
     return test_set
 
 
-def evaluate(synset, test_set, model: str = "ConvNet", repeats: int = 5,
+def evaluate(synset, test_set, model: str | None = None, repeats: int = 5,
              epochs: int = 1000, lr: float | None = None, batch_size: int | None = None, dsa: bool = True,
              seed: int = 0, *, baseline: bool = False, train_set=None,
              dsa_strategy: str | None = None, device=None, batched: bool | None = None,
@@ -429,8 +435,9 @@ def evaluate(synset, test_set, model: str = "ConvNet", repeats: int = 5,
 
     `test_set` and `train_set` take what `distill` takes: an ImageDataset, an (images, labels)
     tensor pair or a torch Dataset.
-    `recipe` "dc" is the standard protocol, "idc" IDC's, "dd" DD's replay of a DD set's learned
-    steps (see the module docstring); batch_size None is the recipe's (256 or 64). `dc_augment`:
+    `model` None is the ConvNet, or under the dd recipe the student the set's steps were learned
+    for. `recipe` "dc" is the standard protocol, "idc" IDC's, "dd" DD's replay of a DD set's
+    learned steps (see the module docstring); batch_size None is the recipe's (256 or 64). `dc_augment`:
     a strategy of DC's own augmentation (such as "crop_scale_rotate") to train with instead of
     DSA; it needs dsa=False.
     `lr=None` takes the set's learned lr when it has one, else 0.01. `baseline=True` needs
@@ -444,8 +451,10 @@ def evaluate(synset, test_set, model: str = "ConvNet", repeats: int = 5,
     """
     if recipe not in RECIPES:
         raise ValueError(f"recipe must be one of {RECIPES}, got {recipe!r}")
+    if model is None:
+        model = (learned_for(synset) if recipe == "dd" else None) or "ConvNet"
     if recipe == "dd":
-        _check_dd_arguments(model, lr, batch_size, dsa_strategy, dc_augment, batched)
+        _check_dd_arguments(synset, model, lr, batch_size, dsa_strategy, dc_augment, batched)
     if dc_augment is not None:
         dc_augment_ops(dc_augment)
         if dsa:

@@ -411,10 +411,12 @@ def test_accuracy_evaluates_dc_with_its_own_augmentation_unless_told_dsa(tmp_pat
 
 def test_accuracy_evaluates_dd_by_replaying_its_learned_steps_unless_told_dsa(tmp_path):
     """DD's published numbers trained fresh networks by its learned steps; --dsa-eval puts DD under
-    the standard recipe, and fair scores (built on DSA) are refused before any distillation."""
+    the standard recipe, and fair scores (built on DSA) are refused before any distillation. The
+    replay runs on the student the steps were learned for."""
     out = tmp_path / "accuracy-cpu-dd_quick.json"
-    row, = accuracy.main(["--quick", "--methods", "dd", "--out", str(out), "--no-report"])
+    row, = accuracy.main(["--quick", "--methods", "dd", "--set", "model=LeNet", "--out", str(out), "--no-report"])
     assert row["recipe"]["recipe"] == "dd" and row["recipe"]["dsa_strategy"] is None
+    assert row["recipe"]["model"] == "LeNet" and "LeNet, DD's replay" in accuracy.recipe_text(row["recipe"])
     assert row["baseline_random"] is not None and "evaluation epochs" not in row["schedule"]
     assert accuracy.like_published(row) and accuracy.current_full_evaluation(row)
     assert "DD's replay" in accuracy.recipe_text(row["recipe"])

@@ -57,9 +57,11 @@ def test_distill_dd_then_evaluate_it_by_replaying_its_learned_steps(tmp_path):
                  "--set", "batch_real=10", "--set", "model='ConvNetW32'", "--out", str(out), "--quiet",
                  "--device", "cpu", "--evaluate", "--recipe", "dd", "--model", "ConvNetW32", "--repeats", "1"]) == 0
     assert json.loads((out / "report.json").read_text())["evaluations"][0]["recipe"]["recipe"] == "dd"
-    assert main(["evaluate", str(out / "synset.pt"), "--model", "ConvNetW32", "--repeats", "2", "--baseline",
+    # Without --model the replay runs on the student the steps were learned for.
+    assert main(["evaluate", str(out / "synset.pt"), "--repeats", "2", "--baseline",
                  "--recipe", "dd", "--out", str(tmp_path / "e.json"), "--device", "cpu"]) == 0
     evaluated = json.loads((tmp_path / "e.json").read_text())
+    assert evaluated["evaluations"][0]["recipe"]["model"] == "ConvNetW32"
     assert len(evaluated["evaluations"][0]["accuracies"]) == 2 and "random_baseline_mean" in evaluated
     assert evaluated["evaluations"][0]["recipe"]["schedule"].startswith("the set's 3 learned step sizes")
 

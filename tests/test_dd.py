@@ -11,7 +11,7 @@ import condense_engine as ce
 from condense_engine import ops
 from condense_engine.evaluate import accuracy, normalized_like_the_set
 from condense_engine.methods.dd import DD, xavier_params
-from condense_engine.models import FunctionalConvNet, convnet_config
+from condense_engine.models import functional_model
 from tests.toy_data import toy_dataset
 
 FAST = dict(batch_real=24, model="ConvNetW32", distill_steps=2, distill_epochs=2)
@@ -89,11 +89,11 @@ def test_exact_and_unrolled_memory_give_the_same_run():
 
 # The dd evaluation recipe: fresh networks replay the set's learned steps (DD's "random init" numbers).
 
-def _replayed_by_hand(synset, test, seed: int, repeat: int) -> tuple[float, float]:
-    """A ConvNet module drawn as DD draws students, then plain SGD at each learned step size on
+def _replayed_by_hand(synset, test, seed: int, repeat: int, model: str = FAST["model"]) -> tuple[float, float]:
+    """A `model` module drawn as DD draws students, then plain SGD at each learned step size on
     its batch of the set, written with torch.optim rather than the recipe's functional steps;
     (test accuracy, loss of the last step)."""
-    student = FunctionalConvNet(1, 3, im_size=(12, 12), **convnet_config(FAST["model"]))
+    student = functional_model(model, 1, 3, (12, 12))
     net = student.to_module(xavier_params(student, torch.Generator().manual_seed(seed * 1000 + repeat), "cpu"))
     images, labels = synset.materialize()
     steps = synset.meta["distill_steps"]
@@ -165,13 +165,36 @@ def test_the_dd_recipe_refuses_a_set_out_of_class_order():
 
 @pytest.mark.parametrize("options, message", [
     (dict(lr=0.01), "drop lr"), (dict(batch_size=4), "drop batch_size"), (dict(batched=True), "batched"),
-    (dict(dsa=False, dc_augment="crop"), "drop dc_augment"), (dict(model="ConvNetBN"), "batch norm"),
-    (dict(model="LeNet"), "not a ConvNet")])
+    (dict(dsa=False, dc_augment="crop"), "drop dc_augment"),
+    (dict(model="LeNet"), "learned for a ConvNetW32 student")])
 def test_the_dd_recipe_refuses_what_it_cannot_honour(options, message):
     data = toy_dataset()
     synset = ce.distill(data, iterations=0, **dict(RUN, **FAST))
     with pytest.raises(ValueError, match=message):
         ce.evaluate(synset, data, **dict(dict(model=FAST["model"], recipe="dd", repeats=1), **options))
+
+
+def test_the_dd_recipe_refuses_a_batch_norm_student():
+    data = toy_dataset()
+    synset = ce.distill(data, iterations=0, **dict(RUN, **dict(FAST, model="ConvNetBN")))
+    with pytest.raises(ValueError, match="batch norm"):
+        ce.evaluate(synset, data, recipe="dd", repeats=1)
+
+
+def test_dd_distils_for_lenet_as_published_and_replays_on_it():
+    """DD's MNIST student is LeNet; the replay runs on the student the steps were learned for."""
+    assert [DD(name, 10).options["model"] for name in ("mnist", "fashion-mnist", "cifar10")] == \
+        ["LeNet", "LeNet", "ConvNet"]
+    data = toy_dataset()
+    lenet = dict(FAST, model="LeNet")
+    before = ce.distill(data, iterations=0, **dict(RUN, **lenet))
+    after = ce.distill(data, iterations=40, **dict(RUN, **lenet, lr_img=0.05))
+    reports = [ce.evaluate(s, data, recipe="dd", repeats=3, seed=2) for s in (before, after)]
+    assert [r.recipe["model"] for r in reports] == ["LeNet", "LeNet"]
+    assert reports[1].mean > reports[0].mean + 0.3, [r.mean for r in reports]
+    acc, loss = _replayed_by_hand(after, data, 2, 0, model="LeNet")
+    assert reports[1].accuracies[0] == pytest.approx(acc, abs=1.5 / len(data))
+    assert reports[1].losses[0] == pytest.approx(loss, rel=1e-4)
 
 
 def test_only_a_dd_run_can_be_evaluated_by_replay():

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from condense_engine import models
-from condense_engine.models import ConvNet, FunctionalConvNet, convnet_config, get_model
+from condense_engine.models import (ConvNet, FunctionalConvNet, FunctionalNet, convnet_config, functional_model,
+                                    get_model)
 
 NORMS = ["instancenorm", "batchnorm", "layernorm", "groupnorm", "none"]
 REQUIRED_NAMES = (
@@ -202,3 +203,51 @@ def test_functional_double_backward_gives_hessian_vector_products():
     torch.testing.assert_close(hvp, finite.detach(), rtol=1e-5, atol=1e-7)
     assert image_grad.abs().sum() > 0
     assert torch.autograd.gradgradcheck(fn.forward, (x, flat))
+
+
+# FunctionalNet: any registry model without buffers, run on a flat vector ----------------------
+
+@pytest.mark.parametrize("name", ["LeNet", "MLP", "AlexNet"])
+def test_a_registry_model_runs_functionally_as_its_module(name):
+    fn = functional_model(name, 1, 4, (12, 12))
+    assert type(fn) is FunctionalNet
+    flat = fn.init_params(seed=2)
+    torch.manual_seed(2)
+    net = get_model(name, 1, 4, (12, 12))
+    torch.testing.assert_close(flat, fn.flatten(net))
+    assert flat.shape == (fn.num_params,) == (sum(p.numel() for p in net.parameters()),)
+    x = torch.randn(3, 1, 12, 12)
+    torch.testing.assert_close(fn(x, flat), net(x))
+    torch.testing.assert_close(fn.to_module(flat)(x), net(x))
+
+
+def test_a_functional_lenet_gives_exact_hessian_vector_products():
+    """DD differentiates through LeNet's SGD steps: its double backward (max-pooling, ReLU) must
+    match a central difference of gradients."""
+    fn = functional_model("LeNet", 1, 3, (12, 12))
+    flat = fn.init_params(0, dtype=torch.float64).requires_grad_(True)
+    x = torch.randn(4, 1, 12, 12, dtype=torch.float64, requires_grad=True)
+    labels = torch.tensor([0, 1, 2, 0])
+
+    def loss_grad(params):
+        loss = torch.nn.functional.cross_entropy(fn(x, params), labels)
+        return torch.autograd.grad(loss, params, create_graph=True)[0]
+
+    vector = torch.randn(fn.num_params, dtype=torch.float64)
+    hvp, image_grad = torch.autograd.grad(loss_grad(flat) @ vector, (flat, x))
+    step = 1e-6
+    finite = (loss_grad(flat + step * vector) - loss_grad(flat - step * vector)) / (2 * step)
+    torch.testing.assert_close(hvp, finite.detach(), rtol=1e-5, atol=1e-7)
+    assert image_grad.abs().sum() > 0
+
+
+def test_functional_model_writes_out_convnets_and_refuses_batch_norm_buffers():
+    fn = functional_model("ConvNetW32", 3, 4, (8, 8))
+    assert type(fn) is FunctionalConvNet and fn.config["width"] == 32
+    for name in ("AlexNetBN", "VGG11BN", "ResNet18BN"):
+        with pytest.raises(ValueError, match="batch norm"):
+            functional_model(name, 3, 4, (32, 32))
+    with pytest.raises(ValueError, match="unknown model"):
+        functional_model("LeNet5", 3, 4, (32, 32))
+    with pytest.raises(ValueError, match="architecture"):
+        functional_model("LeNet", 1, 4, (12, 12)).flatten(get_model("LeNet", 1, 5, (12, 12)))

@@ -8,11 +8,13 @@ step sizes (stored as softplus⁻¹(η) like the published code) down its gradie
 code walks the steps back with Hessian-vector products; `ops.unroll` does exactly that
 (memory="exact": one step's activations whatever T is), or autograd through the unroll.
 
-Deviations, all data: the student is a ConvNet of the engine's family (published: LeNet on
-MNIST, AlexCifarNet on CIFAR-10), the real batch is class-balanced (published: a shuffled
-loader batch), and "400 epochs over the loader, lr ×0.5 every 40" are written as iterations for
-each data set's size at batch 1024. The learned step sizes go into the set's meta ("step_lrs",
-with "distill_steps"), from which `ce.evaluate(..., recipe="dd")` replays them (`learned_schedule`).
+The student is LeNet on MNIST and Fashion-MNIST as published, and any other model of the
+registry without batch-norm buffers on request (`models.functional_model`). Deviations: the
+student elsewhere is a ConvNet (published: AlexCifarNet on CIFAR-10, which the engine lacks),
+the real batch is class-balanced (published: a shuffled loader batch), and "400 epochs over
+the loader, lr ×0.5 every 40" are written as iterations for each data set's size at batch
+1024. The learned step sizes go into the set's meta ("step_lrs", with "distill_steps"), from
+which `ce.evaluate(..., recipe="dd")` replays them on the same student (`learned_schedule`).
 
 Under torchrun DD shards the classes (`condense_engine.distributed`) like trajectory matching:
 every rank unrolls the same student from the same initialisation on all S batches, each step's
@@ -29,14 +31,14 @@ import torch.nn.functional as F
 from condense_engine import ops
 from condense_engine.distributed import ClassShard
 from condense_engine.methods.base import Method, exact_when_sharded, refuse_batchnorm_when_sharded, register
-from condense_engine.models import FunctionalConvNet, convnet_config
+from condense_engine.models import FunctionalNet, functional_model
 from condense_engine.ops.trajectory import RowShare
 
 INITS = ("noise", "real")
 MEMORY = ("exact", "unrolled")
 
 
-def xavier_params(student: FunctionalConvNet, generator: torch.Generator, device) -> torch.Tensor:
+def xavier_params(student: FunctionalNet, generator: torch.Generator, device) -> torch.Tensor:
     """A freshly initialised student as published: Xavier-normal weights (gain 1), zero biases,
     unit norm scales, flattened. The `dd` evaluation recipe replays the learned steps from
     networks drawn the same way, as DD's "random init" numbers were measured."""
@@ -82,6 +84,11 @@ def learned_schedule(synset) -> tuple[torch.Tensor, list]:
     return lrs, batches
 
 
+def learned_for(synset) -> str | None:
+    """The student architecture a DD set's step sizes were learned for (None if not recorded)."""
+    return (synset.meta.get("options") or {}).get("model") if synset.meta.get("method") == "dd" else None
+
+
 def _passes(images: int, passes: int = 400, every: int = 40, batch: int = 1024) -> dict:
     """`iterations` and `decay_every` for `passes` loader passes over `images` at `batch`."""
     per_pass = -(-images // batch)
@@ -99,7 +106,7 @@ class DD(Method):
         decay=0.5,          # StepLR factor every decay_every iterations
         batch_real=1024,    # real images per iteration for the loss (split evenly over classes)
         nets=1,             # fresh networks per iteration, gradients averaged (published code: 1)
-        model="ConvNet",
+        model="ConvNet",    # any registry model without batch norm; LeNet on MNIST as published
         init="noise",       # "noise": N(0, 1) pixels as published; "real": the driver's real images
         memory="exact",     # ops.unroll memory mode
     )
@@ -108,6 +115,7 @@ class DD(Method):
         (("cifar10", "cifar100"), None, dict(**_passes(50000), distill_lr=0.001)),  # README: 0.001 on CIFAR-10
         (("svhn",), None, _passes(73257)),
         (("tinyimagenet",), None, _passes(100000)),
+        (("mnist", "fashion-mnist"), None, dict(model="LeNet")),  # DD's MNIST student
     ]
 
     def init(self, synset, dataset, sampler, generator, device):
@@ -129,8 +137,8 @@ class DD(Method):
         self.sampler, self.generator, self.device = sampler, generator, device
         self.real_per_class = per_step
         self.real_total = per_step * dataset.num_classes
-        self.student = FunctionalConvNet(dataset.channels, dataset.num_classes, im_size=dataset.image_size,
-                                         **convnet_config(self.options["model"]))
+        self.student = functional_model(self.options["model"], dataset.channels, dataset.num_classes,
+                                        dataset.image_size)
         # A sharded rank splits every batch into its own rows on the host: keep them there.
         batch_device = torch.device("cpu") if self.shard.sharded else device
         self.batches = (self.step_batches(dataset.num_classes, self.ipc, steps, batch_device)
