@@ -422,6 +422,10 @@ def test_accuracy_evaluates_dd_by_replaying_its_learned_steps_unless_told_dsa(tm
     assert "DD's replay" in accuracy.recipe_text(row["recipe"])
     (cells,) = [line.split(" | ") for line in accuracy.at_a_glance([("a", row)]) if line.startswith("| default")]
     assert cells[2] == "dd"
+    # The published random-real number (DC's protocol) is not set beside a replay baseline.
+    mnist = dict(row, dataset="mnist", ipc=10)
+    (cells,) = [line.split(" | ") for line in accuracy.at_a_glance([("a", mnist)]) if line.startswith("| mnist")]
+    assert cells[6] == f"{row['baseline_random']['mean']:.1f} / – (DD's replay)"
     row, = accuracy.main(["--quick", "--methods", "dd", "--no-baseline", "--dsa-eval", "--out", str(out),
                           "--no-report"])
     assert row["recipe"]["recipe"] == "dc" and row["recipe"]["dsa_strategy"] is not None
