@@ -31,7 +31,7 @@ class FunctionalNet:
         if not buffers_allowed and any(True for _ in self._template.buffers()):
             raise ValueError(f"{name} keeps buffers (batch norm's running statistics), which a functional "
                              f"forward leaves untrained: use a model without batch norm")
-        self.names = [name for name, _ in self._template.named_parameters()]
+        self.names = [key for key, _ in self._template.named_parameters()]
         self.shapes = [tuple(p.shape) for _, p in self._template.named_parameters()]
         self.numels = [p.numel() for _, p in self._template.named_parameters()]
         self.num_params = sum(self.numels)
