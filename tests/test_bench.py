@@ -426,6 +426,9 @@ def test_accuracy_evaluates_dd_by_replaying_its_learned_steps_unless_told_dsa(tm
     mnist = dict(row, dataset="mnist", ipc=10)
     (cells,) = [line.split(" | ") for line in accuracy.at_a_glance([("a", mnist)]) if line.startswith("| mnist")]
     assert cells[6] == f"{row['baseline_random']['mean']:.1f} / – (DD's replay)"
+    (line,) = [line for line in accuracy.accuracy_section([("a", {"rows": [mnist]})]).splitlines()
+               if line.startswith("| dd | mnist | 10 |")]
+    assert "| – (DD's replay) |" in line and "95.1" not in line
     row, = accuracy.main(["--quick", "--methods", "dd", "--no-baseline", "--dsa-eval", "--out", str(out),
                           "--no-report"])
     assert row["recipe"]["recipe"] == "dc" and row["recipe"]["dsa_strategy"] is not None
