@@ -419,9 +419,8 @@ def measure(method: str, dataset: str, train, test, ipc: int, *, iterations: int
     synset, run = distill_cell(train, method, ipc, iterations, device, seed, options, folder)
     method_options = reported_options(synset.meta)
     start = time.perf_counter()
-    # DD's replay runs on the student its steps were learned for (evaluate's model None).
-    evaluation = dict(model=None if recipe == "dd" else "ConvNet", repeats=repeats, epochs=epochs, seed=seed,
-                      device=device, recipe=recipe,
+    # model None: evaluate's own choice, the ConvNet, or for DD's replay the student its steps were learned for.
+    evaluation = dict(model=None, repeats=repeats, epochs=epochs, seed=seed, device=device, recipe=recipe,
                       checkpoint=os.path.join(folder, "evaluation-runs.pt") if folder else None)
     report = ce.evaluate(synset, test, baseline=baseline, train_set=train, **evaluation, **augmentation)
     scores = None
